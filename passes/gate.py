@@ -1,0 +1,112 @@
+"""Rewrite passes: make ReLUs out-of-place, then put a trainable gate at every ReLU site."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule, Node
+
+from .errors import PassError
+from .meta import Site, get_meta
+
+GATES_PREFIX = "snl_gates"
+GRANULARITIES = ("pixel", "channel")
+
+
+class Gate(nn.Module):
+    """``a = c*relu(z) + (1-c)*z`` with a learnable ``c``: 1 keeps the ReLU, 0 makes it identity.
+
+    Pixel-wise, ``c`` has the activation's shape without the batch dim; channel-wise, ``(C, 1, ...)``.
+    """
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(tuple(shape)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.lerp(z, torch.relu(z), self.weight)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.weight.shape)}"
+
+
+def site_key(site: Site) -> str:
+    """Attribute-safe key of a site, used for its gate and its lowered ReLU submodule."""
+    return site.name.replace(".", "_")
+
+
+def gate_shape(site: Site, granularity: str) -> tuple[int, ...]:
+    """Gate shape: the sample shape (pixel) or one entry per channel, broadcastable (channel)."""
+    if granularity == "pixel":
+        return site.shape
+    if granularity == "channel":
+        if not site.shape:
+            raise PassError(f"site {site.name} has no channel dim (activation shape {site.shape})")
+        return (site.shape[0],) + (1,) * (len(site.shape) - 1)
+    raise PassError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def make_out_of_place(gm: GraphModule) -> GraphModule:
+    """Turn every in-place ReLU site into ``torch.relu`` and point later readers of its input at it.
+
+    FX does not model aliasing: after ``y = torch.relu_(x)`` a later ``x + y`` reads the ReLU'd
+    ``x``; once the site becomes a gate that no longer overwrites ``x``, that reader must read ``y``.
+    Aliases of ``x`` made before the call (views) are not tracked.
+    """
+    meta = get_meta(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for site in meta.sites:
+        if not site.inplace:
+            continue
+        node = nodes[site.node]
+        source = node.all_input_nodes[0]
+        for user in list(source.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(source, node)
+        node.op, node.target, node.args, node.kwargs = "call_function", torch.relu, (source,), {}
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def insert_gates(gm: GraphModule, granularity: str = "pixel", skip: Sequence[str] = ()) -> GraphModule:
+    """Replace every ReLU site with a call to its own :class:`Gate` submodule.
+
+    ``skip`` holds fnmatch patterns of site names left as plain ReLUs (e.g. ``"relu"`` for a
+    stem ReLU). Needs :func:`make_out_of_place` first.
+    """
+    meta = get_meta(gm)
+    gate_shapes = {s.name: gate_shape(s, granularity) for s in meta.sites}  # validates granularity
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for site in meta.sites:
+        if any(fnmatch.fnmatchcase(site.name, p) for p in skip):
+            continue
+        node = nodes.get(site.node)
+        if node is None:
+            raise PassError(f"site {site.name} is no longer in the graph (was the graph gated already?)")
+        if site.inplace and node.target is not torch.relu:
+            raise PassError(f"site {site.name} is in-place: run make_out_of_place before insert_gates")
+        path = f"{GATES_PREFIX}.{site_key(site)}"
+        if not gm.add_submodule(path, Gate(gate_shapes[site.name])):
+            raise PassError(f"could not add gate submodule {path}")
+        source = node.all_input_nodes[0]
+        with gm.graph.inserting_after(node):
+            gate_node = gm.graph.call_module(path, (source,))
+        gate_node.meta.update(node.meta)
+        node.replace_all_uses_with(gate_node)
+        gm.graph.erase_node(node)
+        meta.gates[site.name] = path
+    meta.granularity = granularity
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def gates(gm: GraphModule) -> dict[str, Gate]:
+    """Site name -> its Gate module, in graph order."""
+    meta = get_meta(gm)
+    return {name: gm.get_submodule(path) for name, path in meta.gates.items()}

@@ -1,0 +1,96 @@
+"""Lowering: fold binarized gates into a static graph that computes only the kept ReLUs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule
+
+from .errors import PassError
+from .gate import Gate, site_key
+from .meta import get_meta
+
+LOWERED_PREFIX = "snl_relu"
+
+
+class PartialReLU(nn.Module):
+    """ReLU on exactly the kept elements (pixel) or channels (channel); identity elsewhere.
+
+    Gather form, no mask arithmetic: select kept -> relu -> concat after the input -> gather with a
+    fixed permutation. Under secret sharing the gathers and the concat are local, so a private
+    inference backend evaluates exactly ``len(kept)`` ReLUs (times H*W for channels) per sample.
+    """
+
+    def __init__(self, kept: torch.Tensor, size: int, sample_shape: tuple[int, ...], per_channel: bool) -> None:
+        super().__init__()
+        perm = torch.arange(size, dtype=torch.long)
+        perm[kept] = size + torch.arange(len(kept), dtype=torch.long)
+        self.register_buffer("kept", kept.to(torch.long))
+        self.register_buffer("perm", perm)
+        self.sample_shape = tuple(sample_shape)
+        self.per_channel = per_channel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x if self.per_channel else x.flatten(1)
+        kept = torch.relu(torch.index_select(flat, 1, self.kept))
+        out = torch.index_select(torch.cat([flat, kept], 1), 1, self.perm)
+        return out if self.per_channel else out.reshape((-1,) + self.sample_shape)
+
+    def extra_repr(self) -> str:
+        unit = "channels" if self.per_channel else "elements"
+        return f"kept {len(self.kept)} of {len(self.perm)} {unit}"
+
+
+def binary_mask(gate: Gate, name: str) -> torch.Tensor:
+    """The gate's values as a bool mask; raises unless every value is exactly 0 or 1."""
+    c = gate.weight.detach()
+    if not bool(((c == 0) | (c == 1)).all()):
+        raise PassError(f"gate of site {name} is not binary: binarize the gates before lowering")
+    return c.bool()
+
+
+def lower_gates(gm: GraphModule) -> GraphModule:
+    """Replace every binarized gate: all kept -> ReLU, none kept -> removed, some kept -> PartialReLU."""
+    meta = get_meta(gm)
+    per_channel = meta.granularity == "channel"
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    for name, path in meta.gates.items():
+        site = meta.site(name)
+        mask = binary_mask(gm.get_submodule(path), name).flatten()
+        node = nodes[path]
+        if not bool(mask.any()):
+            node.replace_all_uses_with(node.all_input_nodes[0])
+            gm.graph.erase_node(node)
+            continue
+        new_path = f"{LOWERED_PREFIX}.{site_key(site)}"
+        if bool(mask.all()):
+            module: nn.Module = nn.ReLU()
+        else:
+            size = site.shape[0] if per_channel else math.prod(site.shape)
+            module = PartialReLU(mask.nonzero().flatten().cpu(), size, site.shape, per_channel)
+            module.to(mask.device)
+        if not gm.add_submodule(new_path, module):
+            raise PassError(f"could not add lowered ReLU submodule {new_path}")
+        with gm.graph.inserting_after(node):
+            relu_node = gm.graph.call_module(new_path, (node.all_input_nodes[0],))
+        relu_node.meta.update(node.meta)
+        node.replace_all_uses_with(relu_node)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    meta.gates = {}
+    return gm
+
+
+def kept_counts(gm: GraphModule) -> dict[str, int]:
+    """ReLUs per sample that each gated site keeps, read from its binary gate (channel: times H*W)."""
+    meta = get_meta(gm)
+    counts = {}
+    for name, path in meta.gates.items():
+        mask = binary_mask(gm.get_submodule(path), name)
+        site = meta.site(name)
+        counts[name] = int(mask.sum()) * (site.numel // mask.numel())
+    return counts

@@ -1,0 +1,73 @@
+"""Per-graph state shared by the passes, kept in one dataclass in ``gm.meta["snl_fx"]``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch.fx import GraphModule
+
+from .errors import PassError
+
+META_KEY = "snl_fx"
+
+
+@dataclass(frozen=True)
+class Site:
+    """One ReLU call site (not a module: one nn.ReLU called twice is two sites)."""
+
+    name: str  # stable hierarchical name, e.g. "layer1.0.relu_1"
+    node: str  # FX node name at discovery; also the key of its gate
+    op: str  # spelling: "nn.ReLU", "F.relu", "torch.relu_", "Tensor.relu", ...
+    shape: tuple[int, ...]  # activation shape without the batch dim
+    inplace: bool = False
+
+    @property
+    def numel(self) -> int:
+        """ReLUs per sample at this site."""
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Nonlinearity:
+    """A non-ReLU nonlinearity (max-pool, GELU, ReLU6, clamp(min=0), ...), counted apart."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]  # output shape without the batch dim
+    comparisons: int  # per sample; max-pool: outputs * (window - 1), else elements
+
+
+@dataclass(frozen=True)
+class Ungateable:
+    """A leaf module that computes ReLUs the passes cannot see or gate."""
+
+    name: str
+    module_type: str
+    relus: int | None  # per sample, measured at dispatch level; None if unknown
+
+
+@dataclass
+class SNLMeta:
+    """What the front end found, and what later passes did to it."""
+
+    batch_size: int
+    sites: list[Site] = field(default_factory=list)
+    others: list[Nonlinearity] = field(default_factory=list)
+    ungateable: list[Ungateable] = field(default_factory=list)
+    gates: dict[str, str] = field(default_factory=dict)  # site name -> gate submodule path
+    granularity: str | None = None
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def get_meta(gm: GraphModule) -> SNLMeta:
+    """The SNLMeta of a graph produced by :func:`passes.trace`."""
+    meta = gm.meta.get(META_KEY)
+    if meta is None:
+        raise PassError("this GraphModule was not produced by passes.trace (no snl_fx metadata)")
+    return meta

@@ -1,0 +1,186 @@
+"""One declarative table of how ReLU (and its look-alikes) is spelled in an FX graph.
+
+Everything that recognises a ReLU call site or another nonlinearity reads these tables;
+nothing else in the project compares node targets against ``torch.relu`` and friends.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import Node
+
+# --- exactly ReLU: these call sites are gated ----------------------------------------------
+RELU_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU,)
+RELU_FUNCTIONS: dict[Any, str] = {
+    F.relu: "F.relu",
+    F.relu_: "F.relu_",
+    torch.relu: "torch.relu",
+    torch.relu_: "torch.relu_",
+    torch.ops.aten.relu.default: "aten.relu",
+    torch.ops.aten.relu_.default: "aten.relu_",
+}
+RELU_METHODS: dict[str, str] = {"relu": "Tensor.relu", "relu_": "Tensor.relu_"}
+INPLACE_RELU_OPS = frozenset({"F.relu_", "torch.relu_", "aten.relu_", "Tensor.relu_"})
+
+# --- other nonlinearities: counted apart, never gated ---------------------------------------
+OTHER_MODULES: dict[type[nn.Module], str] = {
+    nn.ReLU6: "relu6",
+    nn.Hardtanh: "hardtanh",
+    nn.LeakyReLU: "leaky_relu",
+    nn.PReLU: "prelu",
+    nn.ELU: "elu",
+    nn.SELU: "selu",
+    nn.CELU: "celu",
+    nn.GELU: "gelu",
+    nn.SiLU: "silu",
+    nn.Mish: "mish",
+    nn.Hardswish: "hardswish",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.Softmax: "softmax",
+    nn.MaxPool1d: "maxpool",
+    nn.MaxPool2d: "maxpool",
+    nn.MaxPool3d: "maxpool",
+    nn.AdaptiveMaxPool1d: "maxpool",
+    nn.AdaptiveMaxPool2d: "maxpool",
+    nn.AdaptiveMaxPool3d: "maxpool",
+}
+OTHER_FUNCTIONS: dict[Any, str] = {
+    F.relu6: "relu6",
+    F.hardtanh: "hardtanh",
+    F.hardtanh_: "hardtanh",
+    F.leaky_relu: "leaky_relu",
+    F.prelu: "prelu",
+    F.elu: "elu",
+    F.selu: "selu",
+    F.gelu: "gelu",
+    F.silu: "silu",
+    F.mish: "mish",
+    F.hardswish: "hardswish",
+    F.hardsigmoid: "hardsigmoid",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    F.softmax: "softmax",
+    torch.softmax: "softmax",
+    torch.clamp: "clamp",
+    torch.clamp_min: "clamp",
+    torch.clip: "clamp",
+    F.max_pool1d: "maxpool",
+    F.max_pool2d: "maxpool",
+    F.max_pool3d: "maxpool",
+    torch.max_pool1d: "maxpool",
+    torch.max_pool2d: "maxpool",
+    torch.max_pool3d: "maxpool",
+    F.adaptive_max_pool1d: "maxpool",
+    F.adaptive_max_pool2d: "maxpool",
+    F.adaptive_max_pool3d: "maxpool",
+    torch.maximum: "max",
+    torch.max: "max",
+}
+OTHER_METHODS: dict[str, str] = {
+    "sigmoid": "sigmoid",
+    "sigmoid_": "sigmoid",
+    "tanh": "tanh",
+    "tanh_": "tanh",
+    "softmax": "softmax",
+    "clamp": "clamp",
+    "clamp_": "clamp",
+    "clamp_min": "clamp",
+    "clamp_min_": "clamp",
+    "clip": "clamp",
+}
+
+
+def relu_op(node: Node, modules: dict[str, nn.Module]) -> str | None:
+    """The ReLU spelling of ``node`` (e.g. ``"nn.ReLU"``, ``"F.relu"``), or None if it is no ReLU."""
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        return "nn.ReLU" if isinstance(module, RELU_MODULES) else None
+    if node.op == "call_function":
+        return RELU_FUNCTIONS.get(node.target) if _hashable(node.target) else None
+    if node.op == "call_method":
+        return RELU_METHODS.get(str(node.target))
+    return None
+
+
+def is_inplace(node: Node, op: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether the ReLU call at ``node`` overwrites its input."""
+    if op in INPLACE_RELU_OPS:
+        return True
+    if op == "nn.ReLU":
+        return bool(getattr(modules[str(node.target)], "inplace", False))
+    if op == "F.relu":
+        flag = node.kwargs.get("inplace", node.args[1] if len(node.args) > 1 else False)
+        return bool(flag)
+    return False
+
+
+def other_nonlinearity(node: Node, modules: dict[str, nn.Module]) -> str | None:
+    """The kind of a non-ReLU nonlinearity at ``node`` (``"maxpool"``, ``"gelu"``, ...), else None.
+
+    ``clamp`` is reported as ``"clamp(min=0)"`` when it is a ReLU in disguise (min 0, no max).
+    """
+    kind: str | None = None
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        kind = next((k for t, k in OTHER_MODULES.items() if type(module) is t), None)
+        if kind is None and module is not None and not isinstance(module, RELU_MODULES):
+            kind = next((k for t, k in OTHER_MODULES.items() if isinstance(module, t)), None)
+    elif node.op == "call_function" and _hashable(node.target):
+        kind = OTHER_FUNCTIONS.get(node.target)
+        if kind == "max" and not _is_elementwise_max(node):
+            kind = None
+    elif node.op == "call_method":
+        kind = OTHER_METHODS.get(str(node.target))
+    if kind == "clamp" and _clamp_is_relu(node):
+        kind = "clamp(min=0)"
+    return kind
+
+
+def maxpool_window(node: Node, modules: dict[str, nn.Module], in_shape, out_shape) -> int:
+    """Elements in one pooling window of a max-pool node (comparisons per output = window - 1).
+
+    Read from ``kernel_size`` when given; for adaptive pooling, from the input/output sizes.
+    """
+    if node.op == "call_module":
+        size = getattr(modules.get(str(node.target)), "kernel_size", None)
+    else:
+        size = node.kwargs.get("kernel_size", node.args[1] if len(node.args) > 1 else None)
+    spatial_dims = max(len(out_shape) - 2, 1)
+    if isinstance(size, int):
+        return size**spatial_dims
+    if isinstance(size, (tuple, list)) and all(isinstance(s, int) for s in size):
+        return math.prod(size)
+    # adaptive pooling: windows of ceil(in / out) along each spatial dim
+    pairs = zip(in_shape[-spatial_dims:], out_shape[-spatial_dims:])
+    return math.prod(-(-i // max(o, 1)) for i, o in pairs)
+
+
+def _clamp_is_relu(node: Node) -> bool:
+    args = list(node.args[1:])
+    lo = node.kwargs.get("min", args[0] if args else None)
+    hi = node.kwargs.get("max", args[1] if len(args) > 1 else None)
+    return isinstance(lo, (int, float)) and lo == 0 and hi is None
+
+
+def _is_elementwise_max(node: Node) -> bool:
+    """torch.max(a, b) / torch.maximum(a, b) compare elementwise; torch.max(a, dim) reduces."""
+    if node.target is torch.maximum:
+        return True
+    return len(node.args) > 1 and isinstance(node.args[1], Node)
+
+
+def _hashable(target: Any) -> bool:
+    try:
+        hash(target)
+    except TypeError:
+        return False
+    return True

@@ -1,0 +1,182 @@
+"""Front end: any nn.Module + example input -> GraphModule with shapes on every node."""
+
+from __future__ import annotations
+
+import copy
+import os
+import traceback
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule, Node, Tracer
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .errors import PassError
+from .meta import META_KEY, SNLMeta
+from .spellings import RELU_FUNCTIONS, RELU_MODULES
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class _Tracer(Tracer):
+    """symbolic_trace's tracer, plus user-chosen leaf module types."""
+
+    def __init__(self, leaf_types: tuple[type[nn.Module], ...] = ()) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+
+def as_args(example_input: Any) -> tuple:
+    """The example input as a tuple of positional arguments."""
+    return tuple(example_input) if isinstance(example_input, (tuple, list)) else (example_input,)
+
+
+def trace(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+) -> GraphModule:
+    """Deep-copy ``model``, trace its eval-mode graph, and run ShapeProp on a cloned example input.
+
+    The caller's model is never modified (its mode and tensors are left as they were). Models
+    with shape-dependent Python control flow fall back to ``torch.export(strict=False)``.
+    The returned graph carries an empty :class:`SNLMeta` in ``gm.meta["snl_fx"]``.
+    """
+    if not isinstance(model, nn.Module):
+        raise PassError(f"expected an nn.Module, got {type(model).__name__}")
+    args = as_args(example_input)
+    if not args or not all(isinstance(a, torch.Tensor) for a in args):
+        raise PassError("example_input must be a tensor or a tuple of tensors (batch first)")
+    if args[0].dim() == 0:
+        raise PassError("example_input needs a batch dimension (dim 0)")
+    model = copy.deepcopy(model).eval()
+    gm = _symbolic_trace(model, args, concrete_args, tuple(leaf_modules))
+    _warn_if_train_graph_differs(model, gm, concrete_args, tuple(leaf_modules))
+    propagate_shapes(gm, args)
+    gm.meta[META_KEY] = SNLMeta(batch_size=int(args[0].shape[0]))
+    return gm
+
+
+def _symbolic_trace(model, args, concrete_args, leaf_types) -> GraphModule:
+    tracer = _Tracer(leaf_types)
+    try:
+        graph = tracer.trace(model, concrete_args)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure gets the same explanation
+        where = _user_frame(exc)
+        try:
+            exported = torch.export.export(model, tuple(a.clone() for a in args), strict=False)
+        except Exception:  # noqa: BLE001 - report the original symbolic-trace failure
+            raise PassError(
+                f"cannot trace {type(model).__name__}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}{where}. Python control flow on "
+                "tensor values cannot be traced: pass concrete_args for plain Python arguments, "
+                "or make the offending submodule a leaf module (its ReLUs are then reported as "
+                "not gateable)"
+            ) from None
+        warnings.warn(
+            f"symbolic_trace failed ({type(exc).__name__}{where}); traced with "
+            "torch.export(strict=False) instead: the graph is in ATen ops",
+            stacklevel=3,
+        )
+        return exported.module()
+    return GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """' at file:line: code' for the innermost traceback frame outside torch, if any."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename}:{f.lineno}: {(f.line or '').strip()}"
+
+
+def _warn_if_train_graph_differs(model, gm, concrete_args, leaf_types) -> None:
+    """Gates live in the eval graph; say so when train mode takes other branches (e.g. aux heads)."""
+    try:
+        model.train()
+        train_graph = _Tracer(leaf_types).trace(model, concrete_args)
+    except Exception:  # noqa: BLE001 - the train graph is only compared, never used
+        return
+    finally:
+        model.eval()
+    n_eval = sum(1 for n in gm.graph.nodes if n.op != "placeholder")
+    n_train = sum(1 for n in train_graph.nodes if n.op != "placeholder")
+    if n_eval != n_train:
+        warnings.warn(
+            f"{type(model).__name__} has a different graph in train mode ({n_train} nodes) than in "
+            f"eval mode ({n_eval} nodes); the eval graph is the one gated and lowered",
+            stacklevel=3,
+        )
+
+
+class _RecordingShapeProp(ShapeProp):
+    """ShapeProp that also measures ReLUs computed inside leaf modules the graph cannot see."""
+
+    def run_node(self, n: Node) -> Any:
+        result = super().run_node(n)
+        if n.op == "call_module":
+            module = self.fetch_attr(str(n.target))
+            if not isinstance(module, RELU_MODULES) and hides_relu(module):
+                args, kwargs = self.fetch_args_kwargs_from_env(n)
+                n.meta["hidden_relus"] = count_aten_relus(module, *args, **kwargs)
+        return result
+
+
+def propagate_shapes(gm: GraphModule, args: tuple) -> None:
+    """Run ShapeProp (eval mode, no_grad, cloned inputs), restoring the module's mode after."""
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            _RecordingShapeProp(gm).propagate(*(a.clone() for a in args))
+    except Exception as exc:  # noqa: BLE001 - ShapeProp names the failing node; keep its words
+        raise PassError(f"running the model on the example input failed: {str(exc).splitlines()[0]}") from None
+    finally:
+        gm.train(was_training)
+
+
+def hides_relu(module: nn.Module) -> bool:
+    """Whether a leaf module computes ReLUs internally (ReLU submodules or a relu activation)."""
+    if any(isinstance(m, RELU_MODULES) for m in module.modules()):
+        return True
+    return any(
+        getattr(m, "activation", None) in RELU_FUNCTIONS or getattr(m, "activation_relu_or_gelu", 0) == 1
+        for m in module.modules()
+    )
+
+
+class _ReluCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.relu.default, torch.ops.aten.relu_.default):
+            self.elements += args[0].numel()
+        return func(*args, **(kwargs or {}))
+
+
+def count_aten_relus(fn, *args, **kwargs) -> int | None:
+    """ReLU elements per sample computed by ``fn(*args)``, counted at the dispatcher.
+
+    Runs with grad enabled, because some modules (nn.TransformerEncoderLayer) take a fused path
+    under no_grad that hides their ReLU. Returns None when the call fails.
+    """
+    batch = next((a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim() > 0), 1)
+    counter = _ReluCounter()
+    try:
+        with torch.enable_grad(), counter:
+            fn(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - unknown is an honest answer for an opaque module
+        return None
+    return counter.elements // max(int(batch), 1)

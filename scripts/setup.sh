@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Idempotent set-up: Debian's Fashion-MNIST, a .venv, and `pip install -e .[dev]`.
+# A second run only checks and returns quickly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+FMNIST_DIR=/usr/share/dataset-fashion-mnist
+if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
+    echo "[setup] installing Debian package dataset-fashion-mnist"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq || true
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "[setup] creating .venv"
+    "$PY" -m venv .venv
+fi
+stamp=.venv/.snl_fx-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "[setup] pip install -e .[dev] (torch from local disk; ~2 min the first time)"
+    log=.venv/pip-install.log
+    if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".[dev]"; } >"$log" 2>&1; then
+        tail -n 30 "$log"; echo "[setup] pip install failed; full log in $log" >&2; exit 1
+    fi
+    touch "$stamp"
+fi
