@@ -12,7 +12,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.fx import GraphModule, Node, Tracer
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx import Interpreter
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
+from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import PassError
@@ -120,10 +122,17 @@ def _warn_if_train_graph_differs(model, gm, concrete_args, leaf_types) -> None:
 
 
 class _RecordingShapeProp(ShapeProp):
-    """ShapeProp that also measures ReLUs computed inside leaf modules the graph cannot see."""
+    """ShapeProp that names the failing node in one line, and measures ReLUs hidden in leaf modules."""
 
     def run_node(self, n: Node) -> Any:
-        result = super().run_node(n)
+        try:
+            result = Interpreter.run_node(self, n)  # ShapeProp's own run_node prints a traceback
+        except Exception as exc:  # noqa: BLE001 - name the node, keep the cause's words
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise PassError(f"running the model on the example input failed at {n.format_node()}: {message}") from None
+        if any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(result)):
+            n.meta["tensor_meta"] = tree_map_only(torch.Tensor, _extract_tensor_metadata, result)
+        n.meta["type"] = type(result)
         if n.op == "call_module":
             module = self.fetch_attr(str(n.target))
             if not isinstance(module, RELU_MODULES) and hides_relu(module):
@@ -138,9 +147,9 @@ def propagate_shapes(gm: GraphModule, args: tuple) -> None:
     gm.eval()
     try:
         with torch.no_grad():
-            _RecordingShapeProp(gm).propagate(*(a.clone() for a in args))
-    except Exception as exc:  # noqa: BLE001 - ShapeProp names the failing node; keep its words
-        raise PassError(f"running the model on the example input failed: {str(exc).splitlines()[0]}") from None
+            interpreter = _RecordingShapeProp(gm)
+            interpreter.extra_traceback = False
+            interpreter.propagate(*(a.clone() for a in args))
     finally:
         gm.train(was_training)
 
