@@ -1,9 +1,32 @@
-"""snl_fx: Selective Network Linearization as a torch.fx compiler pass."""
+"""snl_fx: Selective Network Linearization as a torch.fx compiler pass.
+
+``linearize`` runs the whole pass. The steps, for your own training loop: ``prepare`` ->
+train with ``lasso_penalty`` and a ``LambdaSchedule`` -> ``binarize`` -> fine-tune ->
+``convert`` -> ``export_onnx``. ``relu_count`` inspects any torch module or ONNX file.
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._count import relu_count
 from ._errors import SnlFxError
+from ._export import ExportResult, export_onnx
+from ._linearize import LinearizeResult, linearize, load_linearized
 from ._report import PROTOCOLS, OtherCount, ReluReport, SiteCount
+from ._snl import (
+    LambdaSchedule,
+    binarize,
+    clamp_gates,
+    convert,
+    freeze_gates,
+    gate_parameters,
+    lasso_penalty,
+    linearization_scores,
+    prepare,
+    relu_count_gated,
+    resolve_budget,
+    site_relu_counts,
+)
+from ._train import TrainConfig, kd_loss
 
 try:
     __version__ = version("snl_fx")
@@ -12,9 +35,29 @@ except PackageNotFoundError:  # running from a source tree without installation
 
 __all__ = [
     "PROTOCOLS",
+    "ExportResult",
+    "LambdaSchedule",
+    "LinearizeResult",
     "OtherCount",
     "ReluReport",
     "SiteCount",
     "SnlFxError",
+    "TrainConfig",
     "__version__",
+    "binarize",
+    "clamp_gates",
+    "convert",
+    "export_onnx",
+    "freeze_gates",
+    "gate_parameters",
+    "kd_loss",
+    "lasso_penalty",
+    "linearization_scores",
+    "linearize",
+    "load_linearized",
+    "prepare",
+    "relu_count",
+    "relu_count_gated",
+    "resolve_budget",
+    "site_relu_counts",
 ]

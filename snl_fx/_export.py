@@ -1,0 +1,115 @@
+"""ONNX export of (lowered) models, checked against ONNX Runtime and re-counted from the file."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn as nn
+from onnx import numpy_helper
+
+import passes
+
+from ._errors import SnlFxError
+
+PROFILES = ("default", "pi")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where the file went, how far ONNX Runtime is from torch, and the ReLUs per sample in it."""
+
+    path: Path
+    max_abs_error: float
+    relu_count: int
+
+
+def export_onnx(
+    model: nn.Module, example_input: Any, path: str | os.PathLike, profile: str = "default", opset: int = 17
+) -> ExportResult:
+    """Export ``model`` to ONNX, check it fully, run it under ONNX Runtime, and count its ReLUs.
+
+    ``default``: dynamic batch dim, weights as initializers. ``pi``: for private-inference
+    backends such as CrypTen: BatchNorm folded into convolutions, a fixed batch size, and every
+    integer constant (gather indices, shapes) a ``Constant`` node rather than an initializer.
+    Raises SnlFxError if ONNX Runtime differs from torch by more than 1e-4 (relative to the
+    output scale) or the file's ReLU count differs from the model's.
+    """
+    from ._count import relu_count
+    from ._onnx_count import onnx_relu_report
+
+    if profile not in PROFILES:
+        raise SnlFxError(f"profile must be one of {PROFILES}, got {profile!r}")
+    args = tuple(a.detach().cpu() for a in passes.as_args(example_input))
+    model = copy.deepcopy(model).cpu().eval()
+    if profile == "pi":
+        from torch.fx.experimental.optimization import fuse
+
+        model = fuse(model)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
+    dynamic = None if profile == "pi" else {n: {0: "batch"} for n in names + ["output"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, args, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+            input_names=names, output_names=["output"], dynamic_axes=dynamic,
+        )
+    if profile == "pi":
+        proto = onnx.load(str(path))
+        integer_initializers_to_constants(proto)
+        onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    error = _ort_error(model, args, path)
+    scale = max(1.0, float(np.abs(_torch_out(model, args)).max()))
+    if error > 1e-4 * scale:
+        raise SnlFxError(f"ONNX Runtime output differs from torch by {error:.3g} in {path}")
+    counted = onnx_relu_report(path, [tuple(a.shape) for a in args]).total
+    expected = relu_count(model, args).total
+    if counted != expected:
+        raise SnlFxError(f"{path} computes {counted} ReLUs per sample, the torch model {expected}")
+    return ExportResult(path, error, counted)
+
+
+def integer_initializers_to_constants(proto: onnx.ModelProto) -> None:
+    """Move integer initializers into ``Constant`` nodes (PI backends secret-share initializers)."""
+    graph = proto.graph
+    keep, constants = [], []
+    for init in graph.initializer:
+        if numpy_helper.to_array(init).dtype.kind in "iub":
+            constants.append(onnx.helper.make_node("Constant", [], [init.name], value=init))
+        else:
+            keep.append(init)
+    if not constants:
+        return
+    moved = {c.output[0] for c in constants}
+    inputs = [i for i in graph.input if i.name not in moved]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    del graph.input[:]
+    graph.input.extend(inputs)
+    nodes = constants + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _torch_out(model: nn.Module, args: tuple) -> np.ndarray:
+    with torch.no_grad():
+        return model(*args).numpy()
+
+
+def _ort_error(model: nn.Module, args: tuple, path: Path) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
+    (out,) = session.run(None, feeds)[:1]
+    return float(np.abs(out - _torch_out(model, args)).max()) if out.size else 0.0

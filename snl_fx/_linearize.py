@@ -1,0 +1,255 @@
+"""``snl_fx.linearize``: the whole SNL pass, from any nn.Module to a lowered static graph."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule
+from torch.utils.data import DataLoader, Dataset
+
+import passes
+
+from ._count import relu_count
+from ._errors import SnlFxError
+from ._snl import (
+    LambdaSchedule,
+    binarize,
+    clamp_gates,
+    convert,
+    gate_parameters,
+    lasso_penalty,
+    linearization_scores,
+    max_abs_diff,
+    prepare,
+    relu_count_gated,
+    resolve_budget,
+    site_relu_counts,
+    total_relus,
+)
+from ._train import Checkpoint, TrainConfig, epoch_line, evaluate, make_loader, seed_epoch, timed, train_epoch
+
+log = logging.getLogger("snl_fx")
+
+
+@dataclass
+class LinearizeResult:
+    """What :func:`linearize` made. ``model`` is the lowered static graph; counts are per sample."""
+
+    model: nn.Module
+    gated: GraphModule | None  # the binarized gated model (its state_dict reloads with load_linearized)
+    relu_count: int
+    relu_count_before: int
+    budget: int
+    granularity: str
+    method: str  # "snl" (trained gates), "one-shot" (training-free), or "unchanged"
+    sites: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> {"before", "after"}
+    history: list[dict[str, Any]] = field(default_factory=list)
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (no tensors)."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("model", "gated")}
+        out["lambda_history"] = [h["lambda"] for h in self.history if h.get("phase") == "gates"]
+        return out
+
+
+def linearize(
+    model: nn.Module,
+    example_input: Any,
+    budget: int | float,
+    data: Dataset | DataLoader | None = None,
+    *,
+    val_data: Dataset | DataLoader | None = None,
+    granularity: str = "pixel",
+    skip: Sequence[str] = (),
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    **train_options: Any,
+) -> LinearizeResult:
+    """Cut ``model``'s ReLUs to ``budget`` per sample and lower it to a static graph.
+
+    ``budget``: an int is ReLUs per sample, a float in (0, 1) a fraction of the model's ReLUs.
+    With ``data`` (a Dataset or DataLoader of (input, label)), runs SNL: gates and weights
+    trained with a Lasso penalty until the count meets the budget, binarized to exactly the
+    budget, then the weights fine-tuned with KD from ``model``; the best fine-tune epoch on
+    ``val_data`` (default: 10% held out of ``data``, when it is a Dataset) is kept. Without
+    ``data``, keeps the ReLUs whose removal changes the example batch most (training-free).
+    ``train_options`` are :class:`TrainConfig` fields (epochs, lr, lambda0, kappa, schedule, ...).
+    ``out_dir`` gets a checkpoint every epoch; ``resume=True`` continues from it.
+    """
+    cfg = _config(train_options)
+    device = cfg.resolved_device()
+    gm = prepare(model, example_input, granularity, skip=skip, concrete_args=concrete_args, leaf_modules=leaf_modules)
+    total = total_relus(gm)
+    budget = resolve_budget(budget, total)
+    before = site_relu_counts(gm)
+    if budget >= total:
+        warnings.warn(f"budget {budget:,} >= the model's {total:,} ReLUs: nothing to remove, model unchanged", stacklevel=2)
+        unchanged = passes.trace(model, example_input, concrete_args=concrete_args, leaf_modules=leaf_modules)
+        sites = {n: {"before": c, "after": c} for n, c in before.items()}
+        return LinearizeResult(unchanged, None, total, total, budget, granularity, "unchanged", sites)
+
+    if data is not None and val_data is None and isinstance(data, Dataset):
+        from .data import split_train_val
+
+        data, val_data = split_train_val(data, 0.1, seed=cfg.seed)
+    teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False)
+    gm.to(device)
+    checkpoint = Checkpoint(out_dir)
+    history: list[dict[str, Any]] = []
+    accuracy_before = evaluate(teacher, val_data, cfg)
+
+    if data is None:
+        log.info("no data: training-free one-shot selection on the example batch (%s)", granularity)
+        final = binarize(gm, budget, linearization_scores(gm, _to(example_input, device)))
+        method = "one-shot"
+    else:
+        state = checkpoint.load() if resume else None
+        if resume and state is None:
+            log.info("no checkpoint in %s: starting from scratch", out_dir)
+        if state is not None:
+            _check_resumable(state, budget, granularity)
+            history = list(state["history"])
+        if state is None or state["phase"] == "gates":
+            _gate_phase(gm, teacher, data, val_data, budget, total, cfg, checkpoint, state, history)
+            final = binarize(gm, budget)
+            state = None
+        else:
+            final = relu_count_gated(gm, eps=0.5)
+        _finetune_phase(gm, teacher, data, val_data, budget, final, granularity, cfg, checkpoint, state, history)
+        method = "snl"
+
+    lowered = convert(gm)
+    _verify(gm, lowered, example_input, final, device)
+    after = site_relu_counts(gm, eps=0.5)
+    sites = {n: {"before": before[n], "after": after[n]} for n in before}
+    return LinearizeResult(
+        lowered, gm, final, total, budget, granularity, method, sites, history, accuracy_before, evaluate(lowered, val_data, cfg)
+    )
+
+
+def _config(options: dict[str, Any]) -> TrainConfig:
+    known = TrainConfig.__dataclass_fields__
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise SnlFxError(f"unknown option(s) {unknown}; known: {sorted(known)}")
+    return TrainConfig(**options)
+
+
+def _to(example_input: Any, device: torch.device) -> Any:
+    return tuple(a.to(device) for a in passes.as_args(example_input))
+
+
+def _check_resumable(state: dict[str, Any], budget: int, granularity: str) -> None:
+    if state.get("budget") != budget or state.get("granularity") != granularity:
+        raise SnlFxError(
+            f"the checkpoint is for budget {state.get('budget')} ({state.get('granularity')}), not {budget} "
+            f"({granularity}): use another output dir or drop --resume"
+        )
+
+
+def _gate_phase(gm, teacher, data, val_data, budget, total, cfg, checkpoint, state, history) -> None:
+    """Algorithm 1: Adam on (W, C) + lambda*sum|c| until #(c > eps) <= budget."""
+    gates = set(map(id, gate_parameters(gm)))
+    weights = [p for p in gm.parameters() if id(p) not in gates and p.requires_grad]
+    optimizer = torch.optim.Adam(
+        [{"params": weights}, {"params": gate_parameters(gm), "lr": cfg.gate_lr or cfg.lr}], lr=cfg.lr
+    )
+    schedule = LambdaSchedule(cfg.lambda0, cfg.kappa, cfg.schedule, budget, cfg.epochs, lowest=total)
+    start, count = 0, total
+    if state is not None:
+        gm.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start, count = state["epoch"], state["relu_count"]
+    for epoch in range(start + 1, cfg.epochs + 1):
+        if count <= budget:
+            break
+        lam = schedule.lam
+        loader = make_loader(data, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "gates", epoch))
+        stats = timed(lambda: train_epoch(
+            gm, teacher, loader, optimizer, cfg, penalty=lambda: lam * lasso_penalty(gm),
+            after_step=lambda: clamp_gates(gm), desc=f"gates {epoch}/{cfg.epochs}",
+        ))
+        count = relu_count_gated(gm, cfg.eps)
+        schedule.step(count, epoch)
+        record = {"phase": "gates", "epoch": epoch, "relu_count": count, "lambda": lam, **stats,
+                  "val_acc": evaluate(gm, val_data, cfg)}
+        history.append(record)
+        _report(record, cfg)
+        checkpoint.save({"phase": "gates", "epoch": epoch, "relu_count": count, "budget": budget,
+                         "granularity": passes.get_meta(gm).granularity, "model": gm.state_dict(),
+                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": history})
+    if count > budget:
+        warnings.warn(
+            f"the gates reached {count:,} ReLUs, not the budget {budget:,}, in {cfg.epochs} epochs; binarizing to "
+            "the budget anyway (raise epochs or lambda0 for a better-trained selection)",
+            stacklevel=3,
+        )
+
+
+def _finetune_phase(gm, teacher, data, val_data, budget, final, granularity, cfg, checkpoint, state, history) -> None:
+    """Gates frozen; SGD on the weights with KD; keep the best epoch on the validation split."""
+    params = [p for p in gm.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.finetune_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    start = 0
+    best_acc = evaluate(gm, val_data, cfg)
+    best_state = copy.deepcopy(gm.state_dict())
+    if state is not None:
+        gm.load_state_dict(state["model"])
+        for w in gate_parameters(gm):
+            w.requires_grad_(False)
+        optimizer.load_state_dict(state["optimizer"])
+        start, best_acc, best_state = state["epoch"], state["best_acc"], state["best_model"]
+    for epoch in range(start + 1, cfg.finetune_epochs + 1):
+        loader = make_loader(data, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "finetune", epoch))
+        stats = timed(lambda: train_epoch(gm, teacher, loader, optimizer, cfg, desc=f"finetune {epoch}/{cfg.finetune_epochs}"))
+        acc = evaluate(gm, val_data, cfg)
+        record = {"phase": "finetune", "epoch": epoch, "relu_count": final, "lambda": None, **stats, "val_acc": acc}
+        history.append(record)
+        _report(record, cfg)
+        if acc is None or best_acc is None or acc >= best_acc:
+            best_acc, best_state = acc, copy.deepcopy(gm.state_dict())
+        checkpoint.save({"phase": "finetune", "epoch": epoch, "relu_count": final, "budget": budget,
+                         "granularity": granularity, "model": gm.state_dict(), "optimizer": optimizer.state_dict(),
+                         "best_acc": best_acc, "best_model": best_state, "history": history})
+    gm.load_state_dict(best_state)
+
+
+def _report(record: dict[str, Any], cfg: TrainConfig) -> None:
+    line = epoch_line(record)
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        tqdm.write(line)
+    log.info(line)
+
+
+def _verify(gm: GraphModule, lowered: nn.Module, example_input: Any, final: int, device: torch.device) -> None:
+    """Guard: the lowered graph computes what the gated one does, with exactly ``final`` ReLUs."""
+    args = _to(example_input, device)
+    diff = max_abs_diff(gm, lowered, args)
+    if diff > 1e-4:
+        raise SnlFxError(f"internal error: lowered model differs from the gated model by {diff:.3g}")
+    counted = relu_count(lowered, args).total
+    if counted != final:
+        raise SnlFxError(f"internal error: lowered model has {counted} ReLUs per sample, expected {final}")
+
+
+def load_linearized(model: nn.Module, example_input: Any, state_dict_path: str | os.PathLike,
+                    granularity: str = "pixel", skip: Sequence[str] = ()) -> GraphModule:
+    """Rebuild a lowered model from the original model and a saved binarized gated state_dict."""
+    gm = prepare(model, example_input, granularity, skip=skip)
+    gm.load_state_dict(torch.load(state_dict_path, map_location="cpu", weights_only=True))
+    return convert(gm)

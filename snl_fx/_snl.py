@@ -1,0 +1,273 @@
+"""The SNL pieces for any training loop: prepare, penalty, count, lambda schedule, binarize, convert."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule
+
+import passes
+
+from ._errors import SnlFxError
+
+SCHEDULES = ("budget", "paper")
+
+
+def prepare(
+    model: nn.Module,
+    example_input: Any,
+    granularity: str = "pixel",
+    *,
+    skip: Sequence[str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+) -> GraphModule:
+    """Trace a copy of ``model`` and put a trainable gate (initialised to 1) at every ReLU site.
+
+    The result computes exactly what ``model`` computes until its gates move. ``skip`` holds
+    fnmatch patterns of site names to leave as plain ReLUs (e.g. a stem ReLU).
+    """
+    if granularity not in passes.gate.GRANULARITIES:
+        raise SnlFxError(f"granularity must be one of {passes.gate.GRANULARITIES}, got {granularity!r}")
+    gm = passes.find_relus(passes.trace(model, example_input, concrete_args=concrete_args, leaf_modules=leaf_modules))
+    if not passes.get_meta(gm).sites:
+        hidden = passes.get_meta(gm).ungateable
+        extra = f" (ReLUs hidden in leaf modules: {', '.join(u.name for u in hidden)})" if hidden else ""
+        raise SnlFxError(f"{type(model).__name__} has no ReLU call site to linearize{extra}")
+    gm = passes.insert_gates(passes.make_out_of_place(gm), granularity, skip)
+    if not passes.get_meta(gm).gates:
+        raise SnlFxError(f"every ReLU site matches a skip pattern {list(skip)}: nothing to linearize")
+    return gm
+
+
+def gate_parameters(gm: GraphModule) -> list[nn.Parameter]:
+    """The gate tensors ``c`` of a prepared model (give them their own optimizer group if you like)."""
+    return [g.weight for g in passes.gates(gm).values()]
+
+
+def lasso_penalty(gm: GraphModule) -> torch.Tensor:
+    """``sum |c|`` over all gates (multiply by lambda and add to the loss)."""
+    return sum(w.abs().sum() for w in gate_parameters(gm))
+
+
+def clamp_gates(gm: GraphModule) -> None:
+    """Project gates back into [0, 1] after an optimizer step (c outside it has no meaning)."""
+    with torch.no_grad():
+        for w in gate_parameters(gm):
+            w.clamp_(0.0, 1.0)
+
+
+def ungated_relus(gm: GraphModule) -> int:
+    """ReLUs per sample at sites left as plain ReLUs (skipped by pattern)."""
+    meta = passes.get_meta(gm)
+    return sum(s.numel for s in meta.sites if s.name not in meta.gates)
+
+
+def site_relu_counts(gm: GraphModule, eps: float = 0.01) -> dict[str, int]:
+    """ReLUs per sample at each site: gates with ``c > eps`` (channel gates count H*W each)."""
+    meta = passes.get_meta(gm)
+    counts = {}
+    gate_modules = passes.gates(gm)
+    for site in meta.sites:
+        gate = gate_modules.get(site.name)
+        if gate is None:
+            counts[site.name] = site.numel
+        else:
+            c = gate.weight.detach()
+            counts[site.name] = int((c > eps).sum()) * (site.numel // c.numel())
+    return counts
+
+
+def relu_count_gated(gm: GraphModule, eps: float = 0.01) -> int:
+    """The ReLU count of Algorithm 1: ``#(c > eps)`` per sample, plus ungated sites."""
+    return sum(site_relu_counts(gm, eps).values())
+
+
+def total_relus(gm: GraphModule) -> int:
+    """ReLUs per sample of the original model (every site)."""
+    return sum(s.numel for s in passes.get_meta(gm).sites)
+
+
+def resolve_budget(budget: int | float, total: int) -> int:
+    """An int budget is ReLUs per sample; a float in (0, 1) is a fraction of ``total``."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise SnlFxError(f"budget must be an int (ReLUs per sample) or a float in (0, 1), got {budget!r}")
+    if isinstance(budget, float):
+        if not 0.0 < budget < 1.0:
+            raise SnlFxError(f"a float budget is a fraction of the ReLUs and must lie in (0, 1), got {budget}")
+        return max(1, round(budget * total))
+    if budget <= 0:
+        raise SnlFxError(f"budget must be positive, got {budget}")
+    return int(budget)
+
+
+@dataclass
+class LambdaSchedule:
+    """Lambda of the Lasso penalty, updated once per epoch from the ReLU count.
+
+    ``paper``: Algorithm 1, ``lambda *= kappa`` when the count did not fall below its lowest so
+    far. ``budget``: ``lambda *= kappa**k`` when the count is not falling fast enough to reach the
+    budget by ``max_epochs`` (geometric fall assumed), ``k`` being the number of epochs in a row
+    it has been behind; so lambda climbs fast when it is far too small and stays put when on track.
+    """
+
+    lam: float = 1e-5
+    kappa: float = 1.1
+    mode: str = "budget"
+    budget: int = 0
+    max_epochs: int = 100
+    lowest: int | None = None  # set it to the model's ReLU count before training
+    behind: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in SCHEDULES:
+            raise SnlFxError(f"schedule must be one of {SCHEDULES}, got {self.mode!r}")
+        if self.lam < 0 or self.kappa < 1:
+            raise SnlFxError(f"need lambda0 >= 0 and kappa >= 1, got {self.lam} and {self.kappa}")
+
+    def step(self, count: int, epoch: int) -> float:
+        """Record the count after ``epoch`` (1-based) and return the lambda for the next epoch."""
+        self.history.append({"epoch": epoch, "relu_count": count, "lambda": self.lam})
+        previous = self.lowest
+        self.lowest = count if previous is None else min(previous, count)
+        if self.mode == "paper":
+            if previous is not None and count >= previous:
+                self.lam *= self.kappa
+        elif self._behind(count, previous, epoch):
+            self.behind += 1
+            self.lam *= self.kappa**self.behind
+        else:
+            self.behind = 0
+        return self.lam
+
+    def _behind(self, count: int, previous: int | None, epoch: int) -> bool:
+        if count <= self.budget or previous is None:
+            return False
+        left = self.max_epochs - epoch
+        if left <= 0:
+            return True
+        needed = (self.budget / count) ** (1.0 / left)  # per-epoch factor that lands on the budget
+        return count / previous > needed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lam": self.lam, "lowest": self.lowest, "behind": self.behind, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lam, self.lowest, self.behind = state["lam"], state["lowest"], state["behind"]
+        self.history = list(state["history"])
+
+
+def binarize(gm: GraphModule, budget: int, scores: dict[str, torch.Tensor] | None = None) -> int:
+    """Set every gate to exactly 0 or 1 and freeze it; returns the final ReLUs per sample.
+
+    Pixel gates: exactly ``budget`` ReLUs are kept (the top gate values, ties broken by site
+    order then element index, also when fewer than ``budget`` gates were above eps). Channel
+    gates: whole channels, best first, each taken if it still fits; the count may end below
+    ``budget``. ``scores`` (site -> tensor of the gate's shape) replaces gate values as the ranking.
+    """
+    meta = passes.get_meta(gm)
+    gate_modules = passes.gates(gm)
+    room = budget - ungated_relus(gm)
+    if room < 0:
+        raise SnlFxError(f"the ungated sites alone have {ungated_relus(gm)} ReLUs, more than the budget {budget}")
+    values, weights, owners = [], [], []
+    for name, gate in gate_modules.items():
+        v = (scores[name] if scores is not None else gate.weight).detach().float().flatten().cpu()
+        values.append(v)
+        weights.append(torch.full_like(v, meta.site(name).numel // v.numel(), dtype=torch.long))
+        owners.append((name, v.numel()))
+    flat_values, flat_weights = torch.cat(values), torch.cat(weights)
+    order = torch.sort(-flat_values, stable=True).indices
+    keep = torch.zeros_like(flat_values, dtype=torch.bool)
+    if meta.granularity == "pixel":
+        keep[order[:room]] = True
+    else:
+        left = room
+        for i, w in zip(order.tolist(), flat_weights[order].tolist()):
+            if w <= left:
+                keep[i], left = True, left - w
+    start = 0
+    for name, size in owners:
+        gate = gate_modules[name]
+        with torch.no_grad():
+            gate.weight.copy_(keep[start : start + size].view_as(gate.weight).to(gate.weight))
+        gate.weight.requires_grad_(False)
+        start += size
+    return int((keep.long() * flat_weights).sum()) + ungated_relus(gm)
+
+
+def freeze_gates(gm: GraphModule) -> None:
+    """Stop gradients to the gates (after :func:`binarize`, or after loading binary gates)."""
+    for w in gate_parameters(gm):
+        w.requires_grad_(False)
+
+
+def linearization_scores(gm: GraphModule, example_input: Any) -> dict[str, torch.Tensor]:
+    """Training-free importance of each gate element: mean of ``min(z, 0)**2`` over the batch.
+
+    That is the squared error of replacing the ReLU by identity there; keeping the largest
+    ones keeps the ReLUs whose removal would change the activations most.
+    """
+    granularity = passes.get_meta(gm).granularity
+    scores: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, gate in passes.gates(gm).items():
+
+        def record(module, inputs, output, name=name, shape=tuple(gate.weight.shape)):
+            err = inputs[0].detach().clamp(max=0).pow(2).mean(0)
+            if granularity == "channel":
+                err = err.mean(dim=tuple(range(1, err.dim()))) if err.dim() > 1 else err
+            scores[name] = err.reshape(shape)
+
+        hooks.append(gate.register_forward_hook(record))
+    was_training = gm.training
+    try:
+        gm.eval()
+        with torch.no_grad():
+            gm(*passes.as_args(example_input))
+    finally:
+        gm.train(was_training)
+        for h in hooks:
+            h.remove()
+    return scores
+
+
+def convert(gm: GraphModule) -> GraphModule:
+    """Lower a binarized gated model to a static graph with only the kept ReLUs (a copy)."""
+    import copy
+
+    return passes.lower_gates(copy.deepcopy(gm))
+
+
+def max_abs_diff(a: nn.Module, b: nn.Module, example_input: Any) -> float:
+    """Largest elementwise difference of two models' outputs in eval mode (modes restored)."""
+    modes = a.training, b.training
+    a.eval(), b.eval()
+    try:
+        with torch.no_grad():
+            args = passes.as_args(example_input)
+            out_a, out_b = a(*args), b(*args)
+    finally:
+        a.train(modes[0]), b.train(modes[1])
+    return float((out_a - out_b).abs().max()) if out_a.numel() else 0.0
+
+
+__all__ = [
+    "LambdaSchedule",
+    "binarize",
+    "clamp_gates",
+    "convert",
+    "freeze_gates",
+    "gate_parameters",
+    "lasso_penalty",
+    "linearization_scores",
+    "prepare",
+    "relu_count_gated",
+    "resolve_budget",
+    "site_relu_counts",
+]

@@ -1,0 +1,181 @@
+"""Training loops of SNL: the gate phase (Algorithm 1) and the KD fine-tune, with checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ._errors import SnlFxError
+
+log = logging.getLogger("snl_fx")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of both phases; defaults are the paper's unless noted."""
+
+    epochs: int = 20  # gate phase: at most this many epochs (the budget usually stops it earlier)
+    finetune_epochs: int = 5  # paper: 100
+    lr: float = 1e-3  # Adam, weights and gates
+    gate_lr: float | None = None  # Adam lr for the gates; None: same as lr
+    lambda0: float = 1e-5
+    kappa: float = 1.1
+    eps: float = 0.01
+    schedule: str = "budget"
+    finetune_lr: float = 1e-3  # SGD
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    kd: bool = True
+    temperature: float = 4.0
+    kd_weight: float = 0.5  # equal weights on cross-entropy and KL
+    batch_size: int = 128
+    num_workers: int = 0
+    seed: int = 0
+    device: str | None = None  # None: CUDA when present, else CPU
+    progress: bool = True
+
+    def resolved_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Cross-entropy, mixed with temperature-scaled KL to the teacher when there is one."""
+    ce = F.cross_entropy(student, target)
+    if teacher is None or not cfg.kd:
+        return ce
+    t = cfg.temperature
+    kl = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True)
+    return (1 - cfg.kd_weight) * ce + cfg.kd_weight * kl * t * t
+
+
+def make_loader(data: Dataset | DataLoader, cfg: TrainConfig, shuffle: bool, epoch_seed: int | None = None) -> DataLoader:
+    """A DataLoader over ``data`` (used as it is when it already is one), shuffled reproducibly."""
+    if isinstance(data, DataLoader):
+        return data
+    generator = torch.Generator().manual_seed(epoch_seed) if epoch_seed is not None else None
+    return DataLoader(
+        data, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator, num_workers=cfg.num_workers, drop_last=False
+    )
+
+
+def seed_epoch(cfg: TrainConfig, phase: str, epoch: int) -> int:
+    """Seed every RNG for one epoch, so a resumed run replays exactly what a straight run does."""
+    seed = cfg.seed * 1_000_003 + {"pretrain": 0, "gates": 10_007, "finetune": 20_011}[phase] + epoch
+    torch.manual_seed(seed)
+    return seed
+
+
+def train_epoch(
+    model: nn.Module,
+    teacher: nn.Module | None,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
+    desc: str = "",
+) -> dict[str, float]:
+    """One epoch of SGD/Adam on (KD) loss + penalty; raises SnlFxError on a non-finite loss."""
+    device = cfg.resolved_device()
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=not cfg.progress, dynamic_ncols=True)
+    for step, (x, y) in enumerate(bar):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model(x)
+        with torch.no_grad():
+            target_logits = teacher(x) if teacher is not None and cfg.kd else None
+        loss = kd_loss(out, target_logits, y, cfg)
+        if penalty is not None:
+            loss = loss + penalty()
+        if not torch.isfinite(loss):
+            raise SnlFxError(
+                f"loss became {loss.item()} in {desc or 'training'} at step {step}: lower the learning rate "
+                "or lambda; the last good checkpoint (if an output dir was given) is kept"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        total_loss += loss.item() * len(y)
+        correct += int((out.argmax(1) == y).sum())
+        seen += len(y)
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+    return {"loss": total_loss / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1)}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset | DataLoader | None, cfg: TrainConfig) -> float | None:
+    """Top-1 accuracy in percent (None without data); the model's mode is restored."""
+    if data is None:
+        return None
+    device = cfg.resolved_device()
+    was_training = model.training
+    model.eval()
+    correct = seen = 0
+    try:
+        for x, y in make_loader(data, cfg, shuffle=False):
+            out = model(x.to(device))
+            correct += int((out.argmax(1).cpu() == y).sum())
+            seen += len(y)
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / max(seen, 1)
+
+
+class Checkpoint:
+    """One checkpoint file in an output dir, written atomically, read with weights_only=True."""
+
+    def __init__(self, out_dir: str | os.PathLike | None) -> None:
+        self.path = Path(out_dir) / "checkpoint.pt" if out_dir is not None else None
+
+    def save(self, state: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self) -> dict[str, Any] | None:
+        if self.path is None or not self.path.exists():
+            return None
+        try:
+            return torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - a broken checkpoint is a user-facing problem
+            raise SnlFxError(f"cannot read checkpoint {self.path}: {type(exc).__name__}: {exc}") from None
+
+
+def epoch_line(record: dict[str, Any]) -> str:
+    """One human-readable line for an epoch's history record."""
+    parts = [f"{record['phase']} epoch {record['epoch']}"]
+    for key, fmt in (("relu_count", "ReLUs {:,}"), ("lambda", "lambda {:.3g}"), ("loss", "loss {:.4f}"),
+                     ("val_acc", "val acc {:.2f}%"), ("seconds", "{:.1f}s")):
+        value = record.get(key)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            parts.append(fmt.format(value))
+    return ", ".join(parts)
+
+
+def timed(fn: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """Run ``fn`` and add its wall time in seconds under ``seconds``."""
+    start = time.perf_counter()
+    out = fn()
+    out["seconds"] = time.perf_counter() - start
+    return out
