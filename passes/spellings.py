@@ -154,7 +154,7 @@ def maxpool_window(node: Node, modules: dict[str, nn.Module], in_shape, out_shap
         size = getattr(modules.get(str(node.target)), "kernel_size", None)
     else:
         size = node.kwargs.get("kernel_size", node.args[1] if len(node.args) > 1 else None)
-    spatial_dims = max(len(out_shape) - 2, 1)
+    spatial_dims = max(len(out_shape) - 1, 1)  # sample shapes: (C, *spatial)
     if isinstance(size, int):
         return size**spatial_dims
     if isinstance(size, (tuple, list)) and all(isinstance(s, int) for s in size):

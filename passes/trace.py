@@ -85,11 +85,12 @@ def _symbolic_trace(model, args, concrete_args, leaf_types) -> GraphModule:
                 "not gateable)"
             ) from None
         warnings.warn(
-            f"symbolic_trace failed ({type(exc).__name__}{where}); traced with "
-            "torch.export(strict=False) instead: the graph is in ATen ops",
+            f"symbolic_trace failed ({type(exc).__name__}{where}); traced with torch.export(strict=False) "
+            "instead: the graph is in ATen ops, with BatchNorm/dropout fixed in eval behaviour",
             stacklevel=3,
         )
-        return exported.module()
+        module = exported.module()
+        return GraphModule(module, module.graph, type(model).__name__)  # a plain one: .eval()/.train() work
     return GraphModule(tracer.root, graph, type(model).__name__)
 
 
