@@ -1,7 +1,8 @@
-"""The user-facing error of snl_fx: the CLIs print its message on one line and exit non-zero."""
+"""The user-facing error of snl_fx: the CLIs print its message on one line and exit non-zero.
 
-from passes import PassError
+It is the passes' own error type, so a caller catches one class whichever layer raised it.
+"""
 
+from passes import PassError as SnlFxError
 
-class SnlFxError(PassError):
-    """Bad input or a run that cannot go on, explained in one line."""
+__all__ = ["SnlFxError"]

@@ -130,7 +130,8 @@ def linearize(
         _finetune_phase(gm, teacher, data, val_data, budget, final, granularity, cfg, checkpoint, state, history)
         method = "snl"
 
-    lowered = convert(gm)
+    gm.eval()
+    lowered = convert(gm).eval()
     _verify(gm, lowered, example_input, final, device)
     after = site_relu_counts(gm, eps=0.5)
     sites = {n: {"before": before[n], "after": after[n]} for n in before}
