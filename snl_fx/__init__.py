@@ -26,7 +26,7 @@ from ._snl import (
     resolve_budget,
     site_relu_counts,
 )
-from ._train import TrainConfig, kd_loss
+from ._train import TrainConfig, evaluate, kd_loss
 
 try:
     __version__ = version("snl_fx")
@@ -47,6 +47,7 @@ __all__ = [
     "binarize",
     "clamp_gates",
     "convert",
+    "evaluate",
     "export_onnx",
     "freeze_gates",
     "gate_parameters",

@@ -34,7 +34,7 @@ from ._snl import (
     site_relu_counts,
     total_relus,
 )
-from ._train import Checkpoint, TrainConfig, epoch_line, evaluate, make_loader, seed_epoch, timed, train_epoch
+from ._train import Checkpoint, TrainConfig, announce, epoch_line, evaluate, make_loader, seed_epoch, timed, train_epoch
 
 log = logging.getLogger("snl_fx")
 
@@ -188,7 +188,7 @@ def _gate_phase(gm, teacher, data, val_data, budget, total, cfg, checkpoint, sta
         record = {"phase": "gates", "epoch": epoch, "relu_count": count, "lambda": lam, **stats,
                   "val_acc": evaluate(gm, val_data, cfg)}
         history.append(record)
-        _report(record, cfg)
+        announce(epoch_line(record), cfg)
         checkpoint.save({"phase": "gates", "epoch": epoch, "relu_count": count, "budget": budget,
                          "granularity": passes.get_meta(gm).granularity, "model": gm.state_dict(),
                          "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": history})
@@ -219,22 +219,13 @@ def _finetune_phase(gm, teacher, data, val_data, budget, final, granularity, cfg
         acc = evaluate(gm, val_data, cfg)
         record = {"phase": "finetune", "epoch": epoch, "relu_count": final, "lambda": None, **stats, "val_acc": acc}
         history.append(record)
-        _report(record, cfg)
+        announce(epoch_line(record), cfg)
         if acc is None or best_acc is None or acc >= best_acc:
             best_acc, best_state = acc, copy.deepcopy(gm.state_dict())
         checkpoint.save({"phase": "finetune", "epoch": epoch, "relu_count": final, "budget": budget,
                          "granularity": granularity, "model": gm.state_dict(), "optimizer": optimizer.state_dict(),
                          "best_acc": best_acc, "best_model": best_state, "history": history})
     gm.load_state_dict(best_state)
-
-
-def _report(record: dict[str, Any], cfg: TrainConfig) -> None:
-    line = epoch_line(record)
-    if cfg.progress:
-        from tqdm.auto import tqdm
-
-        tqdm.write(line)
-    log.info(line)
 
 
 def _verify(gm: GraphModule, lowered: nn.Module, example_input: Any, final: int, device: torch.device) -> None:

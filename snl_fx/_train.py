@@ -173,6 +173,14 @@ def epoch_line(record: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def announce(line: str, cfg: TrainConfig) -> None:
+    """Print a progress line above the progress bars, or log it when bars are off."""
+    if cfg.progress:
+        tqdm.write(line)
+    else:
+        log.info(line)
+
+
 def timed(fn: Callable[[], dict[str, float]]) -> dict[str, float]:
     """Run ``fn`` and add its wall time in seconds under ``seconds``."""
     start = time.perf_counter()

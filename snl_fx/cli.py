@@ -18,7 +18,9 @@ from ._spec import example_inputs, load_model_spec, parse_shape
 def _run(prog: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command; user errors become one line on stderr and exit code 2 (``--debug``: traceback)."""
     if not getattr(args, "debug", False):
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # library noise (deprecations) stays hidden; ours is shown
+        warnings.filterwarnings("default", category=UserWarning, module=r"(snl_fx|passes)")
+        warnings.showwarning = lambda message, *_, **__: print(f"{prog}: warning: {message}", file=sys.stderr)
     try:
         return body(args)
     except PassError as exc:
@@ -66,17 +68,100 @@ def relu_count_main(argv: Sequence[str] | None = None) -> int:
     return _run("relu-count", _relu_count, parser.parse_args(argv))
 
 
+def _linearize(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import jobs
+    from ._count import relu_count
+    from ._linearize import linearize
+    from ._train import TrainConfig, evaluate
+    from .data import split_train_val
+    from .plots import plot_relus_per_layer
+
+    if args.epochs < 0 or args.finetune_epochs < 0 or args.pretrain_epochs < 0:
+        raise SnlFxError("epoch counts must be >= 0")
+    budget = float(args.budget) if "." in args.budget else int(args.budget)
+    cfg = TrainConfig(
+        epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr, gate_lr=args.gate_lr,
+        lambda0=args.lambda0, kappa=args.kappa, eps=args.eps, schedule=args.schedule, finetune_lr=args.finetune_lr,
+        kd=not args.no_kd, batch_size=args.batch_size, seed=args.seed, device=args.device, progress=not args.quiet,
+    )
+    torch.manual_seed(args.seed)
+    train, test = jobs.load_datasets(args.data, args.data_root, args.subset, args.seed)
+    fit, val = split_train_val(train, 0.1, seed=args.seed)
+    model = jobs.build_model(args.model, args.data)
+    if args.weights:
+        try:
+            model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+        except Exception as exc:  # noqa: BLE001 - a bad weights file is a user error
+            raise SnlFxError(f"cannot load weights {args.weights}: {type(exc).__name__}: {exc}") from None
+    elif args.pretrain_epochs:
+        key = {"model": args.model, "data": args.data, "subset": args.subset}
+        jobs.pretrain(model, fit, val, cfg, args.pretrain_epochs, cache_dir=args.out, cache_key=key)
+    model.cpu().eval()
+    example = next(iter(torch.utils.data.DataLoader(fit, batch_size=32)))[0]
+    acc_before = evaluate(model.to(cfg.resolved_device()), test, cfg)
+    result = linearize(
+        model, example.to(cfg.resolved_device()), budget, None if args.one_shot else fit, val_data=val,
+        granularity=args.granularity, skip=args.skip, out_dir=args.out, resume=args.resume,
+        **vars(cfg),
+    )
+    acc_after = evaluate(result.model, test, cfg)
+    result.model.cpu()
+    extra = {"model_spec": args.model, "data": args.data, "test_acc_before": acc_before, "test_acc_after": acc_after}
+    report = jobs.write_outputs(result, example, args.out, extra, profile=args.profile)
+    plot_relus_per_layer(result.sites, f"{args.out}/relus_per_layer.png", f"{args.model}: ReLUs per layer")
+    if args.json:
+        print(json.dumps(report, default=str))
+    else:
+        before = relu_count(model.cpu(), example[:1])
+        after = relu_count(result.model, example[:1])
+        print(jobs.summary(before, after, acc_before, acc_after))
+        print(f"outputs in {args.out}: model.onnx, model_state_dict.pt, gated_state_dict.pt, report.json, relus_per_layer.png")
+    return 0
+
+
 def snl_fx_main(argv: Sequence[str] | None = None) -> int:
-    """``snl-fx linearize ...``: see ``snl-fx --help``."""
+    """``snl-fx linearize MODEL --data NAME --budget B``; ``snl-fx count`` is ``relu-count``."""
     parser = argparse.ArgumentParser(prog="snl-fx", description="Selective Network Linearization for torch models")
     sub = parser.add_subparsers(dest="command", required=True)
-    count = sub.add_parser("count", help="same as relu-count")
+    lin = sub.add_parser("linearize", help="pretrain (optional), linearize to a ReLU budget, fine-tune, export")
+    lin.add_argument("model", help="zoo name (small_resnet, cifar_resnet18, cifar_resnet34, wrn22_8) or pkg.module:factory")
+    lin.add_argument("--data", required=True, choices=["fashion-mnist", "cifar10", "cifar100", "tiny-imagenet"])
+    lin.add_argument("--data-root", help="folder of the data set (CIFAR, Tiny-ImageNet); never downloaded")
+    lin.add_argument("--budget", required=True, help="ReLUs per sample (int) or a fraction in (0, 1), e.g. 0.05")
+    lin.add_argument("--granularity", choices=["pixel", "channel"], default="pixel")
+    lin.add_argument("--out", default="runs/snl", help="output dir: checkpoints, model, ONNX, report.json")
+    lin.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    lin.add_argument("--weights", help="pretrained state_dict of the model (else --pretrain-epochs)")
+    lin.add_argument("--pretrain-epochs", type=int, default=0, help="pretrain first (cached in --out)")
+    lin.add_argument("--one-shot", action="store_true", help="training-free selection on a calibration batch")
+    lin.add_argument("--epochs", type=int, default=20, help="max epochs of the gate phase")
+    lin.add_argument("--finetune-epochs", type=int, default=5)
+    lin.add_argument("--schedule", choices=["budget", "paper"], default="budget")
+    lin.add_argument("--lambda0", type=float, default=1e-5)
+    lin.add_argument("--kappa", type=float, default=1.1)
+    lin.add_argument("--eps", type=float, default=0.01)
+    lin.add_argument("--lr", type=float, default=1e-3)
+    lin.add_argument("--gate-lr", type=float, default=None)
+    lin.add_argument("--finetune-lr", type=float, default=1e-3)
+    lin.add_argument("--batch-size", type=int, default=128)
+    lin.add_argument("--no-kd", action="store_true", help="plain cross-entropy, no distillation")
+    lin.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="site names left as ReLUs")
+    lin.add_argument("--subset", type=int, help="use a fixed random sample of N training images (quick runs)")
+    lin.add_argument("--profile", choices=["default", "pi"], default="default", help="ONNX export profile")
+    lin.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present)")
+    lin.add_argument("--seed", type=int, default=0)
+    lin.add_argument("--json", action="store_true", help="print report.json's content as one JSON object")
+    lin.add_argument("--quiet", action="store_true", help="no progress bars")
+    lin.add_argument("--debug", action="store_true", help="show tracebacks and warnings")
+    count = sub.add_parser("count", help="same as relu-count", add_help=False)
     count.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command == "count":
         return relu_count_main(args.rest)
-    return 2
+    return _run("snl-fx", _linearize, args)
 
 
 if __name__ == "__main__":
-    sys.exit(relu_count_main())
+    sys.exit(snl_fx_main())

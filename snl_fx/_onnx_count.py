@@ -1,0 +1,317 @@
+"""Count ReLUs per sample in an ONNX file: Relu, Clip(min=0) and Max(x, 0), plus other nonlinearities.
+
+Shapes come from ONNX shape inference after the graph inputs are pinned to concrete dims, so
+the counts are exact for any static graph, whichever exporter wrote it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnx.inliner
+import onnx.shape_inference
+from google.protobuf.message import Error as ProtobufError
+from onnx import numpy_helper
+
+from ._errors import SnlFxError
+from ._report import OtherCount, ReluReport, SiteCount
+
+# ONNX op -> the torch side's kind name (passes/spellings.py); comparisons = output elements.
+_ELEMENTWISE_KINDS: dict[str, str] = {
+    "LeakyRelu": "leaky_relu",
+    "PRelu": "prelu",
+    "Elu": "elu",
+    "Selu": "selu",
+    "Celu": "celu",
+    "Gelu": "gelu",
+    "Sigmoid": "sigmoid",
+    "Tanh": "tanh",
+    "Softmax": "softmax",
+    "HardSigmoid": "hardsigmoid",
+    "HardSwish": "hardswish",
+    "Mish": "mish",
+}
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+_GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+_FLOAT_MAX = float(np.finfo(np.float32).max)
+
+
+def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]] | None = None) -> ReluReport:
+    """Count ReLUs per sample in the ONNX file at ``path``.
+
+    ``input_shapes`` gives one shape per graph input (initializers excluded), batch first; it
+    is needed only when an input has dynamic dims beyond dim 0 (a dynamic dim 0 is pinned to 1).
+    Raises :class:`SnlFxError` for unreadable files, unpinned dynamic dims and unknown shapes.
+    """
+    model = _load(path)
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    batch = _pin_inputs(inputs, input_shapes)
+    del graph.value_info[:]  # stale exporter annotations may disagree with the pinned dims
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
+        raise SnlFxError(f"ONNX shape inference failed on {os.fspath(path)}: {_first_line(e)}") from None
+    shapes = _value_shapes(inferred.graph)
+    consts = _Constants(graph, initializers, os.path.dirname(os.path.abspath(path)))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+    sites: list[SiteCount] = []
+    others: list[OtherCount] = []
+    notes: list[str] = []
+    relu_nodes: set[int] = set()
+    ops_counted: Counter[str] = Counter()
+    subgraph_ops: set[str] = set()
+    for idx, node in enumerate(graph.node):
+        name = node.name or (node.output[0] if node.output else f"{node.op_type}_{idx}")
+        if node.op_type in _SUBGRAPH_OPS or any(a.type in _GRAPH_ATTRS for a in node.attribute):
+            subgraph_ops.add(node.op_type)
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        relu_op, kind = _classify(node, consts, opset)
+        if relu_op is not None:
+            value = node.output[0] if relu_op == "Max(x,0)" else node.input[0]
+            shape = shapes.get(value)
+            if shape is None:
+                raise SnlFxError(
+                    f"cannot infer the shape of '{value}' at {node.op_type} node '{name}'; "
+                    "pass --input-shape with concrete dims for every input"
+                )
+            sites.append(SiteCount(name, relu_op, shape[1:], _per_sample(shape, batch)))
+            relu_nodes.add(idx)
+            ops_counted[relu_op] += 1
+        elif kind is not None:
+            other = _other_count(node, name, kind, shapes, batch)
+            if other is None:
+                notes.append(f"{node.op_type} node '{name}' has no inferred shape; left out of other nonlinearities")
+            else:
+                others.append(other)
+
+    if ops_counted.keys() - {"Relu"}:
+        counted = ", ".join(f"{ops_counted[op]} {op}" for op in ("Relu", "Clip(min=0)", "Max(x,0)") if ops_counted[op])
+        notes.append(f"counted as ReLU: {counted} nodes (Clip with min 0 and no max, and Max(x, 0), compute a ReLU)")
+    if subgraph_ops:
+        notes.append(f"subgraphs of {', '.join(sorted(subgraph_ops))} nodes were not inspected")
+    return ReluReport(
+        source=os.fspath(path),
+        sites=sites,
+        relu_depth=_relu_depth(graph, relu_nodes),
+        others=others,
+        notes=notes,
+    )
+
+
+def _load(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read an ONNX model without its external data (only small constants are read, on demand)."""
+    where = os.fspath(path)
+    if not os.path.exists(where):
+        raise SnlFxError(f"no such ONNX file: {where}")
+    if not os.path.isfile(where):
+        raise SnlFxError(f"not a file: {where}")
+    try:
+        model = onnx.load(where, load_external_data=False)
+    except (ProtobufError, ValueError, OSError, RuntimeError) as e:
+        raise SnlFxError(f"{where} is not a readable ONNX model (truncated or corrupt?): {_first_line(e)}") from None
+    if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
+        raise SnlFxError(f"{where} is not an ONNX model (no IR version, graph or opset)")
+    if model.functions:
+        try:
+            model = onnx.inliner.inline_local_functions(model)
+        except (ValueError, RuntimeError) as e:
+            raise SnlFxError(f"cannot inline the local functions of {where}: {_first_line(e)}") from None
+    return model
+
+
+def _pin_inputs(inputs: list[onnx.ValueInfoProto], input_shapes: list[tuple[int, ...]] | None) -> int:
+    """Write concrete dims into the graph inputs; returns the batch size (dim 0 of the first input)."""
+    if input_shapes is None:
+        for v in inputs:
+            dims = _dims(v)
+            if dims is None or any(not isinstance(d, int) for d in dims[1:]):
+                shown = "unknown" if dims is None else "(" + ", ".join(map(str, dims)) + ")"
+                raise SnlFxError(
+                    f"ONNX input '{v.name}' has dynamic dims {shown}; "
+                    "pass --input-shape with concrete dims for every input (e.g. --input-shape 1,3,32,32)"
+                )
+        input_shapes = [tuple(d if isinstance(d, int) else 1 for d in _dims(v) or ()) for v in inputs]
+    if len(input_shapes) != len(inputs):
+        names = ", ".join(v.name for v in inputs)
+        raise SnlFxError(
+            f"the model has {len(inputs)} input(s) ({names}) but {len(input_shapes)} input shape(s) were given"
+        )
+    for v, given in zip(inputs, input_shapes):
+        given = tuple(given)
+        dims = _dims(v)
+        if not v.type.HasField("tensor_type"):
+            raise SnlFxError(f"input '{v.name}' is not a tensor; only tensor inputs are supported")
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in given):
+            raise SnlFxError(f"input shape {given} for '{v.name}' must be positive integers")
+        if dims is not None and len(dims) != len(given):
+            raise SnlFxError(
+                f"input '{v.name}' has rank {len(dims)} with dims ({', '.join(map(str, dims))}) "
+                f"but the input shape given has rank {len(given)}: {given}"
+            )
+        if dims is not None and any(isinstance(d, int) and d != g for d, g in zip(dims, given)):
+            shown = ", ".join(map(str, dims))
+            raise SnlFxError(f"input shape {given} for '{v.name}' disagrees with its static dims ({shown})")
+        shape = v.type.tensor_type.shape
+        shape.ClearField("dim")
+        for g in given:
+            shape.dim.add().dim_value = g
+    first = input_shapes[0] if input_shapes else ()
+    return int(first[0]) if len(first) else 1
+
+
+def _dims(v: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
+    """Dims of a tensor value: ints where known, the symbol (or '?') where not; None if no shape."""
+    t = v.type.tensor_type
+    if not v.type.HasField("tensor_type") or not t.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim)
+
+
+def _value_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of every value whose dims shape inference fully resolved."""
+    out: dict[str, tuple[int, ...]] = {t.name: tuple(t.dims) for t in graph.initializer}
+    for v in [*graph.input, *graph.value_info, *graph.output]:
+        dims = _dims(v)
+        if dims is not None and all(isinstance(d, int) for d in dims):
+            out[v.name] = dims  # type: ignore[assignment]
+    return out
+
+
+class _Constants:
+    """Values known before run time: initializers and Constant nodes (through Identity/Cast)."""
+
+    def __init__(self, graph: onnx.GraphProto, initializers: dict[str, onnx.TensorProto], base_dir: str) -> None:
+        self._initializers = initializers
+        self._base_dir = base_dir
+        self._producers = {out: node for node in graph.node for out in node.output}
+
+    def get(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` if it is a constant, else None."""
+        if name in self._initializers:
+            try:
+                return numpy_helper.to_array(self._initializers[name], self._base_dir)
+            except (ValueError, OSError, TypeError):
+                return None
+        node = self._producers.get(name)
+        if node is None:
+            return None
+        if node.op_type in ("Identity", "Cast") and node.input:
+            return self.get(node.input[0])
+        if node.op_type != "Constant" or not node.attribute:
+            return None
+        attr = node.attribute[0]
+        if attr.name == "sparse_value":
+            return None
+        value = onnx.helper.get_attribute_value(attr)
+        if isinstance(value, onnx.TensorProto):
+            return numpy_helper.to_array(value, self._base_dir)
+        return np.asarray(value)
+
+
+def _classify(node: onnx.NodeProto, consts: _Constants, opset: int) -> tuple[str | None, str | None]:
+    """(ReLU spelling, None) for a ReLU, (None, other kind) for another nonlinearity, else (None, None)."""
+    op = node.op_type
+    if op == "Relu":
+        return "Relu", None
+    if op == "Clip":
+        lo, hi = _clip_bounds(node, consts, opset)
+        if lo is None and hi is None:
+            return None, None  # no bounds: identity
+        if lo == 0.0 and hi is None:
+            return "Clip(min=0)", None
+        return None, "relu6" if (lo, hi) == (0.0, 6.0) else "clamp"
+    if op == "Max":
+        if len(node.input) == 2:
+            a, b = (consts.get(i) for i in node.input)
+            if (a is None) != (b is None) and _all_equal(a if a is not None else b, 0.0):
+                return "Max(x,0)", None
+        return (None, "max") if len(node.input) > 1 else (None, None)
+    if op in ("MaxPool", "GlobalMaxPool"):
+        return None, "maxpool"
+    return None, _ELEMENTWISE_KINDS.get(op)
+
+
+def _clip_bounds(node: onnx.NodeProto, consts: _Constants, opset: int) -> tuple[float | str | None, float | str | None]:
+    """Clip's (min, max): a float, None when absent or infinite, or "dynamic" when not constant."""
+    if opset < 11:
+        attrs = {a.name: a.f for a in node.attribute}
+        raw = [attrs.get("min"), attrs.get("max")]
+    else:
+        raw = []
+        for i in (1, 2):
+            name = node.input[i] if len(node.input) > i else ""
+            if not name:
+                raw.append(None)
+                continue
+            value = consts.get(name)
+            if value is None or value.size != 1:
+                raw.append("dynamic")
+            else:
+                raw.append(float(value.reshape(())))
+    lo, hi = raw
+    if isinstance(lo, float) and lo <= -_FLOAT_MAX:
+        lo = None
+    if isinstance(hi, float) and hi >= _FLOAT_MAX:
+        hi = None
+    return lo, hi
+
+
+def _all_equal(value: np.ndarray, target: float) -> bool:
+    return value.size > 0 and bool(np.all(value == target))
+
+
+def _other_count(
+    node: onnx.NodeProto, name: str, kind: str, shapes: dict[str, tuple[int, ...]], batch: int
+) -> OtherCount | None:
+    out_shape = shapes.get(node.output[0])
+    if out_shape is None:
+        return None
+    outputs = _per_sample(out_shape, batch)
+    if node.op_type == "MaxPool":
+        kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), [1])
+        comparisons = outputs * (math.prod(kernel) - 1)
+    elif node.op_type == "GlobalMaxPool":
+        in_shape = shapes.get(node.input[0])
+        if in_shape is None:
+            return None
+        comparisons = outputs * (math.prod(in_shape[2:]) - 1)
+    elif node.op_type == "Max":
+        comparisons = outputs * (len(node.input) - 1)
+    else:
+        comparisons = outputs
+    return OtherCount(name, kind, out_shape[1:], comparisons)
+
+
+def _per_sample(shape: tuple[int, ...], batch: int) -> int:
+    """Elements per sample: numel / batch (rounded up for values without a batch dim)."""
+    return -(-math.prod(shape) // batch)
+
+
+def _relu_depth(graph: onnx.GraphProto, relu_nodes: set[int]) -> int:
+    """Longest chain of ReLU nodes along any path of the node graph."""
+    producers = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    dag = nx.DiGraph()
+    dag.add_nodes_from(range(len(graph.node)))
+    for i, node in enumerate(graph.node):
+        dag.add_edges_from((producers[v], i) for v in node.input if v in producers)
+    depth: dict[int, int] = {}
+    try:
+        for i in nx.topological_sort(dag):
+            depth[i] = max((depth[p] for p in dag.predecessors(i)), default=0) + (i in relu_nodes)
+    except nx.NetworkXUnfeasible:
+        raise SnlFxError("the ONNX graph has a cycle; cannot compute the ReLU depth") from None
+    return max(depth.values(), default=0)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,145 @@
+"""End-to-end jobs shared by the ``snl-fx`` CLI, the demo and the benchmarks.
+
+Data sets by name, models by name or spec, cached pretraining, and writing a run's outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset, Subset
+
+from ._errors import SnlFxError
+from ._linearize import LinearizeResult
+from ._report import ReluReport
+from ._train import TrainConfig, announce, epoch_line, evaluate, make_loader, seed_epoch, timed, train_epoch
+
+log = logging.getLogger("snl_fx")
+
+# name -> (input shape without batch, number of classes)
+DATASETS: dict[str, tuple[tuple[int, ...], int]] = {
+    "fashion-mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "tiny-imagenet": ((3, 64, 64), 200),
+}
+
+
+def load_datasets(name: str, root: str | None = None, subset: int | None = None, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(train, test) for a data set name; ``subset`` keeps a fixed random sample of each."""
+    from . import data
+
+    if name == "fashion-mnist":
+        train, test = data.fashion_mnist(root, train=True), data.fashion_mnist(root, train=False)
+    elif name in ("cifar10", "cifar100") or name == "tiny-imagenet":
+        if root is None:
+            raise SnlFxError(f"data set {name} is read from a folder you give: --data-root PATH (nothing is downloaded)")
+        if name == "tiny-imagenet":
+            train, test = data.tiny_imagenet(root, True, augment=True), data.tiny_imagenet(root, False)
+        else:
+            classes = 10 if name == "cifar10" else 100
+            train, test = data.cifar(root, classes, True, augment=True), data.cifar(root, classes, False)
+    else:
+        raise SnlFxError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    if subset is not None:
+        train, test = _sample(train, subset, seed), _sample(test, max(subset // 5, 1), seed + 1)
+    return train, test
+
+
+def _sample(dataset: Dataset, n: int, seed: int) -> Dataset:
+    if n >= len(dataset):
+        return dataset
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    return Subset(dataset, sorted(idx.tolist()))
+
+
+def build_model(spec: str, dataset: str) -> nn.Module:
+    """A zoo name (``small_resnet``, ``cifar_resnet18``, ...) sized for the data set, or any spec."""
+    from ._spec import load_model_spec
+    from .models import MODELS
+
+    shape, classes = DATASETS[dataset]
+    if spec in MODELS:
+        kwargs: dict[str, Any] = {"num_classes": classes}
+        if spec == "small_resnet":
+            kwargs["in_channels"] = shape[0]
+        return MODELS[spec](**kwargs)
+    return load_model_spec(spec)
+
+
+def pretrain(
+    model: nn.Module, train: Dataset, val: Dataset | None, cfg: TrainConfig, epochs: int, lr: float = 0.1,
+    cache_dir: str | os.PathLike | None = None, cache_key: dict[str, Any] | None = None,
+) -> nn.Module:
+    """The paper's recipe (SGD lr 0.1, momentum 0.9, wd 5e-4, lr x0.1 at 50% and 75% of the epochs).
+
+    With ``cache_dir`` the weights are saved as ``pretrained.pt`` beside a key of the settings;
+    a later call with the same key loads them instead of training again.
+    """
+    key = json.dumps({**(cache_key or {}), "epochs": epochs, "lr": lr, "seed": cfg.seed}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"pretrained-{digest}.pt" if cache_dir is not None else None
+    device = cfg.resolved_device()
+    model.to(device)
+    if path is not None and path.exists():
+        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        log.info("reusing pretrained weights %s", path)
+        return model
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    milestones = sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)})
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    for epoch in range(1, epochs + 1):
+        loader = make_loader(train, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "pretrain", epoch))
+        stats = timed(lambda: train_epoch(model, None, loader, optimizer, cfg, desc=f"pretrain {epoch}/{epochs}"))
+        scheduler.step()
+        record = {"phase": "pretrain", "epoch": epoch, **stats, "val_acc": evaluate(model, val, cfg)}
+        announce(epoch_line(record), cfg)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+        path.with_suffix(".json").write_text(key + "\n")
+    return model
+
+
+def write_outputs(
+    result: LinearizeResult, example_input: torch.Tensor, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None,
+    profile: str = "default",
+) -> dict[str, Any]:
+    """Write the lowered model (state_dict), the gated state_dict, the ONNX file and report.json."""
+    from ._export import export_onnx
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(result.model.state_dict(), out / "model_state_dict.pt")
+    if result.gated is not None:
+        torch.save(result.gated.state_dict(), out / "gated_state_dict.pt")
+    exported = export_onnx(result.model, example_input[:1].cpu(), out / "model.onnx", profile=profile)
+    report = {**result.to_dict(), **(extra or {}), "onnx": str(exported.path), "onnx_relu_count": exported.relu_count,
+              "onnx_max_abs_error": exported.max_abs_error}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return report
+
+
+def summary(before: ReluReport, after: ReluReport, acc_before: float | None, acc_after: float | None) -> str:
+    """A before/after table: ReLUs, accuracy and estimated private-inference cost per sample."""
+
+    def acc(a: float | None) -> str:
+        return "n/a" if a is None else f"{a:.2f}%"
+
+    rows = [("", "ReLUs/sample", "ReLU layers", "test acc", "DELPHI est.", "CrypTen est.", "SCI traffic")]
+    for label, rep, a in (("original", before, acc_before), ("linearized", after, acc_after)):
+        c = rep.costs()
+        rows.append((label, f"{rep.total:,}", str(rep.relu_layers), acc(a), f"{c['delphi']['seconds']:.3f} s",
+                     f"{c['crypten']['seconds']:.3f} s", f"{c['sci']['bytes'] / 1e6:.2f} MB"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    ratio = before.total / max(after.total, 1)
+    lines.append(f"ReLUs cut {ratio:.1f}x ({before.total:,} -> {after.total:,} per sample)")
+    return "\n".join(lines)
