@@ -22,19 +22,21 @@ from snl_fx.data import split_train_val
 from snl_fx.plots import plot_accuracy_vs_relus, plot_relus_per_layer
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the demo; returns what it writes to ``summary.json``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--data-root", help="folder of the Fashion-MNIST idx files (default: Debian's)")
     parser.add_argument("--budget", type=float, default=0.05, help="fraction of the ReLUs to keep")
     parser.add_argument("--quick", action="store_true", help="a 2,000-image, 1-epoch smoke run")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
 
     subset = 2000 if args.quick else 30000
     pretrain_epochs, gate_epochs, finetune_epochs = (1, 1, 1) if args.quick else (4, 4, 2)
-    train, test = jobs.load_datasets("fashion-mnist", subset=subset, seed=args.seed)
+    train, test = jobs.load_datasets("fashion-mnist", args.data_root, subset=subset, seed=args.seed)
     fit, val = split_train_val(train, 0.1, seed=args.seed)
     cfg = snl_fx.TrainConfig(
         epochs=gate_epochs, finetune_epochs=finetune_epochs, lr=1e-3, gate_lr=1e-2, lambda0=1e-3, kappa=1.5,
@@ -63,9 +65,11 @@ def main() -> None:
           f"ONNX Runtime max abs error {report['onnx_max_abs_error']:.1e})")
     print(f"plots: {args.out}/relus_per_layer.png, {args.out}/accuracy_vs_relus.png; report: {args.out}/report.json")
     print(f"wall time {time.perf_counter() - start:.0f} s")
-    Path(args.out, "summary.json").write_text(
-        json.dumps({"relus_before": before.total, "relus_after": after.total, "test_acc_before": acc_before,
-                    "test_acc_after": acc_after, "seconds": time.perf_counter() - start}, indent=2) + "\n")
+    summary = {"relus_before": before.total, "relus_after": after.total, "test_acc_before": acc_before,
+               "test_acc_after": acc_after, "onnx_relus": report["onnx_relu_count"],
+               "seconds": time.perf_counter() - start}
+    Path(args.out, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 if __name__ == "__main__":
