@@ -37,8 +37,9 @@ def export_onnx(
     """Export ``model`` to ONNX, check it fully, run it under ONNX Runtime, and count its ReLUs.
 
     ``default``: dynamic batch dim, weights as initializers. ``pi``: for private-inference
-    backends such as CrypTen: BatchNorm folded into convolutions, a fixed batch size, and every
-    integer constant (gather indices, shapes) a ``Constant`` node rather than an initializer.
+    backends such as CrypTen: BatchNorm folded into convolutions, a fixed batch size, every
+    integer constant (gather indices, shapes) a ``Constant`` node rather than an initializer,
+    and no ``Identity`` nodes (the exporter writes equal weights once, aliased by Identity).
     Raises SnlFxError if ONNX Runtime differs from torch by more than 1e-4 (relative to the
     output scale) or the file's ReLU count differs from the model's.
     """
@@ -47,6 +48,8 @@ def export_onnx(
 
     if profile not in PROFILES:
         raise SnlFxError(f"profile must be one of {PROFILES}, got {profile!r}")
+    if profile == "pi" and opset > 17:
+        raise SnlFxError(f"profile 'pi' needs opset <= 17 (ReduceMean with an axes attribute), got {opset}")
     args = tuple(a.detach().cpu() for a in passes.as_args(example_input))
     model = copy.deepcopy(model).cpu().eval()
     if profile == "pi":
@@ -66,6 +69,7 @@ def export_onnx(
     if profile == "pi":
         proto = onnx.load(str(path))
         integer_initializers_to_constants(proto)
+        remove_identities(proto)
         onnx.save(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
     error = _ort_error(model, args, path)
@@ -97,6 +101,26 @@ def integer_initializers_to_constants(proto: onnx.ModelProto) -> None:
     del graph.input[:]
     graph.input.extend(inputs)
     nodes = constants + list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def remove_identities(proto: onnx.ModelProto) -> None:
+    """Drop ``Identity`` nodes, reading their input directly (CrypTen 0.4.1 has no Identity op)."""
+    graph = proto.graph
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.output[0] not in outputs}
+    if not alias:
+        return
+
+    def source(name: str) -> str:
+        while name in alias:
+            name = alias[name]
+        return name
+
+    nodes = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in nodes:
+        node.input[:] = [source(i) for i in node.input]
     del graph.node[:]
     graph.node.extend(nodes)
 
