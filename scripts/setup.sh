@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent set-up: Debian's Fashion-MNIST, a .venv, and `pip install -e .[dev]`.
+# Idempotent set-up: Debian's Fashion-MNIST, a .venv, `pip install -e .[dev,pi]` and CrypTen 0.4.1.
 # A second run only checks and returns quickly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,10 +18,13 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 stamp=.venv/.snl_fx-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "[setup] pip install -e .[dev] (torch from local disk; ~2 min the first time)"
+# crypten==0.4.1 goes in with --no-deps (it asks for the dead `sklearn` package and tensorboard); its
+# runtime needs are the extra `pi`
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! compgen -G ".venv/lib/python3*/site-packages/crypten-0.4.1.dist-info" >/dev/null; then
+    echo "[setup] pip install -e .[dev,pi] and crypten==0.4.1 (torch from local disk; ~2 min the first time)"
     log=.venv/pip-install.log
-    if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".[dev]"; } >"$log" 2>&1; then
+    if ! { .venv/bin/python -m pip install -q --upgrade pip && .venv/bin/python -m pip install -q -e ".[dev,pi]" \
+            && .venv/bin/python -m pip install -q --no-deps crypten==0.4.1; } >"$log" 2>&1; then
         tail -n 30 "$log"; echo "[setup] pip install failed; full log in $log" >&2; exit 1
     fi
     touch "$stamp"

@@ -2,7 +2,8 @@
 
 ``linearize`` runs the whole pass. The steps, for your own training loop: ``prepare`` ->
 train with ``lasso_penalty`` and a ``LambdaSchedule`` -> ``binarize`` -> fine-tune ->
-``convert`` -> ``export_onnx``. ``relu_count`` inspects any torch module or ONNX file.
+``convert`` -> ``export_onnx``. ``relu_count`` inspects any torch module or ONNX file;
+``pi_bench`` runs an exported file under CrypTen 2PC (the optional extra ``pi``).
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -27,6 +28,7 @@ from ._snl import (
     site_relu_counts,
 )
 from ._train import TrainConfig, evaluate, kd_loss
+from .pi import PiBenchResult, pi_bench
 
 try:
     __version__ = version("snl_fx")
@@ -39,6 +41,7 @@ __all__ = [
     "LambdaSchedule",
     "LinearizeResult",
     "OtherCount",
+    "PiBenchResult",
     "ReluReport",
     "SiteCount",
     "SnlFxError",
@@ -56,6 +59,7 @@ __all__ = [
     "linearization_scores",
     "linearize",
     "load_linearized",
+    "pi_bench",
     "prepare",
     "relu_count",
     "relu_count_gated",

@@ -121,8 +121,28 @@ def _linearize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pi_bench(args: argparse.Namespace) -> int:
+    from .pi import pi_bench
+
+    r = pi_bench(args.model, runs=args.runs, seed=args.seed)
+    if args.json:
+        print(json.dumps(r.to_dict()))
+        return 0
+    per_relu = f" ({r.relu_bytes / r.relus:.1f} B per ReLU)" if r.relus else ""
+    print(f"{args.model} under CrypTen 2PC: 2 parties on loopback, 1 thread each, online traffic")
+    print(f"  max abs error vs ONNX Runtime  {r.max_abs_error:.3g} (output scale {r.output_scale:.3g})")
+    print(f"  ReLUs computed                 {r.relus:,} in {r.relu_layers} ReLU layers ({r.comparisons:,} comparisons in all)")
+    print(f"  traffic                        {r.bytes:,} B in {r.rounds} rounds")
+    print(f"    inside ReLU ops              {r.relu_bytes:,} B{per_relu} in {r.relu_rounds} rounds")
+    print(f"  time per inference             {r.seconds:.3f} s (median of {r.runs})")
+    return 0
+
+
 def snl_fx_main(argv: Sequence[str] | None = None) -> int:
-    """``snl-fx linearize MODEL --data NAME --budget B``; ``snl-fx count`` is ``relu-count``."""
+    """``snl-fx linearize MODEL --data NAME --budget B``; ``snl-fx pi-bench FILE.onnx``; ``snl-fx count`` is ``relu-count``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["count"]:  # forwarded before parsing: argparse would claim relu-count's options
+        return relu_count_main(argv[1:])
     parser = argparse.ArgumentParser(prog="snl-fx", description="Selective Network Linearization for torch models")
     sub = parser.add_subparsers(dest="command", required=True)
     lin = sub.add_parser("linearize", help="pretrain (optional), linearize to a ReLU budget, fine-tune, export")
@@ -155,11 +175,16 @@ def snl_fx_main(argv: Sequence[str] | None = None) -> int:
     lin.add_argument("--json", action="store_true", help="print report.json's content as one JSON object")
     lin.add_argument("--quiet", action="store_true", help="no progress bars")
     lin.add_argument("--debug", action="store_true", help="show tracebacks and warnings")
-    count = sub.add_parser("count", help="same as relu-count", add_help=False)
-    count.add_argument("rest", nargs=argparse.REMAINDER)
+    pib = sub.add_parser("pi-bench", help="run an ONNX file (export profile 'pi') under CrypTen 2PC")
+    pib.add_argument("model", help="an .onnx file with a static input shape")
+    pib.add_argument("--runs", type=int, default=3, help="timed inferences; the median is reported")
+    pib.add_argument("--seed", type=int, default=0, help="seed of the random client input")
+    pib.add_argument("--json", action="store_true", help="one JSON object: max_abs_error, bytes, rounds, seconds, relus, ...")
+    pib.add_argument("--debug", action="store_true", help="show tracebacks and warnings")
+    sub.add_parser("count", help="same as relu-count (takes all its arguments)", add_help=False)
     args = parser.parse_args(argv)
-    if args.command == "count":
-        return relu_count_main(args.rest)
+    if args.command == "pi-bench":
+        return _run("snl-fx", _pi_bench, args)
     return _run("snl-fx", _linearize, args)
 
 

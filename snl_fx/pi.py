@@ -1,0 +1,272 @@
+"""Private inference for real: run an exported ONNX file under CrypTen 2PC on this machine.
+
+Two processes on loopback (gloo): the server (rank 0) holds the weights, the client (rank 1)
+holds the input and receives the output; one thread per party. CrypTen is imported lazily: it
+is the optional extra ``pi`` (``bash scripts/setup.sh`` installs it).
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import queue
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._errors import SnlFxError
+
+__all__ = ["PiBenchResult", "import_crypten", "pi_bench"]
+
+INSTALL_HINT = (
+    "install the pi extra: bash scripts/setup.sh, or pip install -e '.[pi]' && "
+    "pip install --no-deps crypten==0.4.1"
+)
+
+
+@dataclass(frozen=True)
+class PiBenchResult:
+    """One ONNX file under CrypTen 2PC; traffic and counts are for one inference of the file's input.
+
+    ``max_abs_error`` is against ONNX Runtime on the same input, ``output_scale`` the largest
+    absolute output there (CrypTen computes in 16-bit fixed point). ``bytes``: both directions together (the sum of what each party logged, halved, as CrypTen's
+    docs say). ``rounds``: communication rounds of one party. ``seconds``: median wall time of one
+    inference (encrypt input, forward, reveal output to the client), slower party. ``relus``:
+    elements CrypTen's ReLU op evaluated. ``relu_bytes``/``relu_rounds``: the part of ``bytes``/
+    ``rounds`` spent inside ReLU ops, measured directly around each ReLU call. ``comparisons``:
+    elements through CrypTen's sign test (``_ltz``): ReLUs plus max-pool and other comparisons.
+    Beaver triples come from CrypTen's default provider (``TFP``: the server makes them, the
+    client's shares come from a seed the two share, no traffic), so the figures are the online
+    traffic between the two parties; a deployment adds a dealer or an offline phase for them.
+    """
+
+    max_abs_error: float
+    output_scale: float
+    bytes: int
+    rounds: int
+    seconds: float
+    relus: int
+    relu_bytes: int
+    relu_rounds: int
+    relu_layers: int
+    comparisons: int
+    runs: int
+    times: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: ``max_abs_error``, ``bytes``, ``rounds``, ``seconds``, ``relus`` and more."""
+        out = asdict(self)
+        out["times"] = list(self.times)
+        return out
+
+
+def import_crypten() -> Any:
+    """Import CrypTen 0.4.1 on current torch (alias the module it expects), or raise SnlFxError."""
+    try:
+        from torch.onnx._internal.torchscript_exporter import registration
+    except ImportError:
+        pass
+    else:
+        sys.modules.setdefault("torch.onnx._internal.registration", registration)
+    try:
+        import crypten
+    except ImportError as exc:
+        raise SnlFxError(f"CrypTen cannot be imported ({exc}): {INSTALL_HINT}") from None
+    return crypten
+
+
+def pi_bench(
+    onnx_path: str | os.PathLike,
+    runs: int = 3,
+    input: torch.Tensor | None = None,
+    seed: int = 0,
+    timeout: float = 600.0,
+) -> PiBenchResult:
+    """Run ``onnx_path`` under CrypTen 2PC ``runs`` times and compare it with ONNX Runtime.
+
+    ``input``: the client's input (default: standard normal of the file's input shape, from
+    ``seed``). ``timeout``: seconds before the parties are stopped. Export the file with
+    ``export_onnx(..., profile="pi")``: CrypTen 0.4.1 then loads it as it is.
+    """
+    import_crypten()
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise SnlFxError(f"no such ONNX file: {path}")
+    if runs < 1:
+        raise SnlFxError(f"runs must be >= 1, got {runs}")
+    model_bytes = path.read_bytes()
+    x = _input_for(model_bytes, input, seed)
+    reference = _ort_output(model_bytes, x)
+    outs = _run_parties(model_bytes, x, runs, timeout)
+    server, client = outs[0], outs[1]
+    y = client["output"]
+    if y.shape != reference.shape:
+        raise SnlFxError(f"CrypTen output shape {tuple(y.shape)} differs from ONNX Runtime's {reference.shape}")
+    times = tuple(max(a, b) for a, b in zip(server["times"], client["times"]))
+    return PiBenchResult(
+        max_abs_error=float(np.abs(y - reference).max()) if reference.size else 0.0,
+        output_scale=float(np.abs(reference).max()) if reference.size else 0.0,
+        bytes=int(round((server["bytes"] + client["bytes"]) / 2)),
+        rounds=int(max(server["rounds"], client["rounds"])),
+        seconds=statistics.median(times),
+        relus=int(client["relus"]),
+        relu_bytes=int(round((server["relu_bytes"] + client["relu_bytes"]) / 2)),
+        relu_rounds=int(max(server["relu_rounds"], client["relu_rounds"])),
+        relu_layers=int(client["relu_layers"]),
+        comparisons=int(client["comparisons"]),
+        runs=runs,
+        times=times,
+    )
+
+
+def _input_for(model_bytes: bytes, given: torch.Tensor | None, seed: int) -> np.ndarray:
+    import onnx
+
+    from onnx import numpy_helper
+
+    graph = onnx.load_model_from_string(model_bytes).graph
+    ints = [i.name for i in graph.initializer if numpy_helper.to_array(i).dtype.kind in "iub"]
+    if ints or any(n.op_type == "Identity" for n in graph.node):
+        what = f"integer initializers ({', '.join(ints[:3])})" if ints else "Identity nodes"
+        raise SnlFxError(f"CrypTen cannot run a file with {what}: export it with export_onnx(..., profile='pi')")
+    inits = {i.name for i in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise SnlFxError(f"pi-bench runs models with one input; this file has {len(inputs)}")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    if given is not None:
+        x = given.detach().cpu().float().numpy()
+        if len(dims) != x.ndim or any(d is not None and d != s for d, s in zip(dims, x.shape)):
+            raise SnlFxError(f"input shape {x.shape} does not match the file's input {dims}")
+        return x
+    if any(d is None or d <= 0 for d in dims):
+        raise SnlFxError(f"the file's input shape {dims} is not static: export with profile='pi' or pass an input")
+    return torch.randn(dims, generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+def _ort_output(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _run_parties(model_bytes: bytes, x: np.ndarray, runs: int, timeout: float) -> dict[int, dict]:
+    """Fork the two parties and collect what each reports."""
+    ctx = mp.get_context("fork")  # children inherit the imported modules: fast start
+    results: Any = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="snl_fx_pi_") as tmp:
+        rendezvous = f"file://{tmp}/rendezvous"
+        procs = [
+            ctx.Process(target=_party, args=(rank, rendezvous, model_bytes, x, runs, results), daemon=True)
+            for rank in (0, 1)
+        ]
+        for p in procs:
+            p.start()
+        outs: dict[int, dict] = {}
+        deadline = time.monotonic() + timeout
+        try:
+            while len(outs) < 2:
+                try:
+                    rank, out = results.get(timeout=1.0)
+                except queue.Empty:
+                    if time.monotonic() > deadline:
+                        raise SnlFxError(f"CrypTen parties did not finish within {timeout:.0f} s") from None
+                    if any(p.exitcode not in (None, 0) for p in procs):
+                        raise SnlFxError("a CrypTen party died without a report (see its output above)") from None
+                    continue
+                if "error" in out:
+                    raise SnlFxError(f"CrypTen party {rank} failed: {out['error']}")
+                outs[rank] = out
+        finally:
+            for p in procs:  # after a failure the other party would wait forever: stop it now
+                p.join(timeout=10.0 if len(outs) == 2 else 0.0)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+    return outs
+
+
+def _party(rank: int, rendezvous: str, model_bytes: bytes, x: np.ndarray, runs: int, results: Any) -> None:
+    """One CrypTen party: rank 0 the server (weights), rank 1 the client (input and output)."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", module=r"crypten\.")  # CrypTen's own deprecation noise
+    os.environ.update(
+        RENDEZVOUS=rendezvous, WORLD_SIZE="2", RANK=str(rank), BACKEND="gloo", DISTRIBUTED_BACKEND="gloo"
+    )
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    try:
+        crypten = import_crypten()
+        crypten.cfg.mpc.provider = "TFP"
+        crypten.init()
+        crypten.cfg.communicator.verbose = True
+        out = _infer(crypten, rank, model_bytes, x, runs)
+        crypten.uninit()
+        results.put((rank, out))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent as one line
+        results.put((rank, {"error": f"{type(exc).__name__}: {exc}"}))
+
+
+def _infer(crypten: Any, rank: int, model_bytes: bytes, x: np.ndarray, runs: int) -> dict[str, Any]:
+    comm = crypten.comm.get()
+    model = crypten.nn.from_onnx(io.BytesIO(model_bytes))
+    if rank != 0:  # the client knows the architecture only; the server's weights arrive as shares
+        for module in model.modules():
+            for name, param in list(module.named_parameters(recurse=False)):
+                module.set_parameter(name, torch.zeros_like(param))
+    model.encrypt(src=0)
+    model.eval()
+    tally = _count_relus(crypten, comm)
+    plain = torch.from_numpy(x) if rank == 1 else torch.zeros(x.shape)
+    times, first, output = [], None, None
+    for _ in range(runs):
+        comm.barrier()
+        comm.reset_communication_stats()
+        tally.update(relus=0, relu_layers=0, relu_bytes=0, relu_rounds=0, comparisons=0)
+        start = time.perf_counter()
+        with crypten.no_grad():
+            y = model(crypten.cryptensor(plain, src=1))
+            raw = y.reveal(dst=1)
+        times.append(time.perf_counter() - start)
+        if rank == 1:
+            output = y.encoder.decode(raw).numpy()
+        if first is None:
+            stats = comm.get_communication_stats()
+            first = {"bytes": stats["bytes"], "rounds": stats["rounds"], **tally}
+    return {**first, "times": times, "output": output}
+
+
+def _count_relus(crypten: Any, comm: Any) -> dict[str, int]:
+    """Patch CrypTen's ReLU op and sign test (in this party's process only) to count what they do."""
+    tally = {"relus": 0, "relu_layers": 0, "relu_bytes": 0, "relu_rounds": 0, "comparisons": 0}
+    relu_cls = crypten.nn.module.ReLU
+    relu_forward = relu_cls.forward
+    ltz = crypten.mpc.MPCTensor._ltz
+
+    def counted_relu(self: Any, x: Any) -> Any:
+        before = comm.get_communication_stats()
+        y = relu_forward(self, x)
+        after = comm.get_communication_stats()
+        tally["relus"] += x.nelement()
+        tally["relu_layers"] += x.nelement() > 0
+        tally["relu_bytes"] += after["bytes"] - before["bytes"]
+        tally["relu_rounds"] += after["rounds"] - before["rounds"]
+        return y
+
+    def counted_ltz(self: Any) -> Any:
+        tally["comparisons"] += self.nelement()
+        return ltz(self)
+
+    relu_cls.forward = counted_relu
+    crypten.mpc.MPCTensor._ltz = counted_ltz
+    return tally
