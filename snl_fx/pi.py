@@ -42,7 +42,8 @@ class PiBenchResult:
     docs say). ``rounds``: communication rounds of one party. ``seconds``: median wall time of one
     inference (encrypt input, forward, reveal output to the client), slower party. ``relus``:
     elements CrypTen's ReLU op evaluated. ``relu_bytes``/``relu_rounds``: the part of ``bytes``/
-    ``rounds`` spent inside ReLU ops, measured directly around each ReLU call. ``comparisons``:
+    ``rounds`` spent inside ReLU ops, measured directly around each ReLU call, and
+    ``relu_seconds`` the median wall time in them (slower party). ``comparisons``:
     elements through CrypTen's sign test (``_ltz``): ReLUs plus max-pool and other comparisons.
     Beaver triples come from CrypTen's default provider (``TFP``: the server makes them, the
     client's shares come from a seed the two share, no traffic), so the figures are the online
@@ -57,6 +58,7 @@ class PiBenchResult:
     relus: int
     relu_bytes: int
     relu_rounds: int
+    relu_seconds: float
     relu_layers: int
     comparisons: int
     runs: int
@@ -112,6 +114,7 @@ def pi_bench(
     if y.shape != reference.shape:
         raise SnlFxError(f"CrypTen output shape {tuple(y.shape)} differs from ONNX Runtime's {reference.shape}")
     times = tuple(max(a, b) for a, b in zip(server["times"], client["times"]))
+    relu_times = [max(a, b) for a, b in zip(server["relu_times"], client["relu_times"])]
     return PiBenchResult(
         max_abs_error=float(np.abs(y - reference).max()) if reference.size else 0.0,
         output_scale=float(np.abs(reference).max()) if reference.size else 0.0,
@@ -121,6 +124,7 @@ def pi_bench(
         relus=int(client["relus"]),
         relu_bytes=int(round((server["relu_bytes"] + client["relu_bytes"]) / 2)),
         relu_rounds=int(max(server["relu_rounds"], client["relu_rounds"])),
+        relu_seconds=statistics.median(relu_times),
         relu_layers=int(client["relu_layers"]),
         comparisons=int(client["comparisons"]),
         runs=runs,
@@ -228,34 +232,36 @@ def _infer(crypten: Any, rank: int, model_bytes: bytes, x: np.ndarray, runs: int
     model.eval()
     tally = _count_relus(crypten, comm)
     plain = torch.from_numpy(x) if rank == 1 else torch.zeros(x.shape)
-    times, first, output = [], None, None
+    times, relu_times, first, output = [], [], None, None
     for _ in range(runs):
         comm.barrier()
         comm.reset_communication_stats()
-        tally.update(relus=0, relu_layers=0, relu_bytes=0, relu_rounds=0, comparisons=0)
+        tally.update(relus=0, relu_layers=0, relu_bytes=0, relu_rounds=0, relu_seconds=0.0, comparisons=0)
         start = time.perf_counter()
         with crypten.no_grad():
             y = model(crypten.cryptensor(plain, src=1))
             raw = y.reveal(dst=1)
         times.append(time.perf_counter() - start)
+        relu_times.append(tally["relu_seconds"])
         if rank == 1:
             output = y.encoder.decode(raw).numpy()
         if first is None:
             stats = comm.get_communication_stats()
             first = {"bytes": stats["bytes"], "rounds": stats["rounds"], **tally}
-    return {**first, "times": times, "output": output}
+    return {**first, "times": times, "relu_times": relu_times, "output": output}
 
 
-def _count_relus(crypten: Any, comm: Any) -> dict[str, int]:
+def _count_relus(crypten: Any, comm: Any) -> dict[str, Any]:
     """Patch CrypTen's ReLU op and sign test (in this party's process only) to count what they do."""
-    tally = {"relus": 0, "relu_layers": 0, "relu_bytes": 0, "relu_rounds": 0, "comparisons": 0}
+    tally: dict[str, Any] = {}
     relu_cls = crypten.nn.module.ReLU
     relu_forward = relu_cls.forward
     ltz = crypten.mpc.MPCTensor._ltz
 
     def counted_relu(self: Any, x: Any) -> Any:
-        before = comm.get_communication_stats()
+        before, start = comm.get_communication_stats(), time.perf_counter()
         y = relu_forward(self, x)
+        tally["relu_seconds"] += time.perf_counter() - start
         after = comm.get_communication_stats()
         tally["relus"] += x.nelement()
         tally["relu_layers"] += x.nelement() > 0
