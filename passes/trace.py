@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.fx import GraphModule, Node, Tracer
-from torch.fx import Interpreter
-from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx import GraphModule, Interpreter, Node, Tracer
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -47,7 +47,7 @@ def trace(
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
 ) -> GraphModule:
-    """Deep-copy ``model``, trace its eval-mode graph, and run ShapeProp on a cloned example input.
+    """Deep-copy ``model``, trace its eval-mode graph, and record shapes (:func:`propagate_shapes`).
 
     The caller's model is never modified (its mode and tensors are left as they were). Models
     with shape-dependent Python control flow fall back to ``torch.export(strict=False)``.
@@ -62,6 +62,7 @@ def trace(
         raise PassError("example_input needs a batch dimension (dim 0)")
     model = copy.deepcopy(model).eval()
     gm = _symbolic_trace(model, args, concrete_args, tuple(leaf_modules))
+    _check_input_count(gm, len(args))
     _warn_if_train_graph_differs(model, gm, concrete_args, tuple(leaf_modules))
     propagate_shapes(gm, args)
     gm.meta[META_KEY] = SNLMeta(batch_size=int(args[0].shape[0]))
@@ -94,6 +95,16 @@ def _symbolic_trace(model, args, concrete_args, leaf_types) -> GraphModule:
     return GraphModule(tracer.root, graph, type(model).__name__)
 
 
+def _check_input_count(gm: GraphModule, given: int) -> None:
+    """An interpreter drops surplus inputs silently; a user who gave too many made a mistake."""
+    placeholders = [str(n.target) for n in gm.graph.nodes if n.op == "placeholder"]
+    if given > len(placeholders) and not any(p.startswith("*") for p in placeholders):
+        raise PassError(
+            f"{given} example inputs given, but the traced model takes {len(placeholders)} "
+            f"({', '.join(placeholders)})"
+        )
+
+
 def _user_frame(exc: BaseException) -> str:
     """' at file:line: code' for the innermost traceback frame outside torch, if any."""
     frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
@@ -122,35 +133,55 @@ def _warn_if_train_graph_differs(model, gm, concrete_args, leaf_types) -> None:
         )
 
 
-class _RecordingShapeProp(ShapeProp):
-    """ShapeProp that names the failing node in one line, and measures ReLUs hidden in leaf modules."""
+class _RecordingShapeProp(Interpreter):
+    """ShapeProp's recording, naming the failing node in one line, plus ReLUs hidden in leaf modules.
+
+    An Interpreter rather than a ShapeProp: ShapeProp deep-copies the whole module into fake
+    tensors when a FakeTensorMode is active, which costs as much as the propagation itself.
+    """
+
+    def __init__(self, gm: GraphModule, fake: bool = False) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False
+        self.fake = fake
 
     def run_node(self, n: Node) -> Any:
         try:
-            result = Interpreter.run_node(self, n)  # ShapeProp's own run_node prints a traceback
+            result = super().run_node(n)
         except Exception as exc:  # noqa: BLE001 - name the node, keep the cause's words
             message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise PassError(f"running the model on the example input failed at {n.format_node()}: {message}") from None
         if any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(result)):
             n.meta["tensor_meta"] = tree_map_only(torch.Tensor, _extract_tensor_metadata, result)
-        n.meta["type"] = type(result)
+        n.meta["type"] = torch.Tensor if isinstance(result, FakeTensor) else type(result)
         if n.op == "call_module":
             module = self.fetch_attr(str(n.target))
             if not isinstance(module, RELU_MODULES) and hides_relu(module):
                 args, kwargs = self.fetch_args_kwargs_from_env(n)
-                n.meta["hidden_relus"] = count_aten_relus(module, *args, **kwargs)
+                relus = count_aten_relus(module, *args, **kwargs)
+                if relus is None and self.fake:
+                    raise PassError(f"fake tensors cannot count the ReLUs inside {n.format_node()}")
+                n.meta["hidden_relus"] = relus
         return result
 
 
 def propagate_shapes(gm: GraphModule, args: tuple) -> None:
-    """Run ShapeProp (eval mode, no_grad, cloned inputs), restoring the module's mode after."""
+    """Run ShapeProp in eval mode under no_grad, restoring the module's mode after.
+
+    Shapes come from fake tensors (no real compute: a ResNet-50 at 224x224 takes a fraction of
+    a second instead of a full forward pass). Where fake tensors cannot follow the model
+    (data-dependent ops, ops without a meta kernel), the model runs for real on cloned inputs,
+    and any error names the failing node.
+    """
     was_training = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            interpreter = _RecordingShapeProp(gm)
-            interpreter.extra_traceback = False
-            interpreter.propagate(*(a.clone() for a in args))
+            try:
+                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                    _RecordingShapeProp(gm, fake=True).run(*(mode.from_tensor(a) for a in args))
+            except Exception:  # noqa: BLE001 - the real run below repeats it and reports the error
+                _RecordingShapeProp(gm).run(*(a.clone() for a in args))
     finally:
         gm.train(was_training)
 
