@@ -12,6 +12,7 @@ import torchvision
 from conftest import ReluAsIdentity, Spellings, TinyCNN, dispatch_relus_per_sample
 
 import passes
+import snl_fx
 
 
 def gated(model, x, granularity="pixel", skip=()):
@@ -198,3 +199,99 @@ def test_lowering_refuses_soft_gates(tiny_cnn):
     set_gates(gm, lambda w: torch.full_like(w, 0.5))
     with pytest.raises(passes.PassError, match="not binary"):
         passes.lower_gates(gm)
+
+
+# --- relu_count on every spelling (the inspector over the passes) ------------------------------
+class OneCall(nn.Module):
+    """Applies ``fn`` once; modules given to it become submodules, so they are traced as call sites."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x + 1)
+
+
+class MyReLU(nn.ReLU):
+    """A user subclass of nn.ReLU."""
+
+
+SPELLINGS = {
+    "nn.ReLU": (nn.ReLU(), "nn.ReLU"),
+    "nn.ReLU(inplace=True)": (nn.ReLU(inplace=True), "nn.ReLU"),
+    "subclass of nn.ReLU": (MyReLU(), "F.relu"),
+    "F.relu": (lambda x: F.relu(x), "F.relu"),
+    "F.relu(inplace=True)": (lambda x: F.relu(x, inplace=True), "F.relu"),
+    "F.relu(x, True)": (lambda x: F.relu(x, True), "F.relu"),
+    "F.relu(input=x)": (lambda x: F.relu(input=x), "F.relu"),
+    "F.relu_": (lambda x: F.relu_(x), "torch.relu_"),  # F.relu_ is torch.relu_: one function
+    "torch.relu": (lambda x: torch.relu(x), "torch.relu"),
+    "torch.relu(input=x)": (lambda x: torch.relu(input=x), "torch.relu"),
+    "torch.relu_": (lambda x: torch.relu_(x), "torch.relu_"),
+    "Tensor.relu": (lambda x: x.relu(), "Tensor.relu"),
+    "Tensor.relu_": (lambda x: x.relu_(), "Tensor.relu_"),
+}
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_relu_count_of_each_spelling(spelling):
+    fn, op = SPELLINGS[spelling]
+    model = OneCall(fn)
+    x = torch.randn(2, 4, 6, 6)
+    report = snl_fx.relu_count(model, x)
+    assert report.total == 4 * 6 * 6 == dispatch_relus_per_sample(model, x)
+    assert [(s.op, s.shape) for s in report.sites] == [(op, (4, 6, 6))]
+    assert (report.relu_layers, report.relu_depth) == (1, 1)
+
+
+def test_relu_count_of_all_spellings_and_a_module_reused_at_two_sites():
+    x = torch.randn(3, 4, 6, 6)
+    report = snl_fx.relu_count(Spellings(), x)
+    assert report.total == 8 * 4 * 6 * 6 == dispatch_relus_per_sample(Spellings(), x)
+    assert [s.name for s in report.sites if s.op == "nn.ReLU"] == ["shared", "shared_1"]
+    assert report.relu_depth == 8
+
+
+def test_relu_count_leaves_out_relus_inside_leaf_modules():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+
+        def forward(self, x):
+            return F.relu(self.enc(x))
+
+    report = snl_fx.relu_count(M(), torch.randn(2, 5, 8))
+    assert report.total == 5 * 8  # the gateable F.relu only
+    assert report.ungateable == [{"name": "enc", "module_type": "TransformerEncoderLayer", "relus": 5 * 16}]
+    assert f"not gateable: enc (TransformerEncoderLayer) computes {5 * 16:,} ReLUs" in report.table()
+
+
+def test_relu_count_of_a_model_without_relu():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.GELU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 2), nn.Sigmoid())
+    x = torch.randn(2, 3, 5, 5)
+    report = snl_fx.relu_count(model, x)
+    assert (report.total, report.sites, report.relu_layers, report.relu_depth) == (0, [], 0, 0)
+    assert dispatch_relus_per_sample(model, x) == 0
+    assert report.other_totals() == {"gelu": 4 * 5 * 5, "sigmoid": 2}
+    assert report.to_dict()["total"] == 0
+    assert "total: 0 ReLUs per sample" in report.table()
+
+
+def test_data_dependent_op_gets_shapes_from_a_real_run():
+    class Nonzero(nn.Module):
+        def forward(self, x):
+            k = torch.nonzero(x > 0).shape[0]  # output size depends on values: fake tensors cannot follow
+            return torch.relu(x) * k
+
+    x = torch.randn(2, 3, 5)
+    report = snl_fx.relu_count(Nonzero(), x)
+    assert report.total == 3 * 5 == dispatch_relus_per_sample(Nonzero(), x)
+
+
+def test_failing_model_names_the_node_in_one_line():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.ReLU())
+    with pytest.raises(passes.PassError) as info:
+        snl_fx.relu_count(model, torch.randn(2, 13))
+    assert "failed at %_1 : " in str(info.value) and "\n" not in str(info.value)
