@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     before, after = snl_fx.relu_count(model, example[:1]), snl_fx.relu_count(result.model, example[:1])
     plot_relus_per_layer(result.sites, f"{args.out}/relus_per_layer.png", "small ResNet on Fashion-MNIST: ReLUs per layer")
-    plot_accuracy_vs_relus({"SNL (pixel)": [(after.total, acc_after)]}, f"{args.out}/accuracy_vs_relus.png",
-                           "Fashion-MNIST, small ResNet", reference=(before.total, acc_before))
+    path = [(h["relu_count"], h["val_acc"]) for h in result.history if h["phase"] == "gates" and h["val_acc"] is not None]
+    plot_accuracy_vs_relus({"gate phase, soft gates (val)": path, "SNL pixel, final (test)": [(after.total, acc_after)]},
+                           f"{args.out}/accuracy_vs_relus.png", "Fashion-MNIST, small ResNet",
+                           reference=(before.total, acc_before))
     print()
     print(jobs.summary(before, after, acc_before, acc_after))
     print(f"ONNX: {report['onnx']} ({report['onnx_relu_count']:,} ReLUs read back from the file, "
