@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import passes
 
+from . import distributed
 from ._count import relu_count
 from ._errors import SnlFxError
 from ._snl import (
@@ -24,6 +25,7 @@ from ._snl import (
     binarize,
     clamp_gates,
     convert,
+    freeze_gates,
     gate_parameters,
     lasso_penalty,
     linearization_scores,
@@ -87,9 +89,15 @@ def linearize(
     ``data``, keeps the ReLUs whose removal changes the example batch most (training-free).
     ``train_options`` are :class:`TrainConfig` fields (epochs, lr, lambda0, kappa, schedule, ...).
     ``out_dir`` gets a checkpoint every epoch; ``resume=True`` continues from it.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) it starts the process group itself when the caller has
+    not (NCCL on CUDA, gloo on CPU) and trains with DistributedDataParallel, one device per
+    process: every rank starts from rank 0's model, each step splits the global ``batch_size``
+    over the ranks, and every rank returns the same result; rank 0 alone logs and writes files.
     """
     cfg = _config(train_options)
     device = cfg.resolved_device()
+    distributed.init_from_env(device)
     gm = prepare(model, example_input, granularity, skip=skip, concrete_args=concrete_args, leaf_modules=leaf_modules)
     total = total_relus(gm)
     budget = resolve_budget(budget, total)
@@ -106,17 +114,22 @@ def linearize(
         data, val_data = split_train_val(data, 0.1, seed=cfg.seed)
     teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     gm.to(device)
+    for module in (teacher, gm):
+        distributed.broadcast_state(module)
     checkpoint = Checkpoint(out_dir)
     history: list[dict[str, Any]] = []
-    accuracy_before = evaluate(teacher, val_data, cfg)
+    accuracy_before = distributed.on_rank0(lambda: evaluate(teacher, val_data, cfg))
 
     if data is None:
         log.info("no data: training-free one-shot selection on the example batch (%s)", granularity)
-        final = binarize(gm, budget, linearization_scores(gm, _to(example_input, device)))
+        scores = distributed.on_rank0(
+            lambda: {k: v.cpu() for k, v in linearization_scores(gm, _to(example_input, device)).items()}
+        )
+        final = binarize(gm, budget, scores)
         method = "one-shot"
     else:
         state = checkpoint.load() if resume else None
-        if resume and state is None:
+        if resume and state is None and distributed.is_main():
             log.info("no checkpoint in %s: starting from scratch", out_dir)
         if state is not None:
             _check_resumable(state, budget, granularity)
@@ -126,7 +139,8 @@ def linearize(
             final = binarize(gm, budget)
             state = None
         else:
-            final = relu_count_gated(gm, eps=0.5)
+            final = state["relu_count"]
+            freeze_gates(gm)  # binarized in the checkpoint
         _finetune_phase(gm, teacher, data, val_data, budget, final, granularity, cfg, checkpoint, state, history)
         method = "snl"
 
@@ -135,8 +149,9 @@ def linearize(
     _verify(gm, lowered, example_input, final, device)
     after = site_relu_counts(gm, eps=0.5)
     sites = {n: {"before": before[n], "after": after[n]} for n in before}
+    accuracy_after = distributed.on_rank0(lambda: evaluate(lowered, val_data, cfg))
     return LinearizeResult(
-        lowered, gm, final, total, budget, granularity, method, sites, history, accuracy_before, evaluate(lowered, val_data, cfg)
+        lowered, gm, final, total, budget, granularity, method, sites, history, accuracy_before, accuracy_after
     )
 
 
@@ -174,25 +189,27 @@ def _gate_phase(gm, teacher, data, val_data, budget, total, cfg, checkpoint, sta
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start, count = state["epoch"], state["relu_count"]
-    for epoch in range(start + 1, cfg.epochs + 1):
-        if count <= budget:
-            break
-        lam = schedule.lam
-        loader = make_loader(data, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "gates", epoch))
-        stats = timed(lambda: train_epoch(
-            gm, teacher, loader, optimizer, cfg, penalty=lambda: lam * lasso_penalty(gm),
-            after_step=lambda: clamp_gates(gm), desc=f"gates {epoch}/{cfg.epochs}",
-        ))
-        count = relu_count_gated(gm, cfg.eps)
-        schedule.step(count, epoch)
-        record = {"phase": "gates", "epoch": epoch, "relu_count": count, "lambda": lam, **stats,
-                  "val_acc": evaluate(gm, val_data, cfg)}
-        history.append(record)
-        announce(epoch_line(record), cfg)
-        checkpoint.save({"phase": "gates", "epoch": epoch, "relu_count": count, "budget": budget,
-                         "granularity": passes.get_meta(gm).granularity, "model": gm.state_dict(),
-                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": history})
-    if count > budget:
+    with distributed.data_parallel(gm, cfg.resolved_device(), cfg.sync_bn) as net:
+        for epoch in range(start + 1, cfg.epochs + 1):
+            if count <= budget:
+                break
+            lam = schedule.lam
+            loader = make_loader(data, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "gates", epoch), shard=True)
+            stats = timed(lambda: train_epoch(
+                net, teacher, loader, optimizer, cfg, penalty=lambda: lam * lasso_penalty(gm),
+                after_step=lambda: clamp_gates(gm), desc=f"gates {epoch}/{cfg.epochs}",
+            ))
+            distributed.broadcast_state(gm)  # BatchNorm statistics of the last step: rank 0's
+            count = distributed.from_rank0(relu_count_gated(gm, cfg.eps))
+            schedule.step(count, epoch)
+            record = {"phase": "gates", "epoch": epoch, "relu_count": count, "lambda": lam,
+                      **distributed.mean_over_ranks(stats), "val_acc": distributed.on_rank0(lambda: evaluate(gm, val_data, cfg))}
+            history.append(record)
+            announce(epoch_line(record), cfg)
+            checkpoint.save({"phase": "gates", "epoch": epoch, "relu_count": count, "budget": budget,
+                             "granularity": passes.get_meta(gm).granularity, "model": gm.state_dict(),
+                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": history})
+    if count > budget and distributed.is_main():
         warnings.warn(
             f"the gates reached {count:,} ReLUs, not the budget {budget:,}, in {cfg.epochs} epochs; binarizing to "
             "the budget anyway (raise epochs or lambda0 for a better-trained selection)",
@@ -205,26 +222,27 @@ def _finetune_phase(gm, teacher, data, val_data, budget, final, granularity, cfg
     params = [p for p in gm.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.finetune_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     start = 0
-    best_acc = evaluate(gm, val_data, cfg)
+    best_acc = distributed.on_rank0(lambda: evaluate(gm, val_data, cfg))
     best_state = copy.deepcopy(gm.state_dict())
     if state is not None:
         gm.load_state_dict(state["model"])
-        for w in gate_parameters(gm):
-            w.requires_grad_(False)
         optimizer.load_state_dict(state["optimizer"])
         start, best_acc, best_state = state["epoch"], state["best_acc"], state["best_model"]
-    for epoch in range(start + 1, cfg.finetune_epochs + 1):
-        loader = make_loader(data, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "finetune", epoch))
-        stats = timed(lambda: train_epoch(gm, teacher, loader, optimizer, cfg, desc=f"finetune {epoch}/{cfg.finetune_epochs}"))
-        acc = evaluate(gm, val_data, cfg)
-        record = {"phase": "finetune", "epoch": epoch, "relu_count": final, "lambda": None, **stats, "val_acc": acc}
-        history.append(record)
-        announce(epoch_line(record), cfg)
-        if acc is None or best_acc is None or acc >= best_acc:
-            best_acc, best_state = acc, copy.deepcopy(gm.state_dict())
-        checkpoint.save({"phase": "finetune", "epoch": epoch, "relu_count": final, "budget": budget,
-                         "granularity": granularity, "model": gm.state_dict(), "optimizer": optimizer.state_dict(),
-                         "best_acc": best_acc, "best_model": best_state, "history": history})
+    with distributed.data_parallel(gm, cfg.resolved_device(), cfg.sync_bn) as net:
+        for epoch in range(start + 1, cfg.finetune_epochs + 1):
+            loader = make_loader(data, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "finetune", epoch), shard=True)
+            stats = timed(lambda: train_epoch(net, teacher, loader, optimizer, cfg, desc=f"finetune {epoch}/{cfg.finetune_epochs}"))
+            distributed.broadcast_state(gm)
+            acc = distributed.on_rank0(lambda: evaluate(gm, val_data, cfg))
+            record = {"phase": "finetune", "epoch": epoch, "relu_count": final, "lambda": None,
+                      **distributed.mean_over_ranks(stats), "val_acc": acc}
+            history.append(record)
+            announce(epoch_line(record), cfg)
+            if acc is None or best_acc is None or acc >= best_acc:
+                best_acc, best_state = acc, copy.deepcopy(gm.state_dict())
+            checkpoint.save({"phase": "finetune", "epoch": epoch, "relu_count": final, "budget": budget,
+                             "granularity": granularity, "model": gm.state_dict(), "optimizer": optimizer.state_dict(),
+                             "best_acc": best_acc, "best_model": best_state, "history": history})
     gm.load_state_dict(best_state)
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from . import distributed
 from ._errors import SnlFxError
 
 log = logging.getLogger("snl_fx")
@@ -43,13 +44,15 @@ class TrainConfig:
     batch_size: int = 128
     num_workers: int = 0
     seed: int = 0
-    device: str | None = None  # None: CUDA when present, else CPU
+    device: str | None = None  # None: CUDA when present, else CPU; under torchrun "cuda" is cuda:LOCAL_RANK
     progress: bool = True
+    sync_bn: bool = False  # under torchrun on GPUs: BatchNorm as SyncBatchNorm while training
 
     def resolved_device(self) -> torch.device:
-        if self.device is not None:
-            return torch.device(self.device)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and device.index is None and distributed.local_rank() is not None:
+            return torch.device("cuda", distributed.local_rank())
+        return device
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
@@ -62,14 +65,22 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, target: torch.T
     return (1 - cfg.kd_weight) * ce + cfg.kd_weight * kl * t * t
 
 
-def make_loader(data: Dataset | DataLoader, cfg: TrainConfig, shuffle: bool, epoch_seed: int | None = None) -> DataLoader:
-    """A DataLoader over ``data`` (used as it is when it already is one), shuffled reproducibly."""
+def make_loader(
+    data: Dataset | DataLoader, cfg: TrainConfig, shuffle: bool, epoch_seed: int | None = None, shard: bool = False
+) -> DataLoader:
+    """A DataLoader over ``data`` (used as it is when it already is one), shuffled reproducibly.
+
+    ``shuffle``: a permutation seeded by ``epoch_seed`` (random without one) cut into batches of
+    ``cfg.batch_size``; ``shard``: this rank's share of each batch when training is distributed.
+    """
     if isinstance(data, DataLoader):
         return data
-    generator = torch.Generator().manual_seed(epoch_seed) if epoch_seed is not None else None
-    return DataLoader(
-        data, batch_size=cfg.batch_size, shuffle=shuffle, generator=generator, num_workers=cfg.num_workers, drop_last=False
-    )
+    if not shuffle:
+        return DataLoader(data, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    seed = epoch_seed if epoch_seed is not None else int(torch.randint(2**62, ()))
+    rank, world = (distributed.rank(), distributed.world_size()) if shard else (0, 1)
+    sampler = distributed.ShardedBatchSampler(len(data), cfg.batch_size, seed, rank, world)  # type: ignore[arg-type]
+    return DataLoader(data, batch_sampler=sampler, num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(seed))
 
 
 def seed_epoch(cfg: TrainConfig, phase: str, epoch: int) -> int:
@@ -93,7 +104,7 @@ def train_epoch(
     device = cfg.resolved_device()
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (cfg.progress and distributed.is_main()), dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = model(x)
@@ -140,7 +151,10 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader | None, cfg: TrainConf
 
 
 class Checkpoint:
-    """One checkpoint file in an output dir, written atomically, read with weights_only=True."""
+    """One checkpoint file in an output dir, written atomically, read with weights_only=True.
+
+    Distributed: rank 0 writes while the others wait, and rank 0's read reaches every rank.
+    """
 
     def __init__(self, out_dir: str | os.PathLike | None) -> None:
         self.path = Path(out_dir) / "checkpoint.pt" if out_dir is not None else None
@@ -148,12 +162,17 @@ class Checkpoint:
     def save(self, state: dict[str, Any]) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        if distributed.is_main():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+        distributed.barrier()
 
     def load(self) -> dict[str, Any] | None:
+        return distributed.on_rank0(self._read)
+
+    def _read(self) -> dict[str, Any] | None:
         if self.path is None or not self.path.exists():
             return None
         try:
@@ -174,7 +193,9 @@ def epoch_line(record: dict[str, Any]) -> str:
 
 
 def announce(line: str, cfg: TrainConfig) -> None:
-    """Print a progress line above the progress bars, or log it when bars are off."""
+    """Print a progress line above the progress bars, or log it when bars are off (rank 0 only)."""
+    if not distributed.is_main():
+        return
     if cfg.progress:
         tqdm.write(line)
     else:

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
+from . import distributed
 from ._errors import SnlFxError
 from ._linearize import LinearizeResult
 from ._report import ReluReport
@@ -81,7 +82,8 @@ def pretrain(
     """The paper's recipe (SGD lr 0.1, momentum 0.9, wd 5e-4, lr x0.1 at 50% and 75% of the epochs).
 
     With ``cache_dir`` the weights are saved as ``pretrained.pt`` beside a key of the settings;
-    a later call with the same key loads them instead of training again.
+    a later call with the same key loads them instead of training again. Under torchrun every
+    rank trains (not data-parallel) and rank 0 alone writes the cache.
     """
     key = json.dumps({**(cache_key or {}), "epochs": epochs, "lr": lr, "seed": cfg.seed}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -101,7 +103,7 @@ def pretrain(
         scheduler.step()
         record = {"phase": "pretrain", "epoch": epoch, **stats, "val_acc": evaluate(model, val, cfg)}
         announce(epoch_line(record), cfg)
-    if path is not None:
+    if path is not None and distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), path)
         path.with_suffix(".json").write_text(key + "\n")
@@ -112,7 +114,17 @@ def write_outputs(
     result: LinearizeResult, example_input: torch.Tensor, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None,
     profile: str = "default",
 ) -> dict[str, Any]:
-    """Write the lowered model (state_dict), the gated state_dict, the ONNX file and report.json."""
+    """Write the lowered model (state_dict), the gated state_dict, the ONNX file and report.json.
+
+    Under torchrun rank 0 writes and every rank gets its report.
+    """
+    return distributed.on_rank0(lambda: _write_outputs(result, example_input, out_dir, extra, profile))
+
+
+def _write_outputs(
+    result: LinearizeResult, example_input: torch.Tensor, out_dir: str | os.PathLike, extra: dict[str, Any] | None,
+    profile: str,
+) -> dict[str, Any]:
     from ._export import export_onnx
 
     out = Path(out_dir)

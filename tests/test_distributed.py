@@ -1,0 +1,92 @@
+"""Data-parallel SNL: torchrun with 2 gloo processes on CPU follows one process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from snl_fx.distributed import ShardedBatchSampler
+
+# The run both sides make: a tiny CNN without BatchNorm, toy data, every phase, a checkpoint dir.
+SCRIPT = '''
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import TensorDataset
+
+import snl_fx
+
+# 256 samples: 230 train after the 10% validation split, 7 batches of 32 and one of 6, each split evenly
+# in two; the count falls 512 -> 353 -> 121, so the mask is the top 100 of distinct trained gate values
+OPTS = dict(epochs=4, finetune_epochs=1, lr=1e-3, gate_lr=0.05, lambda0=1e-4, kappa=3.0, batch_size=32, progress=False)
+
+
+def run(out_dir, resume=False):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 1, 8, 8, generator=g)
+    y = (x[:, 0, :4].mean((1, 2)) > 0).long() + (x[:, 0, :, :4].mean((1, 2)) > 0).long()
+    return snl_fx.linearize(model, x[:4], 100, TensorDataset(x, y), out_dir=out_dir, resume=resume, **OPTS)
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    result = run(out + "/run")
+    torch.save({"gated": result.gated.state_dict(), "history": result.history}, f"{out}/rank{dist.get_rank()}.pt")
+    dist.destroy_process_group()
+'''
+
+TOL = 1e-4  # weights, DDP (2 x 16 samples) vs one process (32): float summation order only (measured ~1e-7)
+
+
+def test_sampler_shards_are_the_single_process_batches():
+    single = list(ShardedBatchSampler(230, 64, seed=7))
+    shards = [list(ShardedBatchSampler(230, 64, seed=7, rank=r, world=2)) for r in range(2)]
+    assert [len(b) for b in single] == [64, 64, 64, 38] and len(shards[0]) == len(shards[1]) == 4
+    for whole, a, b in zip(single, *shards):
+        assert sorted(a + b) == sorted(whole) and len(a) == len(whole) // 2
+    tail = [list(ShardedBatchSampler(5, 4, seed=0, rank=r, world=2))[-1] for r in range(2)]
+    assert all(len(t) == 1 for t in tail)  # a last batch of 1 is topped up: both ranks take a step
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
+@pytest.mark.filterwarnings("ignore:the gates reached")  # 121 of budget 100 after 4 epochs: binarized to 100
+def test_torchrun_two_ranks_match_one_process(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key, a in ranks[0]["gated"].items():
+        assert torch.equal(a, ranks[1]["gated"][key]), f"ranks differ at {key}"
+    assert ranks[0]["history"] == ranks[1]["history"]
+
+    single = runpy.run_path(str(script))["run"](None)
+    counts = [h["relu_count"] for h in single.history]
+    assert any(100 < c < 512 for c in counts), counts  # a real trajectory, not all gates closing at once
+    assert counts == [h["relu_count"] for h in ranks[0]["history"]]
+    assert [h["lambda"] for h in single.history] == [h["lambda"] for h in ranks[0]["history"]]
+    for key, a in single.gated.state_dict().items():
+        b = ranks[0]["gated"][key]
+        if key.startswith("snl_gates."):
+            assert torch.equal(a, b), f"mask {key} differs"
+        assert torch.allclose(a, b, rtol=0, atol=TOL), f"{key}: max diff {(a - b).abs().max():.2e}"
+
+    # rank 0's checkpoint is the DDP run's state: resuming it in one process gives the same model
+    resumed = runpy.run_path(str(script))["run"](tmp_path / "run", resume=True)
+    for key, a in resumed.gated.state_dict().items():
+        assert torch.equal(a, ranks[0]["gated"][key]), key
+    assert resumed.history == ranks[0]["history"]
