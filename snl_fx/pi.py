@@ -37,17 +37,17 @@ INSTALL_HINT = (
 class PiBenchResult:
     """One ONNX file under CrypTen 2PC; traffic and counts are for one inference of the file's input.
 
-    ``max_abs_error`` is against ONNX Runtime on the same input, ``output_scale`` the largest
-    absolute output there (CrypTen computes in 16-bit fixed point). ``bytes``: both directions together (the sum of what each party logged, halved, as CrypTen's
-    docs say). ``rounds``: communication rounds of one party. ``seconds``: median wall time of one
-    inference (encrypt input, forward, reveal output to the client), slower party. ``relus``:
-    elements CrypTen's ReLU op evaluated. ``relu_bytes``/``relu_rounds``: the part of ``bytes``/
-    ``rounds`` spent inside ReLU ops, measured directly around each ReLU call, and
-    ``relu_seconds`` the median wall time in them (slower party). ``comparisons``:
-    elements through CrypTen's sign test (``_ltz``): ReLUs plus max-pool and other comparisons.
-    Beaver triples come from CrypTen's default provider (``TFP``: the server makes them, the
-    client's shares come from a seed the two share, no traffic), so the figures are the online
-    traffic between the two parties; a deployment adds a dealer or an offline phase for them.
+    ``max_abs_error``: against ONNX Runtime on the same input; ``output_scale``: the largest
+    absolute output there (CrypTen computes in 16-bit fixed point). ``bytes``: both directions
+    (what each party logged, summed and halved, as CrypTen's docs say). ``rounds``: communication
+    rounds of one party. ``seconds``: median wall time of one inference (encrypt the input,
+    forward, reveal the output to the client), slower party. ``relus``: elements CrypTen's ReLU
+    op evaluated. ``relu_bytes``, ``relu_rounds``, ``relu_seconds``: the part spent inside ReLU
+    ops, measured around each ReLU call. ``comparisons``: elements through CrypTen's sign test
+    (``_ltz``): ReLUs plus max-pool and other comparisons. Beaver triples come from CrypTen's
+    default provider (``TFP``: the server makes them, the client's shares come from a seed the
+    two share, no traffic), so the figures are online traffic; a deployment adds a dealer or an
+    offline phase for the triples.
     """
 
     max_abs_error: float
@@ -106,7 +106,7 @@ def pi_bench(
     if runs < 1:
         raise SnlFxError(f"runs must be >= 1, got {runs}")
     model_bytes = path.read_bytes()
-    x = _input_for(model_bytes, input, seed)
+    x = _client_input(model_bytes, input, seed)
     reference = _ort_output(model_bytes, x)
     outs = _run_parties(model_bytes, x, runs, timeout)
     server, client = outs[0], outs[1]
@@ -132,9 +132,8 @@ def pi_bench(
     )
 
 
-def _input_for(model_bytes: bytes, given: torch.Tensor | None, seed: int) -> np.ndarray:
+def _client_input(model_bytes: bytes, given: torch.Tensor | None, seed: int) -> np.ndarray:
     import onnx
-
     from onnx import numpy_helper
 
     graph = onnx.load_model_from_string(model_bytes).graph
@@ -264,7 +263,7 @@ def _count_relus(crypten: Any, comm: Any) -> dict[str, Any]:
         tally["relu_seconds"] += time.perf_counter() - start
         after = comm.get_communication_stats()
         tally["relus"] += x.nelement()
-        tally["relu_layers"] += x.nelement() > 0
+        tally["relu_layers"] += int(x.nelement() > 0)
         tally["relu_bytes"] += after["bytes"] - before["bytes"]
         tally["relu_rounds"] += after["rounds"] - before["rounds"]
         return y

@@ -150,3 +150,17 @@ def test_missing_crypten_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "crypten", None)
     with pytest.raises(SnlFxError, match="install the pi extra"):
         import_crypten()
+
+
+def test_party_failure_is_one_clear_error(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Sin", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    path = tmp_path / "sin.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(SnlFxError, match="CrypTen party [01] failed: .*does not support ONNX op Sin"):
+        pi_bench(path, runs=1)
