@@ -13,34 +13,62 @@ from .gate import Gate, site_key
 from .meta import get_meta
 
 LOWERED_PREFIX = "snl_relu"
+FORMS = ("scatter", "gather")  # PartialReLU forms
 
 
 class PartialReLU(nn.Module):
     """ReLU on exactly the kept elements (pixel) or channels (channel); identity elsewhere.
 
-    Gather form, no mask arithmetic: select kept -> relu -> concat after the input -> gather with a
-    fixed permutation. Under secret sharing the gathers and the concat are local, so a private
-    inference backend evaluates exactly ``len(kept)`` ReLUs (times H*W for channels) per sample.
+    No mask arithmetic: select the kept elements, ReLU them, put them back. Two forms with
+    bit-identical outputs (``form``; by default the faster one in eager torch and ONNX Runtime):
+
+    * ``"scatter"`` (default for pixels): scatter the ReLU'd values into a copy of the input
+      (ONNX Gather, Relu, ScatterElements).
+    * ``"gather"`` (default for channels, whose gathers copy whole H*W blocks): concat them after
+      the input, then gather with a fixed permutation (ONNX Gather, Relu, Concat, Gather only),
+      which CrypTen 0.4.1 can load (it has no ScatterElements).
+
+    Under secret sharing the selection and the placement are local, so a private inference
+    backend evaluates exactly ``len(kept)`` ReLUs (times H*W for channels) per sample.
     """
 
-    def __init__(self, kept: torch.Tensor, size: int, sample_shape: tuple[int, ...], per_channel: bool) -> None:
+    def __init__(
+        self, kept: torch.Tensor, size: int, sample_shape: tuple[int, ...], per_channel: bool, form: str | None = None
+    ) -> None:
         super().__init__()
+        form = form or ("gather" if per_channel else "scatter")
+        if form not in FORMS:
+            raise PassError(f"PartialReLU form must be one of {FORMS}, got {form!r}")
         perm = torch.arange(size, dtype=torch.long)
         perm[kept] = size + torch.arange(len(kept), dtype=torch.long)
         self.register_buffer("kept", kept.to(torch.long))
         self.register_buffer("perm", perm)
         self.sample_shape = tuple(sample_shape)
         self.per_channel = per_channel
+        self.form = form
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x if self.per_channel else x.flatten(1)
         kept = torch.relu(torch.index_select(flat, 1, self.kept))
-        out = torch.index_select(torch.cat([flat, kept], 1), 1, self.perm)
+        if self.form == "gather":
+            out = torch.index_select(torch.cat([flat, kept], 1), 1, self.perm)
+        else:
+            index = self.kept.view((1, -1) + (1,) * (kept.dim() - 2)).expand_as(kept)
+            out = flat.scatter(1, index, kept)
         return out if self.per_channel else out.reshape((-1,) + self.sample_shape)
 
     def extra_repr(self) -> str:
         unit = "channels" if self.per_channel else "elements"
-        return f"kept {len(self.kept)} of {len(self.perm)} {unit}"
+        return f"kept {len(self.kept)} of {len(self.perm)} {unit}, form={self.form}"
+
+
+def set_form(module: nn.Module, form: str) -> None:
+    """Set the form of every :class:`PartialReLU` in ``module`` (in place; outputs do not change)."""
+    if form not in FORMS:
+        raise PassError(f"PartialReLU form must be one of {FORMS}, got {form!r}")
+    for m in module.modules():
+        if isinstance(m, PartialReLU):
+            m.form = form
 
 
 def binary_mask(gate: Gate, name: str) -> torch.Tensor:

@@ -39,7 +39,8 @@ def export_onnx(
     ``default``: dynamic batch dim, weights as initializers. ``pi``: for private-inference
     backends such as CrypTen: BatchNorm folded into convolutions, a fixed batch size, every
     integer constant (gather indices, shapes) a ``Constant`` node rather than an initializer,
-    and no ``Identity`` nodes (the exporter writes equal weights once, aliased by Identity).
+    no ``Identity`` nodes (the exporter writes equal weights once, aliased by Identity), and
+    partial ReLUs in their gather form (``default`` keeps each PartialReLU's own form).
     Raises SnlFxError if ONNX Runtime differs from torch by more than 1e-4 (relative to the
     output scale) or the file's ReLU count differs from the model's.
     """
@@ -55,6 +56,7 @@ def export_onnx(
     if profile == "pi":
         from torch.fx.experimental.optimization import fuse
 
+        passes.lower.set_form(model, "gather")  # CrypTen has no ScatterElements; before fuse, which inlines it
         model = fuse(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
