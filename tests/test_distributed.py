@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import snl_fx
+from snl_fx import distributed
 
 # 256 samples: 230 train after the 10% validation split, 7 batches of 32 and one of 6, each split evenly
 # in two; the count falls 512 -> 353 -> 121, so the mask is the top 100 of distinct trained gate values
@@ -42,7 +43,13 @@ def run(out_dir, resume=False):
 if __name__ == "__main__":
     out = sys.argv[1]
     result = run(out + "/run")
-    torch.save({"gated": result.gated.state_dict(), "history": result.history}, f"{out}/rank{dist.get_rank()}.pt")
+    try:  # SyncBatchNorm runs on GPUs only: refused up front on CPU
+        with distributed.data_parallel(nn.BatchNorm1d(2), torch.device("cpu"), sync_bn=True):
+            refused = False
+    except snl_fx.SnlFxError:
+        refused = True
+    torch.save({"gated": result.gated.state_dict(), "history": result.history, "sync_bn_refused": refused},
+               f"{out}/rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 '''
 
@@ -73,6 +80,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     for key, a in ranks[0]["gated"].items():
         assert torch.equal(a, ranks[1]["gated"][key]), f"ranks differ at {key}"
     assert ranks[0]["history"] == ranks[1]["history"]
+    assert ranks[0]["sync_bn_refused"] and ranks[1]["sync_bn_refused"]
 
     single = runpy.run_path(str(script))["run"](None)
     counts = [h["relu_count"] for h in single.history]
