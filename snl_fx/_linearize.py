@@ -176,7 +176,7 @@ def _check_resumable(state: dict[str, Any], budget: int, granularity: str) -> No
 
 
 def _gate_phase(gm, teacher, data, val_data, budget, total, cfg, checkpoint, state, history) -> None:
-    """Algorithm 1: Adam on (W, C) + lambda*sum|c| until #(c > eps) <= budget."""
+    """Algorithm 1: Adam on (W, C) + lambda*sum|c| until #(c > eps) <= budget (checked every step)."""
     gates = set(map(id, gate_parameters(gm)))
     weights = [p for p in gm.parameters() if id(p) not in gates and p.requires_grad]
     optimizer = torch.optim.Adam(
@@ -189,6 +189,12 @@ def _gate_phase(gm, teacher, data, val_data, budget, total, cfg, checkpoint, sta
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start, count = state["epoch"], state["relu_count"]
+    def step_done() -> bool:
+        # Checked every step, not only per epoch: once lambda dominates, many gates cross eps
+        # together, and a per-epoch check lets the count crash far below the budget.
+        clamp_gates(gm)
+        return distributed.from_rank0(relu_count_gated(gm, cfg.eps)) <= budget
+
     with distributed.data_parallel(gm, cfg.resolved_device(), cfg.sync_bn) as net:
         for epoch in range(start + 1, cfg.epochs + 1):
             if count <= budget:
@@ -197,7 +203,7 @@ def _gate_phase(gm, teacher, data, val_data, budget, total, cfg, checkpoint, sta
             loader = make_loader(data, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "gates", epoch), shard=True)
             stats = timed(lambda: train_epoch(
                 net, teacher, loader, optimizer, cfg, penalty=lambda: lam * lasso_penalty(gm),
-                after_step=lambda: clamp_gates(gm), desc=f"gates {epoch}/{cfg.epochs}",
+                after_step=step_done, desc=f"gates {epoch}/{cfg.epochs}",
             ))
             distributed.broadcast_state(gm)  # BatchNorm statistics of the last step: rank 0's
             count = distributed.from_rank0(relu_count_gated(gm, cfg.eps))

@@ -97,7 +97,7 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     cfg: TrainConfig,
     penalty: Callable[[], torch.Tensor] | None = None,
-    after_step: Callable[[], None] | None = None,
+    after_step: Callable[[], bool | None] | None = None,
     desc: str = "",
 ) -> dict[str, float]:
     """One epoch of SGD/Adam on (KD) loss + penalty; raises SnlFxError on a non-finite loss."""
@@ -121,8 +121,8 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if after_step is not None:
-            after_step()
+        if after_step is not None and after_step():
+            break  # the caller is done with this epoch (e.g. the ReLU count met the budget)
         total_loss += loss.item() * len(y)
         correct += int((out.argmax(1) == y).sum())
         seen += len(y)
