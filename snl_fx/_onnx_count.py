@@ -13,6 +13,7 @@ from collections import Counter
 import networkx as nx
 import numpy as np
 import onnx
+import onnx.external_data_helper
 import onnx.inliner
 import onnx.shape_inference
 from google.protobuf.message import Error as ProtobufError
@@ -58,8 +59,9 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
         raise SnlFxError(f"ONNX shape inference failed on {os.fspath(path)}: {_first_line(e)}") from None
-    shapes = _value_shapes(inferred.graph)
-    consts = _Constants(graph, initializers, os.path.dirname(os.path.abspath(path)))
+    base_dir = os.path.dirname(os.path.abspath(path))
+    shapes = _Shapes(_value_shapes(inferred.graph), model, inputs, base_dir)
+    consts = _Constants(graph, initializers, base_dir)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
     sites: list[SiteCount] = []
@@ -96,6 +98,11 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
     if ops_counted.keys() - {"Relu"}:
         counted = ", ".join(f"{ops_counted[op]} {op}" for op in ("Relu", "Clip(min=0)", "Max(x,0)") if ops_counted[op])
         notes.append(f"counted as ReLU: {counted} nodes (Clip with min 0 and no max, and Max(x, 0), compute a ReLU)")
+    if shapes.from_runtime:
+        notes.append(
+            f"shapes of {shapes.from_runtime} values came from one ONNX Runtime run on zeros "
+            "(ONNX shape inference left them unresolved)"
+        )
     if subgraph_ops:
         notes.append(f"subgraphs of {', '.join(sorted(subgraph_ops))} nodes were not inspected")
     return ReluReport(
@@ -186,6 +193,56 @@ def _value_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
     return out
 
 
+class _Shapes:
+    """Value shapes: from ONNX shape inference, else from one ONNX Runtime run of the pinned graph.
+
+    Shape inference stops where its data propagation does not follow the shape arithmetic
+    (e.g. the legacy exporter's ``chunk``: Shape -> Gather -> Div -> Slice). The graph is static
+    once its inputs are pinned, so a run on zeros gives the exact shapes; it is made only when a
+    shape is missing, and a failed run leaves the shapes unknown for the caller to report.
+    """
+
+    def __init__(self, known: dict[str, tuple[int, ...]], model: onnx.ModelProto,
+                 inputs: list[onnx.ValueInfoProto], base_dir: str) -> None:
+        self._known = known
+        self._model, self._inputs, self._base_dir = model, inputs, base_dir
+        self._ran = False
+        self.from_runtime = 0
+
+    def get(self, name: str) -> tuple[int, ...] | None:
+        if name not in self._known and not self._ran:
+            self._ran = True
+            found = self._run()
+            self.from_runtime = len(found)
+            self._known.update(found)
+        return self._known.get(name)
+
+    def _run(self) -> dict[str, tuple[int, ...]]:
+        import onnxruntime as ort
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self._model)
+        outputs = {v.name for v in model.graph.output}
+        names = [o for node in model.graph.node for o in node.output if o and o not in self._known]
+        model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, self._base_dir)
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            feeds = {
+                v.name: np.zeros(
+                    [d.dim_value for d in v.type.tensor_type.shape.dim],
+                    onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type),
+                )
+                for v in self._inputs
+            }
+            values = session.run(names, feeds)
+        except Exception:  # noqa: BLE001 - any runtime failure leaves the shapes unknown, reported by the caller
+            return {}
+        return {n: tuple(int(d) for d in np.shape(v)) for n, v in zip(names, values)}
+
+
 class _Constants:
     """Values known before run time: initializers and Constant nodes (through Identity/Cast)."""
 
@@ -269,9 +326,7 @@ def _all_equal(value: np.ndarray, target: float) -> bool:
     return value.size > 0 and bool(np.all(value == target))
 
 
-def _other_count(
-    node: onnx.NodeProto, name: str, kind: str, shapes: dict[str, tuple[int, ...]], batch: int
-) -> OtherCount | None:
+def _other_count(node: onnx.NodeProto, name: str, kind: str, shapes: _Shapes, batch: int) -> OtherCount | None:
     out_shape = shapes.get(node.output[0])
     if out_shape is None:
         return None

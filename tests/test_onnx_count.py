@@ -212,6 +212,23 @@ def test_relu_with_uninferable_shape_raises(tmp_path):
         onnx_relu_report(tmp_path / "custom.onnx")
 
 
+def test_shapes_that_inference_leaves_unresolved_come_from_a_runtime_run(tmp_path):
+    """The legacy exporter's chunk: Slice ends computed by Shape -> Gather -> Div, which data
+    propagation does not follow; the Relu on the first half still gets its exact shape."""
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Gather", ["s", "one"], ["c"], axis=0),
+        helper.make_node("Div", ["c", "two"], ["half"]),
+        helper.make_node("Slice", ["x", "zero", "half", "one"], ["h"]),
+        helper.make_node("Relu", ["h"], ["y"]),
+    ]
+    ints = [init("zero", [0], np.int64), init("one", [1], np.int64), init("two", [2], np.int64)]
+    report = onnx_relu_report(build(tmp_path, nodes, [("x", [3, 4, 5, 5])], inits=ints))
+    assert report.total == 2 * 5 * 5
+    assert report.sites[0].shape == (2, 5, 5)
+    assert any("ONNX Runtime run" in n for n in report.notes)
+
+
 def test_relu_depth_is_the_longest_relu_chain(tmp_path):
     nodes = [
         helper.make_node("Relu", ["x"], ["a1"]),
