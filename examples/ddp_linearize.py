@@ -27,9 +27,9 @@ from snl_fx.data import split_train_val
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/ddp")
-    parser.add_argument("--subset", type=int, default=4000, help="training images used")
+    parser.add_argument("--subset", type=int, default=6000, help="training images used")
     parser.add_argument("--budget", type=float, default=0.05, help="fraction of the ReLUs to keep")
-    parser.add_argument("--pretrain-epochs", type=int, default=1)
+    parser.add_argument("--pretrain-epochs", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3, help="max epochs of the gate phase")
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=128, help="global batch (all processes together)")
