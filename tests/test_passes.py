@@ -38,16 +38,20 @@ def test_every_spelling_is_a_site():
     assert sum(s.numel for s in sites) == 8 * 4 * 6 * 6 == dispatch_relus_per_sample(Spellings(), x)
 
 
-def test_trace_leaves_caller_model_untouched():
+@pytest.mark.parametrize("share_weights", [False, True])
+def test_trace_leaves_caller_model_untouched(share_weights):
     model = TinyCNN().train()
     before = copy.deepcopy(model.state_dict())
     x = torch.randn(4, 1, 8, 8)
     x_copy = x.clone()
-    passes.trace(model, x)
-    assert model.training
+    gm = passes.trace(model, x, share_weights=share_weights)
+    assert model.training and not gm.training
+    assert all(m.training for m in model.modules())
     assert torch.equal(x, x_copy)  # the in-place ReLU ran on a clone
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # BatchNorm statistics not updated
+    shared = {id(p) for p in model.parameters()} & {id(p) for p in gm.parameters()}
+    assert len(shared) == (len(list(model.parameters())) if share_weights else 0)
 
 
 def test_user_subclass_of_relu_is_found_and_relu6_is_not_a_site():
