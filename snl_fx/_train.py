@@ -121,13 +121,13 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if after_step is not None and after_step():
-            break  # the caller is done with this epoch (e.g. the ReLU count met the budget)
         total_loss += loss.item() * len(y)
         correct += int((out.argmax(1) == y).sum())
         seen += len(y)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        if after_step is not None and after_step():
+            break  # the caller is done with this epoch (e.g. the ReLU count met the budget)
     return {"loss": total_loss / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1)}
 
 

@@ -71,7 +71,7 @@ def relu_count_main(argv: Sequence[str] | None = None) -> int:
 def _linearize(args: argparse.Namespace) -> int:
     import torch
 
-    from . import jobs
+    from . import distributed, jobs
     from ._count import relu_count
     from ._linearize import linearize
     from ._train import TrainConfig, evaluate
@@ -110,6 +110,8 @@ def _linearize(args: argparse.Namespace) -> int:
     result.model.cpu()
     extra = {"model_spec": args.model, "data": args.data, "test_acc_before": acc_before, "test_acc_after": acc_after}
     report = jobs.write_outputs(result, example, args.out, extra, profile=args.profile)
+    if not distributed.is_main():  # under torchrun, rank 0 alone plots and prints
+        return 0
     plot_relus_per_layer(result.sites, f"{args.out}/relus_per_layer.png", f"{args.model}: ReLUs per layer")
     if args.json:
         print(json.dumps(report, default=str))
