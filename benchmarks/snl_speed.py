@@ -12,7 +12,7 @@ the median over ``--repeats`` rounds of the per-round ratio B/A. Times are CPU t
 process (time.process_time: one thread, so waiting for a core on a loaded machine does not
 count); wall-clock ratios are kept in the JSON. Usage:
 
-    python benchmarks/snl_speed.py [--repeats 9] [--json out.json]
+    python benchmarks/snl_speed.py [--repeats 9] [--json runs/snl_speed.json]
 """
 
 from __future__ import annotations
@@ -172,6 +172,7 @@ def main() -> None:
         "onnxruntime": ort.__version__,
     }
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
 
 
