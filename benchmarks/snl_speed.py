@@ -114,8 +114,9 @@ def lowered_models(keep: float) -> tuple[nn.Module, dict[str, nn.Module]]:
             out["pixel, last 2 sites partial"] = snl_fx.convert(gm).eval()
     gather = copy.deepcopy(out["pixel"])
     passes.lower.set_form(gather, "gather")
+    two = out["pixel, last 2 sites partial"]
     return model, {"pixel, scatter form": out["pixel"], "pixel, gather form": gather,
-                   "channel, gather form": out["channel"], "pixel, last 2 sites partial": out["pixel, last 2 sites partial"]}
+                   "channel, gather form": out["channel"], "pixel, last 2 sites partial": two}
 
 
 def latency(repeats: int, batches: tuple[int, ...], keep: float) -> list[dict[str, object]]:
@@ -163,7 +164,8 @@ def main() -> None:
         s = step_time(args.repeats, batch)
         steps.append(s)
         print(f"train step, batch {s['batch']:3d}: plain KD {s['plain_step_s'] * 1e3:7.1f} ms, gate phase "
-              f"{s['gate_step_s'] * 1e3:7.1f} ms, ratio {s['ratio']:.3f}x (wall clock {s['wall_ratio']:.3f}x)", flush=True)
+              f"{s['gate_step_s'] * 1e3:7.1f} ms, ratio {s['ratio']:.3f}x (wall clock {s['wall_ratio']:.3f}x)",
+              flush=True)
     out = {
         "step": steps,
         "latency": latency(args.repeats, (1, 8, 64), 0.05),
