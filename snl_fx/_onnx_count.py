@@ -190,7 +190,7 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     Inference serializes the whole model; weights matter to it only through their dims, so the
     raw data of initializers over 64 KiB is set aside meanwhile (a ResNet-50 file: ~0.5 s saved).
     """
-    big = [t for t in model.graph.initializer if t.ByteSize() > _BIG_INITIALIZER]
+    big = [t for t in model.graph.initializer if t.HasField("raw_data") and t.ByteSize() > _BIG_INITIALIZER]
     saved = [t.raw_data for t in big]
     for t in big:
         t.ClearField("raw_data")

@@ -229,6 +229,19 @@ def test_shapes_that_inference_leaves_unresolved_come_from_a_runtime_run(tmp_pat
     assert any("ONNX Runtime run" in n for n in report.notes)
 
 
+@pytest.mark.parametrize("raw", [True, False])
+def test_big_constant_operand_is_still_read(tmp_path, raw):
+    """Max(x, zeros) with 80 KB of zeros, as raw bytes or as float_data (shape inference sets big data aside)."""
+    n = 20_000
+    if raw:
+        zeros = init("z", np.zeros((1, n)))
+    else:
+        zeros = helper.make_tensor("z", TensorProto.FLOAT, [1, n], [0.0] * n)
+    report = onnx_relu_report(build(tmp_path, [helper.make_node("Max", ["x", "z"], ["y"])], [("x", [1, n])],
+                                    inits=[zeros]))
+    assert [(s.op, s.relus) for s in report.sites] == [("Max(x,0)", n)]
+
+
 def test_relu_depth_is_the_longest_relu_chain(tmp_path):
     nodes = [
         helper.make_node("Relu", ["x"], ["a1"]),
