@@ -73,16 +73,19 @@ def test_user_subclass_of_relu_is_found_and_relu6_is_not_a_site():
     assert kinds == {"relu6": 2 * 4 * 4, "maxpool": 2 * 2 * 2 * (2 * 2 - 1), "clamp(min=0)": 2 * 4 * 4}
 
 
+class EncoderThenRelu(nn.Module):
+    """A leaf module that hides a ReLU (TransformerEncoderLayer), then one gateable F.relu."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+
+    def forward(self, x):
+        return F.relu(self.enc(x))
+
+
 def test_relu_inside_leaf_module_is_reported_not_gated():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
-
-        def forward(self, x):
-            return F.relu(self.enc(x))
-
-    gm = passes.find_relus(passes.trace(M(), torch.randn(2, 5, 8)))
+    gm = passes.find_relus(passes.trace(EncoderThenRelu(), torch.randn(2, 5, 8)))
     meta = passes.get_meta(gm)
     assert [s.numel for s in meta.sites] == [5 * 8]
     assert [(u.name, u.relus) for u in meta.ungateable] == [("enc", 5 * 16)]
@@ -258,15 +261,7 @@ def test_relu_count_of_all_spellings_and_a_module_reused_at_two_sites():
 
 
 def test_relu_count_leaves_out_relus_inside_leaf_modules():
-    class M(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
-
-        def forward(self, x):
-            return F.relu(self.enc(x))
-
-    report = snl_fx.relu_count(M(), torch.randn(2, 5, 8))
+    report = snl_fx.relu_count(EncoderThenRelu(), torch.randn(2, 5, 8))
     assert report.total == 5 * 8  # the gateable F.relu only
     assert report.ungateable == [{"name": "enc", "module_type": "TransformerEncoderLayer", "relus": 5 * 16}]
     assert f"not gateable: enc (TransformerEncoderLayer) computes {5 * 16:,} ReLUs" in report.table()
