@@ -18,14 +18,13 @@ from torch.fx import Node
 RELU_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU,)
 RELU_FUNCTIONS: dict[Any, str] = {
     F.relu: "F.relu",
-    F.relu_: "F.relu_",
     torch.relu: "torch.relu",
-    torch.relu_: "torch.relu_",
+    torch.relu_: "torch.relu_",  # F.relu_ is this very function
     torch.ops.aten.relu.default: "aten.relu",
     torch.ops.aten.relu_.default: "aten.relu_",
 }
 RELU_METHODS: dict[str, str] = {"relu": "Tensor.relu", "relu_": "Tensor.relu_"}
-INPLACE_RELU_OPS = frozenset({"F.relu_", "torch.relu_", "aten.relu_", "Tensor.relu_"})
+INPLACE_RELU_OPS = frozenset({"torch.relu_", "aten.relu_", "Tensor.relu_"})
 
 # --- other nonlinearities: counted apart, never gated ---------------------------------------
 OTHER_MODULES: dict[type[nn.Module], str] = {
