@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
             loss = snl_fx.kd_loss(gm(x), target, y, cfg) + schedule.lam * snl_fx.lasso_penalty(gm)
             opt.zero_grad(); loss.backward(); opt.step()
             snl_fx.clamp_gates(gm)
+            if snl_fx.relu_count_gated(gm, eps=0.01) <= args.budget:
+                break  # checked every step: many gates can cross eps within one epoch
         count = snl_fx.relu_count_gated(gm, eps=0.01)
         print(f"epoch {epoch}: {count:,} ReLUs (lambda {schedule.lam:.2g})")
         schedule.step(count, epoch)

@@ -59,14 +59,31 @@ def test_snl_fx_linearize_cli_errors_are_one_line(tmp_path, capsys):
     assert "--data-root" in capsys.readouterr().err
 
 
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_demo_entry_point_on_a_tiny_subset(tmp_path, fashion_root):
-    spec = importlib.util.spec_from_file_location("fashion_mnist_demo", ROOT / "examples" / "fashion_mnist_demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
     out = tmp_path / "demo"
-    summary = demo.main(["--quick", "--data-root", str(fashion_root), "--out", str(out)])
+    summary = load_example("fashion_mnist_demo").main(["--quick", "--data-root", str(fashion_root), "--out", str(out)])
     budget = round(0.05 * SMALL_RESNET_RELUS)
     assert summary["relus_before"] == SMALL_RESNET_RELUS
     assert summary["relus_after"] == summary["onnx_relus"] == budget
     for name in ("model.onnx", "report.json", "relus_per_layer.png", "accuracy_vs_relus.png", "summary.json"):
         assert (out / name).stat().st_size > 0, name
+
+
+def test_own_training_loop_example(tmp_path, fashion_root, capsys):
+    load_example("own_training_loop").main(["--data-root", str(fashion_root), "--budget", "500", "--epochs", "1",
+                                            "--out", str(tmp_path)])
+    assert snl_fx.relu_count(tmp_path / "model.onnx").total == 500
+    assert "has 500 ReLUs" in capsys.readouterr().out
+
+
+def test_torchvision_example(tmp_path):
+    load_example("torchvision_model").main(["--model", "resnet18", "--size", "32", "--budget", "1000",
+                                            "--out", str(tmp_path)])
+    assert snl_fx.relu_count(tmp_path / "resnet18.onnx").total == 1000
