@@ -36,6 +36,11 @@ def relu_count(
         raise SnlFxError(f"expected an nn.Module or an ONNX path, got {type(model_or_onnx_path).__name__}")
     if example_input is None:
         raise SnlFxError("counting a torch module needs an example input (e.g. torch.randn(1, 3, 32, 32))")
+    if any(isinstance(m, passes.Gate) for m in model_or_onnx_path.modules()):
+        raise SnlFxError(
+            "this model still has trainable SNL gates: count them with snl_fx.relu_count_gated(model), "
+            "or lower it first with snl_fx.convert(model)"
+        )
     gm = passes.find_relus(passes.trace(model_or_onnx_path, example_input, share_weights=True))
     return report_from_graph(gm, source=type(model_or_onnx_path).__name__)
 

@@ -171,3 +171,12 @@ def test_pieces_from_own_loop(tiny_cnn):
     assert dispatch_relus_per_sample(lowered, x[:3]) == 32
     assert math.isclose(float((lowered(x) - gm.eval()(x)).abs().max()), 0.0, abs_tol=1e-5)
     assert not any(isinstance(m, passes.Gate) for m in lowered.modules())
+
+
+def test_relu_count_refuses_a_gated_model_and_counts_the_lowered_one(tiny_cnn):
+    x = torch.randn(2, 1, 8, 8)
+    gm = snl_fx.prepare(tiny_cnn, x)
+    with pytest.raises(snl_fx.SnlFxError, match="relu_count_gated"):
+        snl_fx.relu_count(gm, x)
+    snl_fx.binarize(gm, 37)
+    assert snl_fx.relu_count(snl_fx.convert(gm), x).total == snl_fx.relu_count_gated(gm) == 37
