@@ -77,15 +77,18 @@ def build_model(spec: str, dataset: str) -> nn.Module:
 
 def pretrain(
     model: nn.Module, train: Dataset, val: Dataset | None, cfg: TrainConfig, epochs: int, lr: float = 0.1,
-    cache_dir: str | os.PathLike | None = None, cache_key: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike | None = None, cache_key: dict[str, Any] | None = None, cosine: bool = False,
 ) -> nn.Module:
     """The paper's recipe (SGD lr 0.1, momentum 0.9, wd 5e-4, lr x0.1 at 50% and 75% of the epochs).
+
+    ``cosine``: a cosine decay over the epochs instead of the two steps.
 
     With ``cache_dir`` the weights are saved as ``pretrained.pt`` beside a key of the settings;
     a later call with the same key loads them instead of training again. Under torchrun every
     rank trains (not data-parallel) and rank 0 alone writes the cache.
     """
-    key = json.dumps({**(cache_key or {}), "epochs": epochs, "lr": lr, "seed": cfg.seed}, sort_keys=True)
+    key = json.dumps({**(cache_key or {}), "epochs": epochs, "lr": lr, "seed": cfg.seed,
+                      **({"cosine": True} if cosine else {})}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"pretrained-{digest}.pt" if cache_dir is not None else None
     device = cfg.resolved_device()
@@ -95,8 +98,11 @@ def pretrain(
         log.info("reusing pretrained weights %s", path)
         return model
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    milestones = sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+    if cosine:
+        scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
+    else:
+        milestones = sorted({max(1, epochs // 2), max(1, (3 * epochs) // 4)})
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     for epoch in range(1, epochs + 1):
         loader = make_loader(train, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "pretrain", epoch))
         stats = timed(lambda: train_epoch(model, None, loader, optimizer, cfg, desc=f"pretrain {epoch}/{epochs}"))
