@@ -55,7 +55,10 @@ class PartialReLU(nn.Module):
         else:
             index = self.kept.view((1, -1) + (1,) * (kept.dim() - 2)).expand_as(kept)
             out = flat.scatter(1, index, kept)
-        return out if self.per_channel else out.reshape((-1,) + self.sample_shape)
+        # reshape_as, not reshape((-1,) + sample_shape): with a dynamic batch the legacy ONNX
+        # exporter loses every dim of a Reshape to [-1, C, H, W], and ops that need H, W
+        # (AdaptiveAvgPool2d(k > 1)) then fail to export.
+        return out if self.per_channel else out.reshape_as(x)
 
     def extra_repr(self) -> str:
         unit = "channels" if self.per_channel else "elements"
