@@ -57,7 +57,7 @@ def export_onnx(
         from torch.fx.experimental.optimization import fuse
 
         passes.lower.set_form(model, "gather")  # CrypTen has no ScatterElements; before fuse, which inlines it
-        model = fuse(model)
+        model = batchnorm_to_affine(fuse(model))  # fuse folds BN into a preceding conv; the rest become Mul+Add
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
@@ -83,6 +83,44 @@ def export_onnx(
     if counted != expected:
         raise SnlFxError(f"{path} computes {counted} ReLUs per sample, the torch model {expected}")
     return ExportResult(path, error, counted)
+
+
+class Affine(nn.Module):
+    """Per-channel ``x * scale + shift`` (channels on dim 1): an eval-mode BatchNorm as plain Mul and Add."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+        self.register_buffer("shift", shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        return x * self.scale.reshape(shape) + self.shift.reshape(shape)
+
+
+def batchnorm_to_affine(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Replace every eval-mode BatchNorm module left in ``gm`` by an :class:`Affine` (in place).
+
+    PI backends load BatchNormalization only right after a convolution (CrypTen 0.4.1 fails on
+    one that follows an Add, as in pre-activation blocks); Mul and Add they all load.
+    """
+    for node in gm.graph.nodes:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        if module.running_mean is None or module.running_var is None:
+            raise SnlFxError(f"BatchNorm {node.target} has no running statistics: it cannot be exported as affine")
+        scale = torch.rsqrt(module.running_var + module.eps)
+        if module.weight is not None:
+            scale = scale * module.weight.detach()
+        shift = -module.running_mean * scale
+        if module.bias is not None:
+            shift = shift + module.bias.detach()
+        if not gm.add_submodule(node.target, Affine(scale.detach(), shift.detach())):  # same name: replaces it
+            raise SnlFxError(f"could not replace BatchNorm {node.target} by its affine form")
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def integer_initializers_to_constants(proto: onnx.ModelProto) -> None:
