@@ -7,7 +7,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,63 @@ class TrainConfig:
         if device.type == "cuda" and device.index is None and distributed.local_rank() is not None:
             return torch.device("cuda", distributed.local_rank())
         return device
+
+    def __post_init__(self) -> None:
+        """Refuse a value out of its range with a one-line SnlFxError that states the range.
+
+        Every float field must be finite; a field without a rule below is only checked for that.
+        A rule is (kind, low, high, text): ``kind`` int/float/bool/choice, bounds inclusive.
+        """
+        from ._snl import SCHEDULES  # lazily: _snl is above this module
+
+        rules: dict[str, tuple[str, Any, Any, str]] = {
+            "epochs": ("int", 0, None, "an integer >= 0"),
+            "finetune_epochs": ("int", 0, None, "an integer >= 0"),
+            "lr": ("float", 1e-12, None, "a number > 0"),
+            "gate_lr": ("float", 1e-12, None, "a number > 0 (or None: same as lr)"),
+            "lambda0": ("float", 0.0, None, "a number >= 0"),
+            "kappa": ("float", 1.0, None, "a number >= 1"),
+            "eps": ("float", 0.0, 1.0 - 1e-12, "a number in [0, 1)"),
+            "schedule": ("choice", SCHEDULES, None, f"one of {', '.join(SCHEDULES)}"),
+            "finetune_lr": ("float", 1e-12, None, "a number > 0"),
+            "finetune_schedule": ("choice", ("cosine", "constant"), None, "one of cosine, constant"),
+            "momentum": ("float", 0.0, 1.0 - 1e-12, "a number in [0, 1)"),
+            "weight_decay": ("float", 0.0, None, "a number >= 0"),
+            "kd": ("bool", None, None, "True or False"),
+            "temperature": ("float", 1e-12, None, "a number > 0"),
+            "kd_weight": ("float", 0.0, 1.0, "a number in [0, 1]"),
+            "batch_size": ("int", 1, None, "an integer >= 1"),
+            "num_workers": ("int", 0, None, "an integer >= 0"),
+            "seed": ("int", 0, 2**63 - 1, "an integer >= 0"),
+            "progress": ("bool", None, None, "True or False"),
+            "sync_bn": ("bool", None, None, "True or False"),
+        }
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind, low, high, text = rules.get(f.name, ("any", None, None, "a finite number"))
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SnlFxError(f"{f.name} must be {text}, got {value}")
+            if value is None and f.default is None:
+                continue
+            if kind == "choice":
+                ok = value in low
+            elif kind == "bool":
+                ok = isinstance(value, bool)
+            else:
+                ok = kind == "any" or (isinstance(value, int if kind == "int" else (int, float)) and not isinstance(value, bool))
+            if ok and kind in ("int", "float"):
+                ok = (low is None or value >= low) and (high is None or value <= high)
+            if not ok:
+                raise SnlFxError(f"{f.name} must be {text}, got {value!r}")
+        if self.device is not None:
+            try:
+                device = torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise SnlFxError(f"device {self.device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise SnlFxError(f"device {self.device!r} asked for, but CUDA is not available here: use cpu")
+            if device.type not in ("cpu", "cuda"):
+                raise SnlFxError(f"device {self.device!r} is not supported: use cpu, cuda or cuda:N")
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
