@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from ._errors import SnlFxError
+from ._files import load_checked, save_atomic
 
 log = logging.getLogger("snl_fx")
 
@@ -208,7 +209,7 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader | None, cfg: TrainConf
 
 
 class Checkpoint:
-    """One checkpoint file in an output dir, written atomically, read with weights_only=True.
+    """One checkpoint file in an output dir, written atomically, its checksums verified on load.
 
     Distributed: rank 0 writes while the others wait, and rank 0's read reaches every rank.
     """
@@ -220,10 +221,7 @@ class Checkpoint:
         if self.path is None:
             return
         if distributed.is_main():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, self.path)
+            save_atomic(state, self.path)
         distributed.barrier()
 
     def load(self) -> dict[str, Any] | None:
@@ -232,10 +230,7 @@ class Checkpoint:
     def _read(self) -> dict[str, Any] | None:
         if self.path is None or not self.path.exists():
             return None
-        try:
-            return torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - a broken checkpoint is a user-facing problem
-            raise SnlFxError(f"cannot read checkpoint {self.path}: {type(exc).__name__}: {exc}") from None
+        return load_checked(self.path, "delete it, or drop --resume (resume=False) to start again")
 
 
 def epoch_line(record: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Subset
 
 from . import distributed
 from ._errors import SnlFxError
+from ._files import load_checked, save_atomic, write_text_atomic
 from ._linearize import LinearizeResult
 from ._report import ReluReport
 from ._train import TrainConfig, announce, epoch_line, evaluate, make_loader, seed_epoch, timed, train_epoch
@@ -83,7 +84,8 @@ def pretrain(
 
     ``cosine``: a cosine decay over the epochs instead of the two steps.
 
-    With ``cache_dir`` the weights are saved as ``pretrained.pt`` beside a key of the settings;
+    With ``cache_dir`` the weights are saved (atomically, checksums verified on load) as
+    ``pretrained-<digest>.pt`` beside a key of the settings;
     a later call with the same key loads them instead of training again. Under torchrun every
     rank trains (not data-parallel) and rank 0 alone writes the cache.
     """
@@ -94,7 +96,11 @@ def pretrain(
     device = cfg.resolved_device()
     model.to(device)
     if path is not None and path.exists():
-        model.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        state = load_checked(path, "delete it to pretrain again", map_location=device)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError:
+            raise SnlFxError(f"{path} holds weights of another model: delete it to pretrain again") from None
         log.info("reusing pretrained weights %s", path)
         return model
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
@@ -110,9 +116,8 @@ def pretrain(
         record = {"phase": "pretrain", "epoch": epoch, **stats, "val_acc": evaluate(model, val, cfg)}
         announce(epoch_line(record), cfg)
     if path is not None and distributed.is_main():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)
-        path.with_suffix(".json").write_text(key + "\n")
+        save_atomic(model.state_dict(), path)
+        write_text_atomic(key + "\n", path.with_suffix(".json"))
     return model
 
 
