@@ -274,7 +274,9 @@ class _Constants:
         if name in self._initializers:
             try:
                 return numpy_helper.to_array(self._initializers[name], self._base_dir)
-            except (ValueError, OSError, TypeError):
+            except (ValueError, OSError, TypeError, onnx.checker.ValidationError) as e:
+                if self._initializers[name].data_location == onnx.TensorProto.EXTERNAL:  # the count needs it
+                    raise SnlFxError(f"cannot read tensor {name!r} from its external data file: {_first_line(e)}") from None
                 return None
         node = self._producers.get(name)
         if node is None:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ._errors import SnlFxError
+from ._onnx_count import _load as onnx_file  # its one-line errors for unreadable files
 
 __all__ = ["PiBenchResult", "import_crypten", "pi_bench"]
 
@@ -103,6 +104,7 @@ def pi_bench(
     path = Path(onnx_path)
     if not path.is_file():
         raise SnlFxError(f"no such ONNX file: {path}")
+    onnx_file(path)  # a junk or empty file: one clear error
     if runs < 1:
         raise SnlFxError(f"runs must be >= 1, got {runs}")
     model_bytes = path.read_bytes()
