@@ -103,7 +103,14 @@ def test_grouped_depthwise_and_1x1_convs_stay_grouped():
     assert kinds(gm) == {"Conv2d": 4, "BatchNorm2d": 1}
     convs = [m for m in out.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.kernel_size, c.groups) for c in convs] == [((5, 5), 8), ((1, 1), 4)]
-    # depthwise 5x5 -> grouped 1x1 would be a dense-per-group 5x5 with more MACs: refused by default
+    # depthwise 5x5 -> grouped 1x1 would be a grouped 5x5 with more MACs: refused by default, exact if asked
+    _, out = merged(model, x, should_merge=lambda c: True)
+    assert [(c.kernel_size, c.groups) for c in out.modules() if isinstance(c, nn.Conv2d)] == [((5, 5), 4)]
+    # groups that do not line up (2 then 4) give a dense conv (more MACs: 8*8 > 8*4 + 8*2 per pixel)
+    pair = Chain(nn.Conv2d(8, 8, 1, groups=2), nn.Conv2d(8, 8, 1, groups=4))
+    assert kinds(merged(pair, x)[1]) == {"Conv2d": 2}
+    _, out = merged(pair, x, should_merge=lambda c: True)
+    assert [c.groups for c in out.modules() if isinstance(c, nn.Conv2d)] == [1]
 
 
 def test_default_rule_refuses_merges_with_more_macs_and_should_merge_sees_the_candidate():
