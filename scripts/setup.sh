@@ -29,3 +29,28 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! compgen -G ".venv/l
     fi
     touch "$stamp"
 fi
+
+# SecretFlow SPU (pi-bench --backend spu-cheetah|spu-semi2k) needs Python 3.10/3.11, jax 0.4.34 and numpy<2:
+# its own venv, which snl_fx calls as a subprocess. Optional: without it the rest of the tool works.
+spu_stamp=.venv-spu/.spu-installed
+if [ -z "${SNL_FX_SPU_PYTHON:-}" ] && [ ! -f "$spu_stamp" ]; then
+    SPU_PY=""
+    for candidate in python3.11 python3.10; do
+        if command -v "$candidate" >/dev/null 2>&1; then SPU_PY=$candidate; break; fi
+    done
+    if [ -z "$SPU_PY" ]; then
+        echo "[setup] no python3.11 or python3.10 here: the SPU backend of pi-bench is not installed (the rest works)"
+    else
+        echo "[setup] creating .venv-spu with $SPU_PY: spu==0.9.5 and onnx (~1 min the first time)"
+        rm -rf .venv-spu
+        spu_log=.venv/spu-pip-install.log
+        if "$SPU_PY" -m venv .venv-spu >"$spu_log" 2>&1 \
+                && .venv-spu/bin/python -m pip install -q spu==0.9.5 onnx >>"$spu_log" 2>&1 \
+                && .venv-spu/bin/python -c "import spu, onnx" >>"$spu_log" 2>&1; then
+            touch "$spu_stamp"
+        else
+            rm -rf .venv-spu
+            echo "[setup] SPU could not be installed (log: $spu_log): the SPU backend of pi-bench is off, the rest works"
+        fi
+    fi
+fi

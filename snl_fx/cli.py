@@ -126,16 +126,21 @@ def _linearize(args: argparse.Namespace) -> int:
 def _pi_bench(args: argparse.Namespace) -> int:
     from .pi import pi_bench
 
-    r = pi_bench(args.model, runs=args.runs, seed=args.seed)
+    r = pi_bench(args.model, runs=args.runs, seed=args.seed, backend=args.backend)
     if args.json:
         print(json.dumps(r.to_dict()))
         return 0
     per_relu = f" ({r.relu_bytes / r.relus:.1f} B per ReLU)" if r.relus else ""
-    print(f"{args.model} under CrypTen 2PC: 2 parties on loopback, 1 thread each, online traffic")
+    if r.backend == "crypten":
+        print(f"{args.model} under CrypTen 2PC: 2 parties on loopback, 1 thread each, online traffic")
+    else:
+        print(f"{args.model} under SPU {r.backend[4:].upper()} (FM64): 2 parties on loopback, SPU link statistics")
     print(f"  max abs error vs ONNX Runtime  {r.max_abs_error:.3g} (output scale {r.output_scale:.3g})")
     print(f"  ReLUs computed                 {r.relus:,} in {r.relu_layers} ReLU layers ({r.comparisons:,} comparisons in all)")
     print(f"  traffic                        {r.bytes:,} B in {r.rounds} rounds")
     print(f"    inside ReLU ops              {r.relu_bytes:,} B{per_relu} in {r.relu_rounds} rounds")
+    if r.backend != "crypten":
+        print(f"  one-time: protocol set-up      {r.setup_bytes:,} B in {r.setup_rounds} rounds; weights {r.weight_bytes:,} B")
     print(f"  time per inference             {r.seconds:.3f} s, {r.relu_seconds:.3f} s in ReLU ops (median of {r.runs})")
     return 0
 
@@ -177,8 +182,10 @@ def snl_fx_main(argv: Sequence[str] | None = None) -> int:
     lin.add_argument("--json", action="store_true", help="print report.json's content as one JSON object")
     lin.add_argument("--quiet", action="store_true", help="no progress bars")
     lin.add_argument("--debug", action="store_true", help="show tracebacks and warnings")
-    pib = sub.add_parser("pi-bench", help="run an ONNX file (export profile 'pi') under CrypTen 2PC")
+    pib = sub.add_parser("pi-bench", help="run an ONNX file (export profile 'pi') under 2PC: CrypTen or SPU")
     pib.add_argument("model", help="an .onnx file with a static input shape")
+    pib.add_argument("--backend", choices=["crypten", "spu-cheetah", "spu-semi2k"], default="crypten",
+                     help="CrypTen 2PC (default), or SPU's CHEETAH / SEMI2K (in .venv-spu)")
     pib.add_argument("--runs", type=int, default=3, help="timed inferences; the median is reported")
     pib.add_argument("--seed", type=int, default=0, help="seed of the random client input")
     pib.add_argument("--json", action="store_true", help="one JSON object: max_abs_error, bytes, rounds, seconds, relus, ...")

@@ -1,8 +1,10 @@
-"""Private inference for real: run an exported ONNX file under CrypTen 2PC on this machine.
+"""Private inference for real: run an exported ONNX file under 2PC on this machine.
 
-Two processes on loopback (gloo): the server (rank 0) holds the weights, the client (rank 1)
-holds the input and receives the output; one thread per party. CrypTen is imported lazily: it
-is the optional extra ``pi`` (``bash scripts/setup.sh`` installs it).
+Backends: ``crypten`` (CrypTen 2PC, trusted first party) and ``spu-cheetah`` / ``spu-semi2k``
+(SecretFlow SPU's CHEETAH and SEMI2K, see ``_spu``). Two processes on loopback: the server
+(rank 0) holds the weights, the client (rank 1) holds the input and receives the output. CrypTen
+is imported lazily: it is the optional extra ``pi`` (``bash scripts/setup.sh`` installs it); SPU
+runs in its own venv, ``.venv-spu``, that the same script makes.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import torch
 from ._errors import SnlFxError
 from ._onnx_count import _load as onnx_file  # its one-line errors for unreadable files
 
-__all__ = ["PiBenchResult", "import_crypten", "pi_bench"]
+__all__ = ["BACKENDS", "PiBenchResult", "import_crypten", "pi_bench"]
+
+BACKENDS = ("crypten", "spu-cheetah", "spu-semi2k")
 
 INSTALL_HINT = (
     "install the pi extra: bash scripts/setup.sh, or pip install -e '.[pi]' && "
@@ -36,7 +40,10 @@ INSTALL_HINT = (
 
 @dataclass(frozen=True)
 class PiBenchResult:
-    """One ONNX file under CrypTen 2PC; traffic and counts are for one inference of the file's input.
+    """One ONNX file under 2PC; traffic and counts are for one inference of the file's input.
+
+    Fields as measured under CrypTen (``backend="crypten"``) below; the SPU backends' differences
+    follow the CrypTen paragraph.
 
     ``max_abs_error``: against ONNX Runtime on the same input; ``output_scale``: the largest
     absolute output there (CrypTen computes in 16-bit fixed point). ``bytes``: both directions
@@ -49,6 +56,18 @@ class PiBenchResult:
     default provider (``TFP``: the server makes them, the client's shares come from a seed the
     two share, no traffic), so the figures are online traffic; a deployment adds a dealer or an
     offline phase for the triples.
+
+    SPU (``spu-cheetah``, ``spu-semi2k``; ring FM64, 18 fraction bits): ``bytes`` is what both
+    parties sent (SPU's link statistics per executable run, plus the client's input share and the
+    server's output share); ``rounds``: send actions of the busier party (SPU counts messages;
+    each takes at most one round). ``relu_bytes``, ``relu_rounds``, ``relu_seconds``: the Relu
+    nodes run as executables of their own, so these are link-statistic deltas around them.
+    ``setup_bytes`` / ``setup_rounds``: what the first inference sent beyond a later one (CHEETAH's
+    one-time OT and HE key set-up; 0 for SEMI2K, whose Beaver triples come from a trusted first
+    party as CrypTen's do). ``weight_bytes``: the server's one-time secret sharing of its weights
+    (SPU 0.9.5's CHEETAH has no private inputs, so weights are shared and every conv is a
+    secret x secret product). ``ops``: per SPU (pphlo) op of one inference: count, bytes sent
+    by both parties, seconds of the slower party.
     """
 
     max_abs_error: float
@@ -64,6 +83,11 @@ class PiBenchResult:
     comparisons: int
     runs: int
     times: tuple[float, ...]
+    backend: str = "crypten"
+    setup_bytes: int | None = None
+    setup_rounds: int | None = None
+    weight_bytes: int | None = None
+    ops: dict[str, dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: ``max_abs_error``, ``bytes``, ``rounds``, ``seconds``, ``relus`` and more."""
@@ -93,32 +117,41 @@ def pi_bench(
     input: torch.Tensor | None = None,
     seed: int = 0,
     timeout: float = 600.0,
+    backend: str = "crypten",
 ) -> PiBenchResult:
-    """Run ``onnx_path`` under CrypTen 2PC ``runs`` times and compare it with ONNX Runtime.
+    """Run ``onnx_path`` under 2PC ``runs`` times and compare it with ONNX Runtime.
 
-    ``input``: the client's input (default: standard normal of the file's input shape, from
-    ``seed``). ``timeout``: seconds before the parties are stopped. Export the file with
-    ``export_onnx(..., profile="pi")``: CrypTen 0.4.1 then loads it as it is.
+    ``backend``: ``crypten`` (default), ``spu-cheetah`` or ``spu-semi2k``. ``input``: the client's
+    input (default: standard normal of the file's input shape, from ``seed``). ``timeout``: seconds
+    before the parties are stopped. Export the file with ``export_onnx(..., profile="pi")``:
+    CrypTen 0.4.1 then loads it as it is (SPU also runs the default profile).
     """
-    import_crypten()
+    if backend not in BACKENDS:
+        raise SnlFxError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "crypten":
+        import_crypten()
+    else:
+        from ._spu import spu_python
+
+        spu_python()
     path = Path(onnx_path)
     if not path.is_file():
         raise SnlFxError(f"no such ONNX file: {path}")
-    onnx_file(path)  # a junk or empty file: one clear error
     if runs < 1:
         raise SnlFxError(f"runs must be >= 1, got {runs}")
     model_bytes = path.read_bytes()
-    x = _client_input(model_bytes, input, seed)
+    x = _client_input(model_bytes, input, seed, crypten=backend == "crypten")
     reference = _ort_output(model_bytes, x)
+    if backend != "crypten":
+        return _spu_result(backend, path, x, reference, runs, timeout)
     outs = _run_parties(model_bytes, x, runs, timeout)
     server, client = outs[0], outs[1]
     y = client["output"]
-    if y.shape != reference.shape:
-        raise SnlFxError(f"CrypTen output shape {tuple(y.shape)} differs from ONNX Runtime's {reference.shape}")
+    _check_shape("CrypTen", y, reference)
     times = tuple(max(a, b) for a, b in zip(server["times"], client["times"]))
     relu_times = [max(a, b) for a, b in zip(server["relu_times"], client["relu_times"])]
     return PiBenchResult(
-        max_abs_error=float(np.abs(y - reference).max()) if reference.size else 0.0,
+        max_abs_error=_error(y, reference),
         output_scale=float(np.abs(reference).max()) if reference.size else 0.0,
         bytes=int(round((server["bytes"] + client["bytes"]) / 2)),
         rounds=int(max(server["rounds"], client["rounds"])),
@@ -134,13 +167,41 @@ def pi_bench(
     )
 
 
-def _client_input(model_bytes: bytes, given: torch.Tensor | None, seed: int) -> np.ndarray:
+def _spu_result(backend: str, path: Path, x: np.ndarray, reference: np.ndarray, runs: int, timeout: float) -> PiBenchResult:
+    from ._spu import run_spu
+
+    y, m = run_spu(backend, path, x, runs, timeout)
+    _check_shape("SPU", y, reference)
+    return PiBenchResult(
+        max_abs_error=_error(y, reference),
+        output_scale=float(np.abs(reference).max()) if reference.size else 0.0,
+        runs=runs,
+        backend=backend,
+        **{k: tuple(v) if k == "times" else v for k, v in m.items()},
+    )
+
+
+def _check_shape(who: str, y: np.ndarray, reference: np.ndarray) -> None:
+    if y.shape != reference.shape:
+        raise SnlFxError(f"{who} output shape {tuple(y.shape)} differs from ONNX Runtime's {reference.shape}")
+
+
+def _error(y: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.abs(y - reference).max()) if reference.size else 0.0
+
+
+def _client_input(model_bytes: bytes, given: torch.Tensor | None, seed: int, crypten: bool = True) -> np.ndarray:
     import onnx
     from onnx import numpy_helper
 
-    graph = onnx.load_model_from_string(model_bytes).graph
+    try:
+        graph = onnx.load_model_from_string(model_bytes).graph
+    except Exception as exc:  # noqa: BLE001 - protobuf's errors vary; a junk file is a user error
+        raise SnlFxError(f"not an ONNX file ({type(exc).__name__}): export one with snl_fx.export_onnx") from None
+    if not graph.node:
+        raise SnlFxError("not an ONNX model: the file has no graph nodes")
     ints = [i.name for i in graph.initializer if numpy_helper.to_array(i).dtype.kind in "iub"]
-    if ints or any(n.op_type == "Identity" for n in graph.node):
+    if crypten and (ints or any(n.op_type == "Identity" for n in graph.node)):
         what = f"integer initializers ({', '.join(ints[:3])})" if ints else "Identity nodes"
         raise SnlFxError(f"CrypTen cannot run a file with {what}: export it with export_onnx(..., profile='pi')")
     inits = {i.name for i in graph.initializer}
@@ -153,6 +214,8 @@ def _client_input(model_bytes: bytes, given: torch.Tensor | None, seed: int) -> 
         if len(dims) != x.ndim or any(d is not None and d != s for d, s in zip(dims, x.shape)):
             raise SnlFxError(f"input shape {x.shape} does not match the file's input {dims}")
         return x
+    if not crypten and dims and dims[0] is None:  # a default-profile file: its dynamic batch dim runs as 1
+        dims[0] = 1
     if any(d is None or d <= 0 for d in dims):
         raise SnlFxError(f"the file's input shape {dims} is not static: export with profile='pi' or pass an input")
     return torch.randn(dims, generator=torch.Generator().manual_seed(seed)).numpy()
@@ -161,8 +224,12 @@ def _client_input(model_bytes: bytes, given: torch.Tensor | None, seed: int) -> 
 def _ort_output(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})[0]
+    try:
+        session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x})[0]
+    except Exception as exc:  # noqa: BLE001 - ORT's own errors are long; the file is the user's
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SnlFxError(f"ONNX Runtime cannot run the file (the reference output): {first[:300]}") from None
 
 
 def _run_parties(model_bytes: bytes, x: np.ndarray, runs: int, timeout: float) -> dict[int, dict]:
