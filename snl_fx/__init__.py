@@ -8,6 +8,7 @@ train with ``lasso_penalty`` and a ``LambdaSchedule`` -> ``binarize`` -> fine-tu
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._cost import LayerCost, Network, PiCost, linear_cost, pi_cost, relu_site_cost
 from ._count import relu_count
 from ._errors import SnlFxError
 from ._export import ExportResult, export_onnx
@@ -38,6 +39,9 @@ except PackageNotFoundError:  # running from a source tree without installation
 __all__ = [
     "PROTOCOLS",
     "ExportResult",
+    "LayerCost",
+    "Network",
+    "PiCost",
     "LambdaSchedule",
     "LinearizeResult",
     "OtherCount",
@@ -56,13 +60,16 @@ __all__ = [
     "gate_parameters",
     "kd_loss",
     "lasso_penalty",
+    "linear_cost",
     "linearization_scores",
     "linearize",
     "load_linearized",
     "pi_bench",
+    "pi_cost",
     "prepare",
     "relu_count",
     "relu_count_gated",
+    "relu_site_cost",
     "resolve_budget",
     "site_relu_counts",
 ]

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import math
+import operator
 import os
 from dataclasses import asdict
 from typing import Any
 
 import networkx as nx
+import torch
 import torch.nn as nn
-from torch.fx import GraphModule
+import torch.nn.functional as F
+from torch.fx import GraphModule, Node
 
 import passes
 
 from ._errors import SnlFxError
-from ._report import OtherCount, ReluReport, SiteCount
+from ._report import LinearCount, OtherCount, ReluReport, SiteCount
 
 
 def relu_count(
@@ -54,7 +58,48 @@ def report_from_graph(gm: GraphModule, source: str) -> ReluReport:
     notes = []
     if meta.ungateable:
         notes.append("ReLUs inside leaf modules are listed under 'not gateable' and not in the total")
-    return ReluReport(source, sites, relu_depth(gm), others, ungateable, notes)
+    batch = meta.batch_size
+    results = [n for out in gm.graph.nodes if out.op == "output" for n in out.all_input_nodes]
+    outputs = sum(_numel(n) for n in results) // batch
+    return ReluReport(source, sites, relu_depth(gm), others, ungateable, notes, _linear_layers(gm, batch), outputs)
+
+
+_LINEAR_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_WEIGHTED_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear}
+_MATMULS = {torch.matmul, operator.matmul, torch.mm, torch.bmm, "matmul", "mm", "bmm"}
+
+
+def _linear_layers(gm: GraphModule, batch: int) -> list[LinearCount]:
+    """Convolutions, linear layers and matmuls, with per-sample sizes (weights whole)."""
+    modules = dict(gm.named_modules())
+    out = []
+    for node in gm.graph.nodes:
+        if "tensor_meta" not in node.meta or not node.all_input_nodes:
+            continue
+        if node.op == "call_module" and isinstance(modules[str(node.target)], _LINEAR_MODULES):
+            weight = modules[str(node.target)].weight
+            op, w, per_out = type(modules[str(node.target)]).__name__, weight.numel(), weight.numel() // weight.shape[0]
+        elif node.op == "call_function" and node.target in _WEIGHTED_FUNCTIONS and len(node.all_input_nodes) > 1:
+            shape = _shape(node.all_input_nodes[1])
+            op, w, per_out = node.target.__name__, math.prod(shape), math.prod(shape) // shape[0]
+        elif node.target in _MATMULS and node.op in ("call_function", "call_method") and len(node.all_input_nodes) > 1:
+            a, b = (_shape(n) for n in node.all_input_nodes[:2])
+            op, w, per_out = "matmul", math.prod(b) // (batch if b[:1] == (batch,) and len(b) > 2 else 1), a[-1]
+        else:
+            continue
+        output = _numel(node) // batch
+        name = str(node.target) if node.op == "call_module" else node.name
+        out.append(LinearCount(name, op, _numel(node.all_input_nodes[0]) // batch, w, output, output * per_out))
+    return out
+
+
+def _shape(node: Node) -> tuple[int, ...]:
+    tm = node.meta.get("tensor_meta")
+    return tuple(int(d) for d in tm.shape) if hasattr(tm, "shape") else ()
+
+
+def _numel(node: Node) -> int:
+    return math.prod(_shape(node)) if _shape(node) else 0
 
 
 def relu_depth(gm: GraphModule) -> int:

@@ -20,6 +20,8 @@ import passes
 from . import distributed
 from ._count import relu_count
 from ._errors import SnlFxError
+from ._export import check_exports
+from ._validate import check_data
 from ._snl import (
     LambdaSchedule,
     binarize,
@@ -98,7 +100,9 @@ def linearize(
     cfg = _config(train_options)
     device = cfg.resolved_device()
     distributed.init_from_env(device)
+    check_data(data, example_input)  # (input, label) pairs shaped like the example: fail now, not mid-training
     gm = prepare(model, example_input, granularity, skip=skip, concrete_args=concrete_args, leaf_modules=leaf_modules)
+    check_exports(gm, example_input)  # an unexportable model fails in seconds, before training
     total = total_relus(gm)
     budget = resolve_budget(budget, total)
     before = site_relu_counts(gm)

@@ -20,7 +20,7 @@ from google.protobuf.message import Error as ProtobufError
 from onnx import numpy_helper
 
 from ._errors import SnlFxError
-from ._report import OtherCount, ReluReport, SiteCount
+from ._report import LinearCount, OtherCount, ReluReport, SiteCount
 
 # ONNX op -> the torch side's kind name (passes/spellings.py); comparisons = output elements.
 _ELEMENTWISE_KINDS: dict[str, str] = {
@@ -37,6 +37,7 @@ _ELEMENTWISE_KINDS: dict[str, str] = {
     "HardSwish": "hardswish",
     "Mish": "mish",
 }
+_LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 _GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
 _FLOAT_MAX = float(np.finfo(np.float32).max)
@@ -67,6 +68,7 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
 
     sites: list[SiteCount] = []
     others: list[OtherCount] = []
+    linear: list[LinearCount] = []
     notes: list[str] = []
     relu_nodes: set[int] = set()
     ops_counted: Counter[str] = Counter()
@@ -76,6 +78,13 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
         if node.op_type in _SUBGRAPH_OPS or any(a.type in _GRAPH_ATTRS for a in node.attribute):
             subgraph_ops.add(node.op_type)
         if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in _LINEAR_OPS:
+            layer = _linear_count(node, name, shapes, initializers, batch)
+            if layer is None:
+                notes.append(f"{node.op_type} node '{name}' has no inferred shapes; left out of the linear layers")
+            else:
+                linear.append(layer)
             continue
         relu_op, kind = _classify(node, consts, opset)
         if relu_op is not None:
@@ -112,7 +121,26 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
         relu_depth=_relu_depth(graph, relu_nodes),
         others=others,
         notes=notes,
+        linear=linear,
+        outputs=sum(_per_sample(shapes.get(v.name) or (), batch) for v in graph.output),
     )
+
+
+def _linear_count(node: onnx.NodeProto, name: str, shapes: _Shapes, initializers: dict, batch: int) -> LinearCount | None:
+    """Sizes of a Conv/ConvTranspose/Gemm/MatMul node; None when a shape is unknown."""
+    a, b, y = shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0])
+    if a is None or b is None or y is None:
+        return None
+    output = _per_sample(y, batch)
+    if node.op_type == "Conv":
+        per_output = math.prod(b[1:])
+    elif node.op_type == "ConvTranspose":
+        per_output = b[0] * math.prod(b[2:]) // max(a[1], 1)
+    else:
+        trans_a = any(at.name == "transA" and at.i for at in node.attribute)
+        per_output = a[0] if trans_a else a[-1]
+    weight = math.prod(b) if node.input[1] in initializers or len(b) < 3 else _per_sample(b, batch)
+    return LinearCount(name, node.op_type, _per_sample(a, batch), weight, output, output * per_output)
 
 
 def _load(path: str | os.PathLike) -> onnx.ModelProto:

@@ -51,6 +51,22 @@ class OtherCount:
     comparisons: int
 
 
+@dataclass(frozen=True)
+class LinearCount:
+    """A layer with a weight operand (Conv, Gemm/Linear, MatMul): element counts for one sample.
+
+    ``weight`` is the second operand (a weight, or an activation for MatMul of two activations);
+    ``macs`` are the multiply-accumulates of one sample.
+    """
+
+    name: str
+    op: str
+    input: int
+    weight: int
+    output: int
+    macs: int
+
+
 @dataclass
 class ReluReport:
     """What ``relu_count`` found: ``total`` is ReLUs per sample, whatever the batch size."""
@@ -61,6 +77,8 @@ class ReluReport:
     others: list[OtherCount] = field(default_factory=list)
     ungateable: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    linear: list[LinearCount] = field(default_factory=list)
+    outputs: int = 0  # elements per sample of the model's outputs (what a PI backend reveals)
 
     @property
     def total(self) -> int:

@@ -44,12 +44,23 @@ def _relu_count(args: argparse.Namespace) -> int:
         if not shapes:
             raise SnlFxError("a torch model spec needs --input-shape, e.g. --input-shape 1,3,32,32")
         report = relu_count(load_model_spec(target), example_inputs(shapes))
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+    cost = None
+    if args.protocol or args.network:
+        from ._cost import pi_cost
+
+        cost = pi_cost(report, protocol=args.protocol or "crypten", network=args.network or "wan")
+    if args.json:
+        out = report.to_dict()
+        if cost is not None:
+            out["pi_cost"] = cost.to_dict()
+        print(json.dumps(out, indent=2))
+    else:
+        print(report.table() if cost is None else f"{report.table()}\n\n{cost.table()}")
     return 0
 
 
 def relu_count_main(argv: Sequence[str] | None = None) -> int:
-    """``relu-count MODEL [--input-shape 1,3,32,32] [--json]``."""
+    """``relu-count MODEL [--input-shape 1,3,32,32] [--protocol P] [--network lan|wan|MBPS,RTT_MS] [--json]``."""
     parser = argparse.ArgumentParser(
         prog="relu-count",
         description="Count ReLUs per sample, site by site, in a torch model or an ONNX file, "
@@ -62,6 +73,14 @@ def relu_count_main(argv: Sequence[str] | None = None) -> int:
         default=[],
         metavar="N,C,H,W",
         help="example input shape, batch first (repeat for several inputs); pins dynamic ONNX dims",
+    )
+    parser.add_argument(
+        "--protocol",
+        help="predict private-inference bytes, rounds and latency per layer under this protocol: crypten, "
+        "spu-cheetah, spu-semi2k (calibrated), delphi, sci, cheetah (literature, ReLUs only); JSON key 'pi_cost'",
+    )
+    parser.add_argument(
+        "--network", help="for --protocol: lan (1 Gbit/s, 0.5 ms RTT), wan (100 Mbit/s, 40 ms; default) or MBPS,RTT_MS"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object; its 'total' is ReLUs per sample")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and warnings")

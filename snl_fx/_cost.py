@@ -1,0 +1,348 @@
+"""A calibrated private-inference cost model: bytes, rounds and latency per layer and per model.
+
+Each layer of a :class:`ReluReport` (linear layers, ReLU sites, max-pools, the revealed output)
+becomes a few *features* (elements in, weight elements, kept ReLUs, ...). A protocol's cost is a
+linear function of them whose coefficients were measured on each backend by
+``benchmarks/pi_calibrate.py`` and checked in as ``pi_constants.json`` (with backend, date and
+command); the literature protocols of :data:`PROTOCOLS` price ReLUs only. Latency adds the
+network: ``compute + bytes / bandwidth + rounds * RTT``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._errors import SnlFxError
+from ._report import PROTOCOLS, LinearCount, ReluReport
+
+CONSTANTS_PATH = Path(__file__).with_name("pi_constants.json")
+MEASURED_PROTOCOLS = ("crypten", "spu-cheetah", "spu-semi2k")
+KINDS = ("linear", "relu", "maxpool", "other", "output")
+
+
+@dataclass(frozen=True)
+class Network:
+    """A link between the two parties: bandwidth in Mbit/s and round-trip time in ms."""
+
+    name: str
+    mbps: float
+    rtt_ms: float
+
+    def seconds(self, nbytes: float, rounds: float) -> float:
+        """Time on the wire: ``bytes / bandwidth + rounds * RTT``."""
+        return nbytes * 8 / (self.mbps * 1e6) + rounds * self.rtt_ms / 1e3
+
+
+NETWORKS = {"lan": Network("lan", 1000.0, 0.5), "wan": Network("wan", 100.0, 40.0)}
+
+
+def parse_network(spec: str | Network) -> Network:
+    """``"lan"`` (1 Gbit/s, 0.5 ms RTT), ``"wan"`` (100 Mbit/s, 40 ms RTT) or ``"MBPS,RTT_MS"``."""
+    if isinstance(spec, Network):
+        return spec
+    text = str(spec).strip().lower()
+    if text in NETWORKS:
+        return NETWORKS[text]
+    parts = text.split(",")
+    try:
+        mbps, rtt = (float(p) for p in parts)
+    except ValueError:
+        raise SnlFxError(f"network must be lan, wan or MBPS,RTT_MS (e.g. 100,40), got {spec!r}") from None
+    if not (mbps > 0 and rtt >= 0):
+        raise SnlFxError(f"network {spec!r}: bandwidth must be > 0 Mbit/s and RTT >= 0 ms")
+    return Network(f"{mbps:g},{rtt:g}", mbps, rtt)
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """One protocol's coefficients per feature: ``bytes``, ``rounds`` and compute ``seconds``.
+
+    A feature missing from a table means its cost is not known for this protocol (``None``);
+    ``rounds`` is None when the protocol's rounds are not known at all.
+    """
+
+    name: str
+    bytes: dict[str, float]
+    rounds: dict[str, float] | None
+    seconds: dict[str, float]
+    source: str
+    measured: dict[str, Any] | None = None  # backend, date, command of the calibration
+
+    def _dot(self, table: dict[str, float] | None, features: dict[str, float]) -> float | None:
+        if table is None or any(v and k not in table for k, v in features.items()):
+            return None
+        return sum(table[k] * v for k, v in features.items() if v)
+
+
+def protocols() -> tuple[str, ...]:
+    """Every protocol :func:`pi_cost` prices: the calibrated ones, then the literature ones."""
+    measured = tuple(p for p in MEASURED_PROTOCOLS if p in _load_constants())
+    return measured + tuple(p.name for p in PROTOCOLS if p.name not in measured)
+
+
+def cost_table(protocol: str) -> CostTable:
+    """The coefficients of ``protocol``; a one-line SnlFxError names the protocols known."""
+    constants = _load_constants()
+    if protocol in constants:
+        entry = constants[protocol]
+        return CostTable(protocol, entry["bytes"], entry["rounds"], entry["seconds"], entry["source"],
+                         {k: entry[k] for k in ("backend", "date", "command")})
+    if protocol in MEASURED_PROTOCOLS:
+        raise SnlFxError(
+            f"protocol {protocol!r} has no calibrated constants yet: run benchmarks/pi_calibrate.py --backend {protocol}"
+        )
+    for p in PROTOCOLS:
+        if p.name == protocol:
+            rounds = None if p.rounds_per_layer is None else {"relu": 0.0, "relu_layer": float(p.rounds_per_layer)}
+            return CostTable(p.name, {"relu": p.bytes_per_relu, "relu_layer": 0.0}, rounds,
+                             {"relu": p.seconds_per_relu, "relu_layer": p.seconds_per_layer},
+                             p.source + " (literature; ReLU cost only)")
+    raise SnlFxError(f"unknown protocol {protocol!r}; choose one of: {', '.join(protocols())}")
+
+
+@functools.cache
+def _load_constants() -> dict[str, dict[str, Any]]:
+    try:
+        return json.loads(CONSTANTS_PATH.read_text())["protocols"]
+    except FileNotFoundError:
+        return {}
+
+
+# ---- features: what a layer is made of, one place for the model and its calibration ----
+
+def linear_features(layer: LinearCount) -> dict[str, float]:
+    """Features of a linear layer (conv, gemm, matmul): its input, weight and output sizes."""
+    return {"linear_input": layer.input, "linear_weight": layer.weight, "linear_output": layer.output,
+            "linear_layer": 1, "mac": layer.macs}
+
+
+def relu_features(kept: int) -> dict[str, float]:
+    """Features of one ReLU site that evaluates ``kept`` ReLUs (0 kept: the layer is gone)."""
+    return {"relu": kept, "relu_layer": 1} if kept else {}
+
+
+def maxpool_features(window: int, outputs: int) -> dict[str, float]:
+    """Features of a max-pool of ``outputs`` outputs over windows of ``window`` elements."""
+    return {f"maxpool{window}_output": outputs, f"maxpool{window}_layer": 1, "comparison": outputs * (window - 1)}
+
+
+def output_features(elements: int) -> dict[str, float]:
+    """Features of one inference as a whole: revealing ``elements`` outputs, fixed costs."""
+    return {"output": elements, "fixed": 1}
+
+
+_COMPUTE_ONLY = {"mac", "comparison"}  # features that price compute time only
+
+
+def price(features: dict[str, float], protocol: str | CostTable) -> tuple[float | None, int | None, float | None]:
+    """(bytes, rounds, compute seconds) of features under ``protocol``; None where not known."""
+    table = protocol if isinstance(protocol, CostTable) else cost_table(protocol)
+    traffic = {k: v for k, v in features.items() if k not in _COMPUTE_ONLY}
+    nbytes = table._dot(table.bytes, traffic)
+    rounds = table._dot(table.rounds, traffic)
+    rounds = None if rounds is None else int(round(rounds))
+    if nbytes is None:
+        return None, rounds, None
+    timing = {k: v for k, v in features.items() if k in table.seconds}  # unlisted features: no compute time
+    if rounds is not None and "round" in table.seconds:
+        timing["round"] = rounds
+    return nbytes, rounds, table._dot(table.seconds, timing)
+
+
+def relu_site_cost(kept: int, protocol: str = "crypten") -> tuple[float, int | None]:
+    """(bytes, rounds) of one ReLU site that keeps ``kept`` ReLUs; for cost-aware training."""
+    nbytes, rounds, _ = price(relu_features(kept), protocol)
+    return nbytes or 0.0, rounds
+
+
+def linear_cost(layers: Iterable[LinearCount], protocol: str = "crypten") -> tuple[float | None, int | None]:
+    """(bytes, rounds) of the linear layers (e.g. ``relu_count(...).linear``); None if not known."""
+    total_bytes, total_rounds = 0.0, 0
+    for layer in layers:
+        nbytes, rounds, _ = price(linear_features(layer), protocol)
+        if nbytes is None or rounds is None:
+            return nbytes, rounds
+        total_bytes, total_rounds = total_bytes + nbytes, total_rounds + rounds
+    return total_bytes, total_rounds
+
+
+# ---- the result ----
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One layer's cost for one sample; None where the protocol does not say (see ``note``)."""
+
+    name: str
+    kind: str  # linear, relu, maxpool, other, output
+    op: str
+    elements: int  # kept ReLUs, linear/max-pool/other outputs, revealed outputs
+    bytes: float | None
+    rounds: int | None
+    compute_seconds: float | None
+    seconds: float | None  # compute + bytes / bandwidth + rounds * RTT
+    note: str = ""
+
+
+@dataclass
+class PiCost:
+    """Predicted private-inference cost of one inference of one sample (traffic both directions)."""
+
+    protocol: str
+    network: Network
+    source: str
+    layers: list[LayerCost]
+    calibration: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def _sum(self, attr: str, kinds: Iterable[str] = KINDS) -> Any:
+        values = [getattr(layer, attr) for layer in self.layers if layer.kind in kinds]
+        known = [v for v in values if v is not None]
+        return sum(known) if known or not values else None
+
+    @property
+    def bytes(self) -> float:
+        """Known bytes (layers whose cost the protocol does not give are left out: see notes)."""
+        return self._sum("bytes") or 0.0
+
+    @property
+    def rounds(self) -> int | None:
+        """Rounds of all layers, added up: the backends run one op after another."""
+        return self._sum("rounds")
+
+    @property
+    def compute_seconds(self) -> float:
+        return self._sum("compute_seconds") or 0.0
+
+    @property
+    def seconds(self) -> float:
+        """Estimated latency: compute + bytes / bandwidth + rounds * RTT."""
+        return self.compute_seconds + self.network.seconds(self.bytes, self.rounds or 0)
+
+    def by_kind(self) -> dict[str, dict[str, float | int | None]]:
+        """Bytes, rounds and latency of each kind of layer (linear, relu, maxpool, other, output)."""
+        out = {}
+        for kind in KINDS:
+            if any(layer.kind == kind for layer in self.layers):
+                out[kind] = {a: self._sum(a, (kind,)) for a in ("bytes", "rounds", "compute_seconds", "seconds")}
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: protocol, network, bytes, rounds, seconds, by_kind, layers, source, notes."""
+        return {
+            "protocol": self.protocol,
+            "network": asdict(self.network),
+            "bytes": self.bytes,
+            "rounds": self.rounds,
+            "compute_seconds": self.compute_seconds,
+            "seconds": self.seconds,
+            "by_kind": self.by_kind(),
+            "layers": [asdict(layer) for layer in self.layers],
+            "source": self.source,
+            "calibration": self.calibration,
+            "notes": self.notes,
+        }
+
+    def table(self) -> str:
+        """Per-layer rows, then totals per kind and the whole model, for people."""
+
+        def fmt(v: Any, spec: str) -> str:
+            return "?" if v is None else format(v, spec)
+
+        rows = [("layer", "kind", "op", "elements", "bytes", "rounds", "seconds")]
+        rows += [(c.name, c.kind, c.op, f"{c.elements:,}", fmt(c.bytes, ",.0f"), fmt(c.rounds, "d"),
+                  fmt(c.seconds, ".4f")) for c in self.layers]
+        widths = [max(len(r[i]) for r in rows) for i in range(7)]
+        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        net = self.network
+        lines.append(f"\nprivate inference under {self.protocol}, network {net.name} ({net.mbps:g} Mbit/s, "
+                     f"{net.rtt_ms:g} ms RTT), one sample:")
+        total_bytes, total_rounds = self.bytes, self.rounds
+        for kind, c in self.by_kind().items():
+            share = f" ({c['bytes'] / total_bytes:.1%} of bytes)" if c["bytes"] is not None and total_bytes else ""
+            lines.append(f"  {kind:8s} {fmt(c['bytes'] and c['bytes'] / 1e6, '10.3f')} MB{share}  "
+                         f"{fmt(c['rounds'], 'd')} rounds  {fmt(c['seconds'], '.3f')} s")
+        lines.append(f"  total    {total_bytes / 1e6:10.3f} MB  {fmt(total_rounds, 'd')} rounds  "
+                     f"{self.seconds:.3f} s (compute {self.compute_seconds:.3f} s)")
+        lines.append(f"source: {self.source}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def pi_cost(
+    model_or_onnx: Any,
+    example_input: Any = None,
+    protocol: str = "crypten",
+    network: str | Network = "wan",
+    *,
+    input_shapes: list[tuple[int, ...]] | None = None,
+) -> PiCost:
+    """Predict bytes, rounds and latency of one private inference, per layer and in all.
+
+    ``model_or_onnx``: a torch module (with ``example_input``), an ONNX file, or a
+    :class:`ReluReport`. ``protocol``: one of :func:`protocols` (crypten, spu-cheetah,
+    spu-semi2k: calibrated; delphi, sci, cheetah: literature, ReLUs only). ``network``: ``lan``,
+    ``wan`` or ``"MBPS,RTT_MS"``. Costs are for one sample whatever the batch size.
+    """
+    table = cost_table(protocol)
+    net = parse_network(network)
+    if isinstance(model_or_onnx, ReluReport):
+        report = model_or_onnx
+    else:
+        from ._count import relu_count
+
+        if isinstance(model_or_onnx, (str, os.PathLike)):
+            report = relu_count(model_or_onnx, input_shapes=input_shapes)
+        else:
+            report = relu_count(model_or_onnx, example_input)
+    return cost_from_report(report, table, net)
+
+
+def layer_features(report: ReluReport) -> list[tuple[str, str, str, int, dict[str, float]]]:
+    """(name, kind, op, elements, features) of every priced layer of ``report``, output last."""
+    rows: list[tuple[str, str, str, int, dict[str, float]]] = []
+    rows += [(la.name, "linear", la.op, la.output, linear_features(la)) for la in report.linear]
+    rows += [(s.name, "relu", s.op, s.relus, relu_features(s.relus)) for s in report.sites if s.relus]
+    for other in report.others:
+        outputs = _numel(other.shape)
+        if other.kind == "maxpool":
+            window = other.comparisons // max(1, outputs) + 1
+            rows.append((other.name, "maxpool", f"maxpool{window}", outputs, maxpool_features(window, outputs)))
+        else:
+            rows.append((other.name, "other", other.kind, other.comparisons, {other.kind: other.comparisons}))
+    rows.append(("output", "output", "reveal", report.outputs, output_features(report.outputs)))
+    return rows
+
+
+def cost_from_report(report: ReluReport, table: CostTable, network: Network) -> PiCost:
+    """Price every layer of ``report`` under ``table`` and ``network``."""
+    literature = table.measured is None
+    layers: list[LayerCost] = []
+    for name, kind, op, elements, features in layer_features(report):
+        nbytes, rounds, compute = price(features, table)
+        seconds = None if nbytes is None else compute + network.seconds(nbytes, rounds or 0)
+        note = ""
+        if nbytes is None:
+            note = f"not known for {table.name}: its source prices ReLUs only" if literature else \
+                f"{op} not calibrated for {table.name}"
+        layers.append(LayerCost(name, kind, op, elements, nbytes, rounds, compute, seconds, note))
+    notes = sorted({f"{layer.kind} layers: {layer.note}" for layer in layers if layer.note})
+    if table.rounds is None:
+        notes.append(f"rounds: not known for {table.name}; latency counts no round trips")
+    if report.ungateable:
+        notes.append("ReLUs inside leaf modules (not gateable) are not priced")
+    notes.append("adds, reshapes, gathers, concats, average pools, folded BatchNorms: local under secret sharing, free")
+    return PiCost(table.name, network, table.source, layers, table.measured, notes)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
