@@ -65,7 +65,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(INPUTS), choices=list(INPUTS))
     args = parser.parse_args()
-    print("| model | block made linear | conv nodes | BN nodes | MACs per sample | adjacent conv pairs | max abs diff | ReLUs |")
+    columns = ["model", "block made linear", "conv nodes", "BN nodes", "MACs per sample", "adjacent conv pairs",
+               "max abs diff", "ReLUs"]
+    print("| " + " | ".join(columns) + " |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         x = torch.randn(*INPUTS[name])

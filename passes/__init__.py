@@ -1,7 +1,8 @@
 """Pure torch.fx graph passes for Selective Network Linearization (GraphModule in, GraphModule out).
 
 Order of use: ``trace`` -> ``find_relus`` -> ``make_out_of_place`` -> ``insert_gates`` ->
-(train, binarize: the ``snl_fx`` package) -> ``lower_gates`` -> ``merge_linear`` (optional). This package never imports snl_fx.
+(train, binarize: the ``snl_fx`` package) -> ``lower_gates`` -> ``merge_linear`` (optional).
+This package never imports snl_fx.
 """
 
 from .errors import PassError

@@ -238,6 +238,7 @@ class _Merger:
     def __init__(self, gm: GraphModule) -> None:
         self.gm = gm
         self.modules = dict(gm.named_modules())
+        self.refused: set[tuple[str, ...]] = set()  # node names of candidates should_merge declined
 
     def op(self, node: Node) -> tuple[nn.Module | None, _Conv | _Linear | None]:
         """The module of a single-input call_module node and its linear form, if it has one."""
@@ -257,6 +258,8 @@ class _Merger:
         a_mod, a = self.op(a_node)
         if a is None or type(a) is not type(b) or not self._only_feeds(a_node, b_node):
             return None
+        if (a_node.name, b_node.name) in self.refused:
+            return None
         x = a_node.args[0]
         in_shape, mid_shape, out_shape = _shape(x), _shape(a_node), _shape(b_node)
         if isinstance(a, _Conv):
@@ -274,7 +277,8 @@ class _Merger:
             merged = _Linear(b.weight @ a.weight, bias)
             before = _linear_macs(a, mid_shape) + _linear_macs(b, out_shape)
             after = _linear_macs(merged, out_shape)
-        return self._candidate("chain", (a_node, b_node), (a_mod, b_mod), merged, in_shape, out_shape, (mid_shape,), before, after)
+        nodes, mods = (a_node, b_node), (a_mod, b_mod)
+        return self._candidate("chain", nodes, mods, merged, in_shape, out_shape, (mid_shape,), before, after)
 
     def _branch(self, node: Node, add: Node) -> tuple[nn.Module | None, _Conv | _Linear | None, Node]:
         """(module, linear form, input) of one operand of an add; an identity operand is its own input."""
@@ -284,11 +288,15 @@ class _Merger:
         return None, None, node
 
     def shortcut(self, add: Node) -> MergeCandidate | None:
-        is_add = (add.op == "call_function" and add.target in _ADDS) or (add.op == "call_method" and add.target == "add")
+        is_add = (add.op == "call_function" and add.target in _ADDS) or (
+            add.op == "call_method" and add.target == "add"
+        )
         if not is_add or add.kwargs or len(add.args) != 2 or not all(isinstance(n, Node) for n in add.args):
             return None
         (m1, f1, x), (m2, f2, x2) = (self._branch(n, add) for n in add.args)
         if x is not x2 or (f1 is None and f2 is None) or add.args[0] is add.args[1]:
+            return None
+        if (*(n.name for n in add.args), add.name) in self.refused:
             return None
         out_shape, in_shape = _shape(add), _shape(x)
         if any(_shape(n) != out_shape for n in add.args):
@@ -313,8 +321,8 @@ class _Merger:
             return None
         before = sum(macs(f, out_shape) for f in (f1, f2) if f is not None)
         inner = tuple(_shape(n) for n, f in zip(add.args, (f1, f2)) if f is not None)
-        nodes = (*add.args, add)
-        return self._candidate("shortcut", nodes, (m1, m2, "add"), merged, in_shape, out_shape, inner, before, macs(merged, out_shape))
+        nodes, mods, after = (*add.args, add), (m1, m2, "add"), macs(merged, out_shape)
+        return self._candidate("shortcut", nodes, mods, merged, in_shape, out_shape, inner, before, after)
 
     def _candidate(self, kind, nodes, mods, merged, in_shape, out_shape, inner, before, after) -> MergeCandidate:
         ops = tuple(m if isinstance(m, str) else "identity" if m is None else type(m).__name__ for m in mods)
@@ -371,7 +379,6 @@ def merge_linear(gm: GraphModule, should_merge: Callable[[MergeCandidate], bool]
     """
     decide = should_merge or default_should_merge
     merger = _Merger(gm)
-    refused: set[tuple[str, ...]] = set()
     changed = True
     while changed:
         changed = False
@@ -379,11 +386,8 @@ def merge_linear(gm: GraphModule, should_merge: Callable[[MergeCandidate], bool]
             candidate = merger.chain(node) or merger.shortcut(node)
             if candidate is None:
                 continue
-            key = tuple(n.name for n in candidate.nodes)
-            if key in refused:
-                continue
             if not decide(candidate):
-                refused.add(key)
+                merger.refused.add(tuple(n.name for n in candidate.nodes))
                 continue
             merger.apply(candidate)
             changed = True

@@ -153,6 +153,13 @@ def test_shortcut_adds_fold_into_one_op():
     assert kinds(out) == {"Conv2d": 2, "Linear": 1}  # the two linears merge after the shortcut folds
     convs = [m for m in out.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.kernel_size, c.stride, c.groups) for c in convs] == [((3, 3), (2, 2), 1), ((3, 3), (1, 1), 2)]
+    asked = []
+    _, kept = merged(Shortcuts(), torch.randn(3, 4, 10, 10), should_merge=lambda c: asked.append(c) and False)
+    assert kinds(kept) == kinds(gm)  # each candidate declined, and asked once
+    assert [(c.kind, c.ops) for c in asked] == [
+        ("shortcut", ("Conv2d", "Conv2d", "add")), ("shortcut", ("Conv2d", "identity", "add")),
+        ("shortcut", ("Linear", "identity", "add")),
+    ]
 
 
 class Blocked(nn.Module):
