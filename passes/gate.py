@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -117,6 +118,12 @@ def insert_gates(gm: GraphModule, granularity: str = "pixel", skip: Sequence[str
     """
     meta = get_meta(gm)
     gate_shapes = {s.name: gate_shape(s, granularity) for s in meta.sites}  # validates granularity
+    if isinstance(skip, str):
+        raise PassError(f"skip must be a list of site-name patterns, not the string {skip!r}: use [{skip!r}]")
+    unmatched = [p for p in skip if not any(fnmatch.fnmatchcase(s.name, p) for s in meta.sites)]
+    if unmatched:
+        names = ", ".join(s.name for s in meta.sites[:6]) + (", ..." if len(meta.sites) > 6 else "")
+        warnings.warn(f"skip pattern(s) {unmatched} match no ReLU site (sites: {names})", stacklevel=2)
     nodes = {n.name: n for n in gm.graph.nodes}
     for site in meta.sites:
         if any(fnmatch.fnmatchcase(site.name, p) for p in skip):

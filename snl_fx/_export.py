@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +65,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     names = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
     dynamic = None if profile == "pi" else {n: {0: "batch"} for n in names + ["output"]}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _stdout_silenced():  # torch dumps its IR graph on a failed export
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model, args, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
@@ -83,6 +86,55 @@ def export_onnx(
     if counted != expected:
         raise SnlFxError(f"{path} computes {counted} ReLUs per sample, the torch model {expected}")
     return ExportResult(path, error, counted)
+
+
+def check_exports(gm: torch.fx.GraphModule, example_input: Any, profiles: tuple[str, ...] = ("default",)) -> None:
+    """Raise SnlFxError now, before training, if the lowered model will not export (or load).
+
+    ``gm`` comes from :func:`snl_fx.prepare`. A copy is binarized with every other element (or
+    channel) of each gate kept, so every kind of lowered site (partial, and whole layers where a
+    gate has one element) is exported with each profile to a temporary file and checked as
+    :func:`export_onnx` checks it; a ``pi`` file is also loaded by CrypTen when it is installed.
+    """
+    import tempfile
+
+    from ._snl import binarize, convert, ungated_relus
+
+    trial = copy.deepcopy(gm).cpu()
+    meta = passes.get_meta(trial)
+    scores = {name: (torch.arange(g.weight.numel()) % 2 == 0).float().view_as(g.weight)
+              for name, g in passes.gates(trial).items()}
+    kept = sum(int(c.sum()) * (meta.site(name).numel // c.numel()) for name, c in scores.items())
+    binarize(trial, ungated_relus(trial) + kept, scores)
+    lowered = convert(trial)
+    args = tuple(a[:1] for a in passes.as_args(example_input))
+    with tempfile.TemporaryDirectory(prefix="snl_fx_check_") as tmp:
+        for profile in profiles:
+            path = Path(tmp) / f"{profile}.onnx"
+            try:
+                export_onnx(lowered, args, path, profile=profile)
+                if profile == "pi":
+                    _crypten_loads(path)
+            except Exception as exc:  # noqa: BLE001 - any failure here is the model's, found early
+                text = " ".join(str(exc).split())[:300]
+                raise SnlFxError(
+                    f"the linearized model would not export (profile {profile!r}); found before training: "
+                    f"{type(exc).__name__}: {text}"
+                ) from None
+
+
+def _crypten_loads(path: Path) -> None:
+    """Load ``path`` with CrypTen's ONNX importer when CrypTen is installed (no MPC run)."""
+    import io
+    import importlib.util
+
+    if importlib.util.find_spec("crypten") is None:
+        return
+    from .pi import import_crypten
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import_crypten().nn.from_onnx(io.BytesIO(path.read_bytes()))
 
 
 class Affine(nn.Module):
@@ -163,6 +215,21 @@ def remove_identities(proto: onnx.ModelProto) -> None:
         node.input[:] = [source(i) for i in node.input]
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+@contextlib.contextmanager
+def _stdout_silenced() -> Iterator[None]:
+    """Send file descriptor 1 to /dev/null (the exporter's C++ log writes there, past sys.stdout)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _torch_out(model: nn.Module, args: tuple) -> np.ndarray:
