@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import math
+import re
 
 import torch
 import torch.nn as nn
@@ -44,14 +46,32 @@ def load_model_spec(spec: str) -> nn.Module:
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
-    """``"1,3,32,32"`` -> ``(1, 3, 32, 32)``; every dim a positive integer."""
-    try:
-        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
-    except ValueError:
-        raise SnlFxError(f"--input-shape {text!r} is not a comma-separated list of integers, e.g. 1,3,32,32") from None
-    if not dims or any(d <= 0 for d in dims):
+    """``"1,3,32,32"`` (or ``"1x3x32x32"``) -> ``(1, 3, 32, 32)``; every dim a positive integer."""
+    fields = re.split(r"[,x]", text.strip())
+    if not all(re.fullmatch(r"\s*\d+\s*", f) for f in fields):
+        raise SnlFxError(f"--input-shape {text!r} is not a list of positive integers, e.g. 1,3,32,32")
+    dims = tuple(int(f) for f in fields)
+    if any(d <= 0 for d in dims):
         raise SnlFxError(f"--input-shape {text!r} needs positive dims, e.g. 1,3,32,32")
     return dims
+
+
+def parse_budget(text: str) -> int | float:
+    """``"15000"`` -> 15000 ReLUs per sample; ``"0.05"``, ``"5e-2"`` or ``"5%"`` -> the fraction 0.05."""
+    forms = "a ReLU count (an integer such as 15000), a fraction in (0, 1) such as 0.05, or a percentage such as 5%"
+    t = text.strip()
+    if re.fullmatch(r"\d+", t):
+        return int(t)
+    if re.fullmatch(r"\d+(\.\d*)?%|\.\d+%", t):
+        value = float(t[:-1]) / 100
+    else:
+        try:
+            value = float(t)
+        except ValueError:
+            value = math.nan
+    if not 0 < value < 1:  # also refuses nan, inf, 1,000 and counts written as floats
+        raise SnlFxError(f"--budget {text!r} is not {forms}")
+    return value
 
 
 def example_inputs(shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:

@@ -12,25 +12,74 @@ from collections.abc import Callable, Sequence
 from passes import PassError
 
 from ._errors import SnlFxError
-from ._spec import example_inputs, load_model_spec, parse_shape
+from ._spec import example_inputs, load_model_spec, parse_budget, parse_shape
 
 
 def _run(prog: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a command; user errors become one line on stderr and exit code 2 (``--debug``: traceback)."""
-    if not getattr(args, "debug", False):
+    """Run a command: a user-caused failure is one line on stderr and exit code 2, an internal
+    error one line saying so and exit code 1 (``--debug``: the traceback); a closed stdout
+    (``| head``) ends quietly with 141, as a process killed by SIGPIPE does."""
+    debug = getattr(args, "debug", False)
+    if not debug:
         warnings.simplefilter("ignore")  # library noise (deprecations) stays hidden; ours is shown
         warnings.filterwarnings("default", category=UserWarning, module=r"(snl_fx|passes)")
         warnings.showwarning = lambda message, *_, **__: print(f"{prog}: warning: {message}", file=sys.stderr)
+    set_default_threads(getattr(args, "threads", None))
     try:
         return body(args)
-    except PassError as exc:
-        if args.debug:
-            raise
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
+    except Exception as exc:
+        if debug:
+            raise
+        message = _user_error(exc)
+        if message is None:
+            print(f"{prog}: internal error: {_one_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
+            return 1
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+
+
+def _user_error(exc: BaseException) -> str | None:
+    """The one-line message of a failure the user caused (bad input, missing file, no memory), else None."""
+    if isinstance(exc, PassError):
+        return " ".join(str(exc).split())
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and _is_oom(str(exc))):
+        return f"out of memory ({_one_line(exc)[:200]}): use a smaller input shape or batch size"
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}"
+    return None
+
+
+def _is_oom(text: str) -> bool:
+    return any(s in text for s in ("can't allocate memory", "CUDA out of memory", "out of memory", "Tried to allocate"))
+
+
+def set_default_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads: ``threads`` if given, else leave an explicit OMP_NUM_THREADS
+    alone, else all usable cores but one (at least 1). Returns the number in use.
+
+    torch's default (one OpenMP thread per core) collapses when another process takes a core:
+    a thread waiting at a barrier for a descheduled sibling (see BENCHMARKS.md, threads).
+    """
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise SnlFxError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores - 1))
+    return torch.get_num_threads()
 
 
 def _relu_count(args: argparse.Namespace) -> int:
@@ -38,6 +87,8 @@ def _relu_count(args: argparse.Namespace) -> int:
 
     shapes = [parse_shape(s) for s in args.input_shape]
     target = args.model
+    if os.path.isdir(target):
+        raise SnlFxError(f"{target} is a directory: give an .onnx file or a model spec (package.module:factory)")
     if target.endswith(".onnx") or os.path.isfile(target):
         report = relu_count(target, input_shapes=shapes or None)
     else:
@@ -97,9 +148,7 @@ def _linearize(args: argparse.Namespace) -> int:
     from .data import split_train_val
     from .plots import plot_relus_per_layer
 
-    if args.epochs < 0 or args.finetune_epochs < 0 or args.pretrain_epochs < 0:
-        raise SnlFxError("epoch counts must be >= 0")
-    budget = float(args.budget) if "." in args.budget else int(args.budget)
+    budget = _check_linearize_args(args)
     cfg = TrainConfig(
         epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr, gate_lr=args.gate_lr,
         lambda0=args.lambda0, kappa=args.kappa, eps=args.eps, schedule=args.schedule, finetune_lr=args.finetune_lr,
@@ -109,6 +158,8 @@ def _linearize(args: argparse.Namespace) -> int:
     train, test = jobs.load_datasets(args.data, args.data_root, args.subset, args.seed)
     fit, val = split_train_val(train, 0.1, seed=args.seed)
     model = jobs.build_model(args.model, args.data)
+    example = next(iter(torch.utils.data.DataLoader(fit, batch_size=32)))[0]
+    _check_fits(model, example, args)
     if args.weights:
         try:
             model.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
@@ -118,7 +169,6 @@ def _linearize(args: argparse.Namespace) -> int:
         key = {"model": args.model, "data": args.data, "subset": args.subset}
         jobs.pretrain(model, fit, val, cfg, args.pretrain_epochs, cache_dir=args.out, cache_key=key)
     model.cpu().eval()
-    example = next(iter(torch.utils.data.DataLoader(fit, batch_size=32)))[0]
     acc_before = evaluate(model.to(cfg.resolved_device()), test, cfg)
     result = linearize(
         model, example.to(cfg.resolved_device()), budget, None if args.one_shot else fit, val_data=val,
@@ -140,6 +190,42 @@ def _linearize(args: argparse.Namespace) -> int:
         print(jobs.summary(before, after, acc_before, acc_after))
         print(f"outputs in {args.out}: model.onnx, model_state_dict.pt, gated_state_dict.pt, report.json, relus_per_layer.png")
     return 0
+
+
+def _check_linearize_args(args: argparse.Namespace) -> int | float:
+    """Refuse bad ``snl-fx linearize`` options before any work; returns the parsed budget."""
+    budget = parse_budget(args.budget)
+    if args.pretrain_epochs < 0:
+        raise SnlFxError(f"--pretrain-epochs must be >= 0, got {args.pretrain_epochs}")
+    if args.subset is not None and args.subset < 1:
+        raise SnlFxError(f"--subset must be a number of training images >= 1, got {args.subset}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SnlFxError(f"--out {args.out} is a file, not a folder: name a folder for the outputs")
+    if args.weights and not os.path.isfile(args.weights):
+        raise SnlFxError(f"--weights {args.weights}: no such file")
+    return budget
+
+
+def _check_fits(model: object, example: object, args: argparse.Namespace) -> None:
+    """Run the model once on a batch of the data set (and check a --resume checkpoint belongs to it)."""
+    import torch
+
+    from . import jobs
+
+    try:
+        with torch.no_grad():
+            model.eval()(example)  # type: ignore[operator, union-attr]
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model does not take this data set's inputs
+        if isinstance(exc, RuntimeError) and _is_oom(str(exc)):
+            raise
+        raise SnlFxError(
+            f"model {args.model} does not run on {args.data} inputs of shape {tuple(example.shape[1:])} "  # type: ignore[attr-defined]
+            f"({_one_line(exc)[:200]})"
+        ) from None
+    if args.resume:
+        jobs.check_checkpoint_matches(args.out, model)  # type: ignore[arg-type]
 
 
 def _pi_bench(args: argparse.Namespace) -> int:
@@ -175,7 +261,7 @@ def snl_fx_main(argv: Sequence[str] | None = None) -> int:
     lin.add_argument("model", help="zoo name (small_resnet, cifar_resnet18, cifar_resnet34, wrn22_8) or pkg.module:factory")
     lin.add_argument("--data", required=True, choices=["fashion-mnist", "cifar10", "cifar100", "tiny-imagenet"])
     lin.add_argument("--data-root", help="folder of the data set (CIFAR, Tiny-ImageNet); never downloaded")
-    lin.add_argument("--budget", required=True, help="ReLUs per sample (int) or a fraction in (0, 1), e.g. 0.05")
+    lin.add_argument("--budget", required=True, help="ReLUs per sample (int), a fraction in (0, 1) such as 0.05, or 5%%")
     lin.add_argument("--granularity", choices=["pixel", "channel"], default="pixel")
     lin.add_argument("--out", default="runs/snl", help="output dir: checkpoints, model, ONNX, report.json")
     lin.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -198,6 +284,7 @@ def snl_fx_main(argv: Sequence[str] | None = None) -> int:
     lin.add_argument("--profile", choices=["default", "pi"], default="default", help="ONNX export profile")
     lin.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present)")
     lin.add_argument("--seed", type=int, default=0)
+    lin.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS if set, else cores - 1)")
     lin.add_argument("--json", action="store_true", help="print report.json's content as one JSON object")
     lin.add_argument("--quiet", action="store_true", help="no progress bars")
     lin.add_argument("--debug", action="store_true", help="show tracebacks and warnings")

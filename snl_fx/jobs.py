@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
+import passes
+
 from . import distributed
 from ._errors import SnlFxError
 from ._files import load_checked, save_atomic, write_text_atomic
@@ -119,6 +121,26 @@ def pretrain(
         save_atomic(model.state_dict(), path)
         write_text_atomic(key + "\n", path.with_suffix(".json"))
     return model
+
+
+def check_checkpoint_matches(out_dir: str | os.PathLike, model: nn.Module) -> None:
+    """Refuse to resume from ``out_dir``'s checkpoint when it holds weights of another model."""
+    from ._train import Checkpoint
+
+    checkpoint = Checkpoint(out_dir)
+    state = checkpoint.load()
+    if state is None:
+        return
+    mine = model.state_dict()
+    for key, value in state.get("model", {}).items():
+        if key.startswith(f"{passes.gate.GATES_PREFIX}."):
+            continue
+        if key not in mine or tuple(mine[key].shape) != tuple(value.shape):
+            here = tuple(mine[key].shape) if key in mine else "absent"
+            raise SnlFxError(
+                f"{checkpoint.path} was written for another model ({key}: {tuple(value.shape)} there, {here} here): "
+                "use another --out or drop --resume"
+            )
 
 
 def write_outputs(
