@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import os
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -81,7 +84,8 @@ def _symbolic_trace(model, args, concrete_args, leaf_types) -> GraphModule:
     except Exception as exc:  # noqa: BLE001 - any tracing failure gets the same explanation
         where = _user_frame(exc)
         try:
-            exported = torch.export.export(model, tuple(a.clone() for a in args), strict=False)
+            with _torch_logs_off():
+                exported = torch.export.export(model, tuple(a.clone() for a in args), strict=False)
         except Exception:  # noqa: BLE001 - report the original symbolic-trace failure
             raise PassError(
                 f"cannot trace {type(model).__name__}: {type(exc).__name__}: "
@@ -170,6 +174,19 @@ class _RecordingShapeProp(Interpreter):
         return result
 
 
+@contextlib.contextmanager
+def _torch_logs_off() -> Iterator[None]:
+    """Silence log records and Python-level stderr: torch's fake-tensor logger dumps tracebacks,
+    and torch.export prints its partial graph, for failures we handle or report in one line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
 def propagate_shapes(gm: GraphModule, args: tuple) -> None:
     """Run ShapeProp in eval mode under no_grad, restoring the module's mode after.
 
@@ -183,7 +200,7 @@ def propagate_shapes(gm: GraphModule, args: tuple) -> None:
     try:
         with torch.no_grad():
             try:
-                with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                with _torch_logs_off(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
                     _RecordingShapeProp(gm, fake=True).run(*(mode.from_tensor(a) for a in args))
             except Exception:  # noqa: BLE001 - the real run below repeats it and reports the error
                 _RecordingShapeProp(gm).run(*(a.clone() for a in args))
