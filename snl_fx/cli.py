@@ -24,8 +24,8 @@ def _run(prog: str, body: Callable[[argparse.Namespace], int], args: argparse.Na
         warnings.simplefilter("ignore")  # library noise (deprecations) stays hidden; ours is shown
         warnings.filterwarnings("default", category=UserWarning, module=r"(snl_fx|passes)")
         warnings.showwarning = lambda message, *_, **__: print(f"{prog}: warning: {message}", file=sys.stderr)
-    set_default_threads(getattr(args, "threads", None))
     try:
+        set_default_threads(getattr(args, "threads", None))
         return body(args)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
