@@ -158,7 +158,8 @@ def calibrate(backend: str, runs: int, workdir: Path, only: list[str] | None = N
     rounds = {k: float(round(v)) for k, v in fit(graph_rows, traffic, "rounds").items()}
     for r in rows:
         r["features"]["round"] = r["rounds"]
-    seconds = {k: 0.0 for k in TIMING} | fit(rows, list(TIMING), "seconds", relative=True)
+    timing = [k for k in TIMING if any(r["features"].get(k) for r in rows)]
+    seconds = {k: 0.0 for k in TIMING} | fit(rows, timing, "seconds", relative=True)
     entry = {
         "backend": backend,
         "date": datetime.date.today().isoformat(),
