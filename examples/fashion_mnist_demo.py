@@ -19,7 +19,7 @@ import torch
 import snl_fx
 from snl_fx import jobs
 from snl_fx.data import split_train_val
-from snl_fx.plots import plot_accuracy_vs_relus, plot_relus_per_layer
+from snl_fx.plots import plot_accuracy_vs_relus, plot_gate_path, plot_relus_per_layer
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,12 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     pretrain_epochs, gate_epochs, finetune_epochs = (1, 1, 1) if args.quick else (4, 4, 3)
     train, test = jobs.load_datasets("fashion-mnist", args.data_root, subset=subset, seed=args.seed)
     fit, val = split_train_val(train, 0.1, seed=args.seed)
-    cfg = snl_fx.TrainConfig(
-        # A CPU-sized run: faster gates (gate_lr, lambda0) and a 10x fine-tune lr, since it lasts
-        # 3 epochs instead of the paper's 100 (benchmarks/pareto.py measured the difference).
-        epochs=gate_epochs, finetune_epochs=finetune_epochs, lr=1e-3, gate_lr=1e-2, lambda0=1e-3, kappa=1.5,
-        finetune_lr=1e-2, batch_size=128, seed=args.seed,
-    )
+    # the library's defaults: only the epoch counts are chosen here
+    cfg = snl_fx.TrainConfig(epochs=gate_epochs, finetune_epochs=finetune_epochs, seed=args.seed)
 
     model = jobs.build_model("small_resnet", "fashion-mnist")
     jobs.pretrain(model, fit, val, cfg, pretrain_epochs, cache_dir=args.out,
@@ -52,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     example = torch.stack([fit[i][0] for i in range(32)])
     acc_before = snl_fx.evaluate(model, test, cfg)
 
-    result = snl_fx.linearize(model, example, args.budget, fit, val_data=val, out_dir=args.out, resume=True, **vars(cfg))
+    result = snl_fx.linearize(model, example, args.budget, fit, val_data=val, out_dir=args.out, resume=True, config=cfg)
     acc_after = snl_fx.evaluate(result.model, test, cfg)
     report = jobs.write_outputs(result, example, args.out,
                                 {"test_acc_before": acc_before, "test_acc_after": acc_after, "quick": args.quick})
@@ -63,11 +59,13 @@ def main(argv: list[str] | None = None) -> dict:
     plot_accuracy_vs_relus({"gate phase, soft gates (val)": path, "SNL pixel, final (test)": [(after.total, acc_after)]},
                            f"{args.out}/accuracy_vs_relus.png", "Fashion-MNIST, small ResNet",
                            reference=(before.total, acc_before))
+    plot_gate_path(result.history, f"{args.out}/gate_path.png", result.budget, "small ResNet: the gate phase, step by step")
     print()
     print(jobs.summary(before, after, acc_before, acc_after))
     print(f"ONNX: {report['onnx']} ({report['onnx_relu_count']:,} ReLUs read back from the file, "
           f"ONNX Runtime max abs error {report['onnx_max_abs_error']:.1e})")
-    print(f"plots: {args.out}/relus_per_layer.png, {args.out}/accuracy_vs_relus.png; report: {args.out}/report.json")
+    print(f"plots: {args.out}/relus_per_layer.png, {args.out}/accuracy_vs_relus.png, {args.out}/gate_path.png; "
+          f"report: {args.out}/report.json")
     print(f"wall time {time.perf_counter() - start:.0f} s")
     summary = {"relus_before": before.total, "relus_after": after.total, "test_acc_before": acc_before,
                "test_acc_after": acc_after, "onnx_relus": report["onnx_relu_count"],

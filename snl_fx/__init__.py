@@ -27,6 +27,7 @@ from ._snl import (
     relu_count_gated,
     resolve_budget,
     site_relu_counts,
+    soft_relu_count,
 )
 from ._train import TrainConfig, evaluate, kd_loss
 from .pi import PiBenchResult, pi_bench
@@ -72,4 +73,5 @@ __all__ = [
     "relu_site_cost",
     "resolve_budget",
     "site_relu_counts",
+    "soft_relu_count",
 ]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -36,6 +38,7 @@ from ._snl import (
     relu_count_gated,
     resolve_budget,
     site_relu_counts,
+    soft_relu_count,
     total_relus,
 )
 from ._train import Checkpoint, TrainConfig, announce, epoch_line, evaluate, make_loader, seed_epoch, timed, train_epoch
@@ -79,7 +82,8 @@ def linearize(
     resume: bool = False,
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
-    **train_options: Any,
+    config: TrainConfig | None = None,
+    **overrides: Any,
 ) -> LinearizeResult:
     """Cut ``model``'s ReLUs to ``budget`` per sample and lower it to a static graph.
 
@@ -89,7 +93,8 @@ def linearize(
     budget, then the weights fine-tuned with KD from ``model``; the best fine-tune epoch on
     ``val_data`` (default: 10% held out of ``data``, when it is a Dataset) is kept. Without
     ``data``, keeps the ReLUs whose removal changes the example batch most (training-free).
-    ``train_options`` are :class:`TrainConfig` fields (epochs, lr, lambda0, kappa, schedule, ...).
+    ``config`` (a :class:`TrainConfig`; default ``TrainConfig()``) holds the training settings;
+    ``overrides`` replace some of its fields (``epochs=8``, ``finetune_epochs=8``, ``lr=...``).
     ``out_dir`` gets a checkpoint every epoch; ``resume=True`` continues from it.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it starts the process group itself when the caller has
@@ -97,7 +102,7 @@ def linearize(
     process: every rank starts from rank 0's model, each step splits the global ``batch_size``
     over the ranks, and every rank returns the same result; rank 0 alone logs and writes files.
     """
-    cfg = _config(train_options)
+    cfg = _config(config, overrides)
     device = cfg.resolved_device()
     distributed.init_from_env(device)
     check_data(data, example_input)  # (input, label) pairs shaped like the example: fail now, not mid-training
@@ -140,7 +145,11 @@ def linearize(
             history = list(state["history"])
         if state is None or state["phase"] == "gates":
             _gate_phase(gm, teacher, data, val_data, budget, total, cfg, checkpoint, state, history)
-            final = binarize(gm, budget)
+            # gates at 0 tie: among them, keep the ReLUs whose removal changes the activations most
+            ties = distributed.on_rank0(
+                lambda: {k: v.cpu() for k, v in linearization_scores(gm, _to(example_input, device)).items()}
+            )
+            final = binarize(gm, budget, tie_break=ties)
             state = None
         else:
             final = state["relu_count"]
@@ -159,12 +168,12 @@ def linearize(
     )
 
 
-def _config(options: dict[str, Any]) -> TrainConfig:
+def _config(config: TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
     known = TrainConfig.__dataclass_fields__
-    unknown = sorted(set(options) - set(known))
+    unknown = sorted(set(overrides) - set(known))
     if unknown:
         raise SnlFxError(f"unknown option(s) {unknown}; known: {sorted(known)}")
-    return TrainConfig(**options)
+    return dataclasses.replace(config or TrainConfig(), **overrides)
 
 
 def _to(example_input: Any, device: torch.device) -> Any:
@@ -181,39 +190,49 @@ def _check_resumable(state: dict[str, Any], budget: int, granularity: str) -> No
 
 def _gate_phase(gm, teacher, data, val_data, budget, total, cfg, checkpoint, state, history) -> None:
     """Algorithm 1: Adam on (W, C) + lambda*sum|c| until #(c > eps) <= budget (checked every step)."""
+    steps_per_epoch = len(make_loader(data, cfg, shuffle=True, epoch_seed=0, shard=True))
+    schedule = LambdaSchedule(cfg.lambda0, cfg.kappa, cfg.schedule, budget, cfg.epochs, lowest=total,
+                              total_steps=cfg.epochs * steps_per_epoch)
     gates = set(map(id, gate_parameters(gm)))
     weights = [p for p in gm.parameters() if id(p) not in gates and p.requires_grad]
     optimizer = torch.optim.Adam(
-        [{"params": weights}, {"params": gate_parameters(gm), "lr": cfg.gate_lr or cfg.lr}], lr=cfg.lr
+        [{"params": weights}, {"params": gate_parameters(gm), "lr": gate_lr(cfg, schedule)}], lr=cfg.lr
     )
-    schedule = LambdaSchedule(cfg.lambda0, cfg.kappa, cfg.schedule, budget, cfg.epochs, lowest=total)
     start, count = 0, total
     if state is not None:
         gm.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start, count = state["epoch"], state["relu_count"]
+    path: list[tuple[int, int, float]] = []  # (step, count, lambda), a few per epoch, for plots
+    every = max(1, steps_per_epoch // 20)
+
     def step_done() -> bool:
         # Checked every step, not only per epoch: once lambda dominates, many gates cross eps
         # together, and a per-epoch check lets the count crash far below the budget.
         clamp_gates(gm)
-        return distributed.from_rank0(relu_count_gated(gm, cfg.eps)) <= budget
+        now = distributed.from_rank0(relu_count_gated(gm, cfg.eps))
+        schedule.after_step(now, soft_relu_count(gm))
+        if schedule.steps % every == 0 or now <= budget:
+            path.append((schedule.steps, now, schedule.lam))
+        return now <= budget
 
     with distributed.data_parallel(gm, cfg.resolved_device(), cfg.sync_bn) as net:
         for epoch in range(start + 1, cfg.epochs + 1):
             if count <= budget:
                 break
-            lam = schedule.lam
+            lam, path[:] = schedule.lam, []
             loader = make_loader(data, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "gates", epoch), shard=True)
             stats = timed(lambda: train_epoch(
-                net, teacher, loader, optimizer, cfg, penalty=lambda: lam * lasso_penalty(gm),
+                net, teacher, loader, optimizer, cfg, penalty=lambda: schedule.lam * lasso_penalty(gm),
                 after_step=step_done, desc=f"gates {epoch}/{cfg.epochs}",
             ))
             distributed.broadcast_state(gm)  # BatchNorm statistics of the last step: rank 0's
             count = distributed.from_rank0(relu_count_gated(gm, cfg.eps))
             schedule.step(count, epoch)
             record = {"phase": "gates", "epoch": epoch, "relu_count": count, "lambda": lam,
-                      **distributed.mean_over_ranks(stats), "val_acc": distributed.on_rank0(lambda: evaluate(gm, val_data, cfg))}
+                      **distributed.mean_over_ranks(stats), "val_acc": distributed.on_rank0(lambda: evaluate(gm, val_data, cfg)),
+                      "path": list(path)}
             history.append(record)
             announce(epoch_line(record), cfg)
             checkpoint.save({"phase": "gates", "epoch": epoch, "relu_count": count, "budget": budget,
@@ -222,26 +241,41 @@ def _gate_phase(gm, teacher, data, val_data, budget, total, cfg, checkpoint, sta
     if count > budget and distributed.is_main():
         warnings.warn(
             f"the gates reached {count:,} ReLUs, not the budget {budget:,}, in {cfg.epochs} epochs; binarizing to "
-            "the budget anyway (raise epochs or lambda0 for a better-trained selection)",
+            "the budget anyway (raise epochs for a better-trained selection)",
             stacklevel=3,
         )
+
+
+def gate_lr(cfg: TrainConfig, schedule: LambdaSchedule) -> float:
+    """Adam lr of the gates: ``cfg.gate_lr`` if set; else, for the target schedule, fast enough that a
+    gate can fall from 1 to 0 in a third of the steps to the budget (Adam moves a gate by about its
+    lr per step), at least ``cfg.lr`` and at most 0.1; for the other schedules ``cfg.lr``."""
+    if cfg.gate_lr is not None:
+        return cfg.gate_lr
+    if schedule.mode != "target":
+        return cfg.lr
+    return min(0.1, max(cfg.lr, 3.0 / (schedule.reach * schedule.total_steps)))
 
 
 def _finetune_phase(gm, teacher, data, val_data, budget, final, granularity, cfg, checkpoint, state, history) -> None:
     """Gates frozen; SGD on the weights with KD; keep the best epoch on the validation split."""
     params = [p for p in gm.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.finetune_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # cosine decay over the epochs given: the full lr first, near zero in the last epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _cosine(e, cfg.finetune_epochs, cfg.finetune_schedule))
     start = 0
     best_acc = distributed.on_rank0(lambda: evaluate(gm, val_data, cfg))
     best_state = copy.deepcopy(gm.state_dict())
     if state is not None:
         gm.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         start, best_acc, best_state = state["epoch"], state["best_acc"], state["best_model"]
     with distributed.data_parallel(gm, cfg.resolved_device(), cfg.sync_bn) as net:
         for epoch in range(start + 1, cfg.finetune_epochs + 1):
             loader = make_loader(data, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "finetune", epoch), shard=True)
             stats = timed(lambda: train_epoch(net, teacher, loader, optimizer, cfg, desc=f"finetune {epoch}/{cfg.finetune_epochs}"))
+            scheduler.step()
             distributed.broadcast_state(gm)
             acc = distributed.on_rank0(lambda: evaluate(gm, val_data, cfg))
             record = {"phase": "finetune", "epoch": epoch, "relu_count": final, "lambda": None,
@@ -252,8 +286,15 @@ def _finetune_phase(gm, teacher, data, val_data, budget, final, granularity, cfg
                 best_acc, best_state = acc, copy.deepcopy(gm.state_dict())
             checkpoint.save({"phase": "finetune", "epoch": epoch, "relu_count": final, "budget": budget,
                              "granularity": granularity, "model": gm.state_dict(), "optimizer": optimizer.state_dict(),
-                             "best_acc": best_acc, "best_model": best_state, "history": history})
+                             "scheduler": scheduler.state_dict(), "best_acc": best_acc, "best_model": best_state, "history": history})
     gm.load_state_dict(best_state)
+
+
+def _cosine(epoch: int, epochs: int, schedule: str) -> float:
+    """Fine-tune lr factor of 0-based ``epoch``: 1 throughout (``constant``) or a cosine from 1 to 0."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
 
 
 def _verify(gm: GraphModule, lowered: nn.Module, example_input: Any, final: int, device: torch.device) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ import passes
 
 from ._errors import SnlFxError
 
-SCHEDULES = ("budget", "paper")
+SCHEDULES = ("target", "budget", "paper")
 
 
 def prepare(
@@ -87,6 +88,14 @@ def relu_count_gated(gm: GraphModule, eps: float = 0.01) -> int:
     return sum(site_relu_counts(gm, eps).values())
 
 
+def soft_relu_count(gm: GraphModule) -> float:
+    """The gates' mass in ReLUs per sample: ``sum c`` (channel gates weigh H*W), plus ungated sites."""
+    meta = passes.get_meta(gm)
+    with torch.no_grad():
+        mass = sum(float(g.weight.sum()) * (meta.site(n).numel // g.weight.numel()) for n, g in passes.gates(gm).items())
+    return mass + ungated_relus(gm)
+
+
 def total_relus(gm: GraphModule) -> int:
     """ReLUs per sample of the original model (every site)."""
     return sum(s.numel for s in passes.get_meta(gm).sites)
@@ -107,28 +116,69 @@ def resolve_budget(budget: int | float, total: int) -> int:
 
 @dataclass
 class LambdaSchedule:
-    """Lambda of the Lasso penalty, updated once per epoch from the ReLU count.
+    """Lambda of the Lasso penalty, driven by the ReLU count.
 
-    ``paper``: Algorithm 1, ``lambda *= kappa`` when the count did not fall below its lowest so
-    far. ``budget``: ``lambda *= kappa**k`` when the count is not falling fast enough to reach the
-    budget by ``max_epochs`` (geometric fall assumed), ``k`` being the number of epochs in a row
-    it has been behind; so lambda climbs fast when it is far too small and stays put when on track.
+    ``target`` (default): every step, lambda steers the ReLU count along a target that falls
+    geometrically from ``lowest`` (the model's count) to the budget at ``reach`` of
+    ``total_steps`` and on below it. Lambda grows while the gates' mass ``sum c`` (in ReLUs, see
+    :func:`soft_relu_count`) is above the target, shrinks while the count ``#(c > eps)`` is below
+    it, and holds in between (``lam *= exp(gain * clip(log(x/target)/band, -1, 1))``, x being
+    the mass or the count). The mass answers a change of lambda at once, the count only once gates
+    have crossed eps: rising on the mass keeps lambda from running ahead of gates still falling,
+    falling on the count keeps it from dropping while gates hover above eps. No lambda0 or kappa
+    to tune. ``paper``: Algorithm 1, once per epoch,
+    ``lambda *= kappa`` when the count did not fall below its lowest so far. ``budget``: once per
+    epoch, ``lambda *= kappa**k`` when the count is not falling fast enough to reach the budget by
+    ``max_epochs`` (geometric fall assumed), ``k`` being the epochs in a row it has been behind.
+    Call :meth:`after_step` after every optimizer step and :meth:`step` after every epoch; each
+    mode ignores the call it does not use.
     """
 
     lam: float = 1e-5
     kappa: float = 1.1
-    mode: str = "budget"
+    mode: str = "target"
     budget: int = 0
     max_epochs: int = 100
     lowest: int | None = None  # set it to the model's ReLU count before training
+    total_steps: int = 0  # target mode: optimizer steps the gate phase may take (epochs * batches)
+    reach: float = 0.9  # target mode: the trajectory meets the budget after this share of the steps
+    gain: float | None = None  # target mode: largest change of log(lambda) per step; None: max(0.02, 20/total_steps)
+    band: float = 0.05  # target mode: relative error of the mass at which the change is largest
     behind: int = 0
+    steps: int = 0
+    start: int | None = None
     history: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.mode not in SCHEDULES:
             raise SnlFxError(f"schedule must be one of {SCHEDULES}, got {self.mode!r}")
-        if self.lam < 0 or self.kappa < 1:
+        if not (self.lam >= 0 and self.kappa >= 1):
             raise SnlFxError(f"need lambda0 >= 0 and kappa >= 1, got {self.lam} and {self.kappa}")
+        if self.mode == "target" and (self.total_steps < 1 or self.lowest is None or self.lam <= 0):
+            raise SnlFxError("the target schedule needs total_steps >= 1, lowest (the model's ReLU count) and lambda0 > 0")
+        if self.start is None:
+            self.start = self.lowest
+        if self.gain is None:
+            self.gain = max(0.02, 20.0 / max(self.total_steps, 1))
+
+    def target(self, step: int) -> float:
+        """Target ReLU count after ``step`` optimizer steps (target mode)."""
+        assert self.start is not None
+        end = max(1, int(self.total_steps * self.reach))
+        return self.start * (self.budget / self.start) ** (step / end)
+
+    def after_step(self, count: int, mass: float | None = None) -> float:
+        """Record the count and the gates' mass (:func:`soft_relu_count`; default: the count) after one
+        optimizer step and return the lambda for the next (target mode; the others return lambda as is)."""
+        if self.mode != "target":
+            return self.lam
+        self.steps += 1
+        target = self.target(self.steps)
+        above = math.log(max(count if mass is None else mass, 1.0) / target)
+        below = math.log(max(count, 1.0) / target)
+        error = above if above > 0 else below if below < 0 else 0.0
+        self.lam *= math.exp(self.gain * max(-1.0, min(1.0, error / self.band)))
+        return self.lam
 
     def step(self, count: int, epoch: int) -> float:
         """Record the count after ``epoch`` (1-based) and return the lambda for the next epoch."""
@@ -138,11 +188,12 @@ class LambdaSchedule:
         if self.mode == "paper":
             if previous is not None and count >= previous:
                 self.lam *= self.kappa
-        elif self._behind(count, previous, epoch):
-            self.behind += 1
-            self.lam *= self.kappa**self.behind
-        else:
-            self.behind = 0
+        elif self.mode == "budget":
+            if self._behind(count, previous, epoch):
+                self.behind += 1
+                self.lam *= self.kappa**self.behind
+            else:
+                self.behind = 0
         return self.lam
 
     def _behind(self, count: int, previous: int | None, epoch: int) -> bool:
@@ -155,34 +206,43 @@ class LambdaSchedule:
         return count / previous > needed
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lam": self.lam, "lowest": self.lowest, "behind": self.behind, "history": list(self.history)}
+        return {"lam": self.lam, "lowest": self.lowest, "behind": self.behind, "steps": self.steps,
+                "start": self.start, "history": list(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lam, self.lowest, self.behind = state["lam"], state["lowest"], state["behind"]
+        self.steps, self.start = state.get("steps", 0), state.get("start", self.start)
         self.history = list(state["history"])
 
 
-def binarize(gm: GraphModule, budget: int, scores: dict[str, torch.Tensor] | None = None) -> int:
+def binarize(
+    gm: GraphModule, budget: int, scores: dict[str, torch.Tensor] | None = None,
+    tie_break: dict[str, torch.Tensor] | None = None,
+) -> int:
     """Set every gate to exactly 0 or 1 and freeze it; returns the final ReLUs per sample.
 
-    Pixel gates: exactly ``budget`` ReLUs are kept (the top gate values, ties broken by site
-    order then element index, also when fewer than ``budget`` gates were above eps). Channel
-    gates: whole channels, best first, each taken if it still fits; the count may end below
-    ``budget``. ``scores`` (site -> tensor of the gate's shape) replaces gate values as the ranking.
+    Pixel gates: exactly ``budget`` ReLUs are kept (the top gate values, also when fewer than
+    ``budget`` gates were above eps). Channel gates: whole channels, best first, each taken if it
+    still fits; the count may end below ``budget``. ``scores`` (site -> tensor of the gate's
+    shape) replaces gate values as the ranking; ``tie_break`` (same form, e.g.
+    :func:`linearization_scores`) orders elements of equal rank, else site order then element
+    index does.
     """
     meta = passes.get_meta(gm)
     gate_modules = passes.gates(gm)
     room = budget - ungated_relus(gm)
     if room < 0:
         raise SnlFxError(f"the ungated sites alone have {ungated_relus(gm)} ReLUs, more than the budget {budget}")
-    values, weights, owners = [], [], []
+    values, ties, weights, owners = [], [], [], []
     for name, gate in gate_modules.items():
         v = (scores[name] if scores is not None else gate.weight).detach().float().flatten().cpu()
         values.append(v)
+        ties.append(tie_break[name].detach().float().flatten().cpu() if tie_break is not None else torch.zeros_like(v))
         weights.append(torch.full_like(v, meta.site(name).numel // v.numel(), dtype=torch.long))
         owners.append((name, v.numel()))
     flat_values, flat_weights = torch.cat(values), torch.cat(weights)
-    order = torch.sort(-flat_values, stable=True).indices
+    order = torch.sort(-torch.cat(ties), stable=True).indices  # secondary key first, then a stable sort on the first
+    order = order[torch.sort(-flat_values[order], stable=True).indices]
     keep = torch.zeros_like(flat_values, dtype=torch.bool)
     if meta.granularity == "pixel":
         keep[order[:room]] = True
@@ -270,4 +330,5 @@ __all__ = [
     "relu_count_gated",
     "resolve_budget",
     "site_relu_counts",
+    "soft_relu_count",
 ]

@@ -28,15 +28,16 @@ log = logging.getLogger("snl_fx")
 class TrainConfig:
     """Hyper-parameters of both phases; defaults are the paper's unless noted."""
 
-    epochs: int = 20  # gate phase: at most this many epochs (the budget usually stops it earlier)
+    epochs: int = 20  # gate phase: the target schedule reaches the budget near the end of these epochs
     finetune_epochs: int = 5  # paper: 100
     lr: float = 1e-3  # Adam, weights and gates
-    gate_lr: float | None = None  # Adam lr for the gates; None: same as lr
-    lambda0: float = 1e-5
-    kappa: float = 1.1
+    gate_lr: float | None = None  # Adam lr for the gates; None: tied to the steps available (target), else lr
+    lambda0: float = 1e-5  # target schedule: only the starting point of its per-step control
+    kappa: float = 1.1  # budget and paper schedules only
     eps: float = 0.01
-    schedule: str = "budget"
-    finetune_lr: float = 1e-3  # SGD
+    schedule: str = "target"  # "target" (per-step control), "budget" or "paper" (per epoch): see LambdaSchedule
+    finetune_lr: float = 1e-2  # SGD; paper: 1e-3 constant for 100 epochs
+    finetune_schedule: str = "cosine"  # "cosine" over finetune_epochs, or "constant" (the paper's)
     momentum: float = 0.9
     weight_decay: float = 0.0
     kd: bool = True

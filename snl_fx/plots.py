@@ -5,10 +5,20 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+from typing import Any
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+
+
+def _relu_axis(axis: Any) -> None:
+    """Log axis of ReLU counts with plain labels (1,000 2,000 5,000) that do not overlap."""
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def plot_relus_per_layer(sites: Mapping[str, Mapping[str, int]], path: str | os.PathLike, title: str = "") -> None:
@@ -40,11 +50,36 @@ def plot_accuracy_vs_relus(
     if reference is not None:
         ax.scatter([reference[0]], [reference[1]], marker="*", s=120, color="black", label="original", zorder=5)
     ax.set_xscale("log")
+    _relu_axis(ax.xaxis)
     ax.set_xlabel("ReLUs per sample")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title or "Accuracy vs. ReLUs")
     ax.grid(True, alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_gate_path(history: Sequence[Mapping[str, Any]], path: str | os.PathLike, budget: int, title: str = "") -> None:
+    """The gate phase step by step: ReLU count (#c > eps) and lambda against optimizer steps."""
+    points = [p for h in history if h.get("phase") == "gates" for p in h.get("path", ())]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if points:
+        steps, counts, lams = zip(*points)
+        ax.plot(steps, counts, label="ReLU count")
+        ax.axhline(budget, color="gray", linestyle="--", label=f"budget {budget:,}")
+        ax.set_yscale("log")
+        _relu_axis(ax.yaxis)
+        twin = ax.twinx()
+        twin.plot(steps, lams, color="tab:orange", alpha=0.7, label="lambda")
+        twin.set_yscale("log")
+        twin.set_ylabel("lambda")
+        ax.legend(loc="upper right")
+    ax.set_xlabel("gate-phase step")
+    ax.set_ylabel("ReLUs per sample")
+    ax.set_title(title or "Gate phase")
+    ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

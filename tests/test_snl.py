@@ -68,6 +68,57 @@ def test_budget_schedule_accelerates_while_behind_and_holds_when_on_track():
     assert s.step(50, 3) == 8.0  # fell to 5% of 980: on track, lambda held
 
 
+def test_target_schedule_follows_a_geometric_path_and_steers_lambda_by_the_mass():
+    s = snl_fx.LambdaSchedule(1.0, budget=10, lowest=1000, total_steps=100, reach=0.5, gain=0.1, band=0.05)
+    assert s.target(0) == 1000 and math.isclose(s.target(25), 100) and math.isclose(s.target(50), 10)
+    assert math.isclose(s.target(100), 0.1)  # on below the budget after reach
+    assert math.isclose(s.after_step(1000, 1000.0), math.exp(0.1))  # step 1: 10% above the target, full gain up
+    on_track = s.target(2)
+    assert math.isclose(s.after_step(round(on_track), on_track), math.exp(0.1))  # on the target: held
+    assert math.isclose(s.after_step(1000, 1.0), math.exp(0.1))  # the mass below, the count above: held
+    assert math.isclose(s.after_step(1, 0.5), 1.0)  # both far below: full gain down
+    assert s.steps == 4 and s.step(5, 1) == s.lam  # the per-epoch call leaves the target mode alone
+
+
+def test_target_schedule_needs_its_step_count():
+    with pytest.raises(snl_fx.SnlFxError, match="total_steps"):
+        snl_fx.LambdaSchedule(1e-5, budget=10, lowest=100)
+
+
+def test_soft_relu_count_weighs_channel_gates_by_their_pixels(tiny_cnn):
+    x = torch.randn(2, 1, 8, 8)
+    gm = snl_fx.prepare(tiny_cnn, x, "channel")
+    first, second = snl_fx.gate_parameters(gm)
+    first.data.fill_(0.5)
+    second.data.zero_()
+    second.data[0] = 0.25
+    assert snl_fx.soft_relu_count(gm) == 0.5 * 4 * 64 + 0.25 * 64
+
+
+def test_binarize_breaks_ties_by_the_given_scores(tiny_cnn):
+    gm = snl_fx.prepare(tiny_cnn, torch.randn(2, 1, 8, 8))
+    first, second = snl_fx.gate_parameters(gm)
+    first.data.zero_()
+    second.data.zero_()
+    first.data.view(-1)[:10] = 0.5  # 10 clear winners; the other 5 come from the tie at 0
+    ties = {name: torch.zeros_like(w) for name, w in zip(passes.gates(gm), (first, second))}
+    ties[list(ties)[1]].view(-1)[-5:] = 1.0  # the tie-break prefers the last 5 elements of site 2
+    assert snl_fx.binarize(gm, 15, tie_break=ties) == 15
+    assert first.view(-1)[:10].sum() == 10 and first.sum() == 10
+    assert second.view(-1)[-5:].sum() == 5 and second.sum() == 5
+
+
+def test_defaults_reach_the_budget_with_the_gates(recwarn):
+    """No tuned option: only the epoch counts. The gates, not binarize, must meet the budget."""
+    torch.manual_seed(0)
+    result = snl_fx.linearize(TinyCNN(), torch.randn(4, 1, 8, 8), 0.1, toy_data(512), epochs=10, finetune_epochs=1,
+                              batch_size=32, progress=False)
+    gates = [h for h in result.history if h["phase"] == "gates"]
+    assert gates[-1]["relu_count"] <= result.budget
+    assert not [w for w in recwarn if "binarizing to the budget anyway" in str(w.message)]
+    assert result.relu_count == result.budget
+
+
 @pytest.mark.parametrize("granularity", ["pixel", "channel"])
 def test_binarize_hits_exact_budget_with_deterministic_ties(tiny_cnn, granularity):
     gm = snl_fx.prepare(tiny_cnn, torch.randn(2, 1, 8, 8), granularity)
@@ -80,7 +131,7 @@ def test_binarize_hits_exact_budget_with_deterministic_ties(tiny_cnn, granularit
         assert final == 100
         assert masks[0].flatten()[:100].sum() == 100 and masks[1].sum() == 0  # ties: site order, index
     else:
-        assert final == 64 and final <= 100  # one whole 8x8 channel fits, a second would not
+        assert final == 64  # one whole 8x8 channel fits, a second would not
     assert snl_fx.relu_count_gated(gm, 0.5) == final
 
 
@@ -158,14 +209,16 @@ def test_pieces_from_own_loop(tiny_cnn):
     x, y = toy_data(64).tensors
     gm = snl_fx.prepare(tiny_cnn, x[:2])
     opt = torch.optim.Adam(gm.parameters(), lr=0.05)
-    schedule = snl_fx.LambdaSchedule(lam=1e-3, budget=32, max_epochs=5, lowest=TOTAL)
+    schedule = snl_fx.LambdaSchedule(lam=1e-3, budget=32, lowest=TOTAL, total_steps=5)
     for epoch in range(1, 6):
         loss = nn.functional.cross_entropy(gm(x), y) + schedule.lam * snl_fx.lasso_penalty(gm)
         opt.zero_grad()
         loss.backward()
         opt.step()
         snl_fx.clamp_gates(gm)
+        schedule.after_step(snl_fx.relu_count_gated(gm), snl_fx.soft_relu_count(gm))  # one step per epoch here
         schedule.step(snl_fx.relu_count_gated(gm), epoch)
+    assert schedule.steps == 5 and schedule.lam > 1e-3  # the count stayed above the target: lambda rose
     assert snl_fx.binarize(gm, 32) == 32
     lowered = snl_fx.convert(gm)
     assert dispatch_relus_per_sample(lowered, x[:3]) == 32
