@@ -18,11 +18,10 @@ Methods differ only in how the kept ReLUs are chosen:
 * ``random``: a uniformly random set of pixels;
 * ``one-shot``: ``snl_fx.linearization_scores`` on a batch of training images (training-free).
 
-Baselines have no gate phase, so they get the SNL gate-phase epoch limit as extra fine-tune
-epochs: every method trains for at most ``gate_epochs + finetune_epochs`` epochs (SNL stops its
-gate phase at the first epoch that meets the budget, so it often trains less). The fine-tune lr
-is 1e-2 rather than the paper's 1e-3 (meant for 100 epochs): in a few epochs it lifts the
-baselines by several points and SNL hardly at all.
+Baselines have no gate phase, so they get the SNL gate-phase epochs as extra fine-tune epochs:
+every method trains for ``gate_epochs + finetune_epochs`` epochs. All training settings are
+the library's defaults (``snl_fx.TrainConfig``); the baselines use ``snl_fx.finetune``, the
+fine-tune of ``linearize``.
 
     python benchmarks/pareto.py --quick --out benchmarks/results/pareto-quick
     python benchmarks/pareto.py --out benchmarks/results/pareto
@@ -39,14 +38,14 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.fx import GraphModule
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 import passes
 import snl_fx
@@ -154,36 +153,6 @@ def zero_pruned_channels(gm: GraphModule) -> None:
 # --------------------------------------------------------------------------- training
 
 
-def finetune(gm: nn.Module, teacher: nn.Module, fit: Dataset, val: Dataset, cfg: snl_fx.TrainConfig,
-             epochs: int) -> list[float | None]:
-    """The fine-tune of ``snl_fx.linearize``: SGD + KD on the weights, best validation epoch kept."""
-    params = [p for p in gm.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.finetune_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    best_acc, best_state = snl_fx.evaluate(gm, val, cfg), copy.deepcopy(gm.state_dict())
-    accs = []
-    for epoch in range(1, epochs + 1):
-        seed = cfg.seed * 1_000_003 + 20_011 + epoch  # the seeding of linearize's fine-tune epochs
-        torch.manual_seed(seed)
-        loader = DataLoader(fit, batch_size=cfg.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-        gm.train()
-        for x, y in loader:
-            out = gm(x)
-            with torch.no_grad():
-                target = teacher(x)
-            loss = snl_fx.kd_loss(out, target, y, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        acc = snl_fx.evaluate(gm, val, cfg)
-        accs.append(acc)
-        logging.info("  finetune epoch %d/%d: val acc %.2f%%", epoch, epochs, acc)
-        if acc >= best_acc:
-            best_acc, best_state = acc, copy.deepcopy(gm.state_dict())
-    gm.load_state_dict(best_state)
-    gm.eval()
-    return accs
-
-
 # --------------------------------------------------------------------------- one row per (method, budget)
 
 
@@ -191,7 +160,7 @@ def run_snl(setup: Setup, granularity: str, budget: int) -> dict[str, Any]:
     """SNL through the public ``snl_fx.linearize``."""
     cfg = setup.cfg
     result = snl_fx.linearize(setup.model, setup.example, budget, setup.fit, val_data=setup.val,
-                              granularity=granularity, **asdict(cfg))
+                              granularity=granularity, config=cfg)
     gate_hist = [h for h in result.history if h["phase"] == "gates"]
     return {"relu_count": result.relu_count, "test_acc": snl_fx.evaluate(result.model, setup.test, cfg),
             "val_acc": result.accuracy_after, "gate_epochs": len(gate_hist),
@@ -220,12 +189,13 @@ def choose_mask(setup: Setup, method: str, budget: int) -> tuple[GraphModule, in
 
 
 def run_baseline(setup: Setup, method: str, budget: int) -> dict[str, Any]:
-    """Pick the mask, fine-tune for gate + fine-tune epochs, evaluate the lowered model."""
+    """Pick the mask, fine-tune for gate + fine-tune epochs (linearize's fine-tune), evaluate the lowered model."""
     cfg = setup.cfg
     gm, count = choose_mask(setup, method, budget)
     teacher = copy.deepcopy(setup.model).eval().requires_grad_(False)
     epochs = cfg.epochs + cfg.finetune_epochs
-    finetune(gm, teacher, setup.fit, setup.val, cfg, epochs)
+    snl_fx.finetune(gm, teacher, setup.fit, replace(cfg, finetune_epochs=epochs), val_data=setup.val)
+    gm.eval()
     if method == "l1-prune":  # the zeroing hooks do not survive lowering: evaluate the gated model
         final, model = snl_fx.relu_count_gated(gm, eps=0.5), gm
     else:
@@ -335,12 +305,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-epochs", type=int)
     p.add_argument("--gate-epochs", type=int)
     p.add_argument("--finetune-epochs", type=int)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--gate-lr", type=float, default=2e-2)
-    p.add_argument("--lambda0", type=float, default=1e-3)
-    p.add_argument("--kappa", type=float, default=3.0)
-    p.add_argument("--finetune-lr", type=float, default=1e-2,
-                   help="SGD lr of the shared fine-tune (paper: 1e-3 over 100 epochs; 1e-2 helps the baselines most here)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is much faster on a busy shared machine)")
@@ -365,10 +329,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    cfg = snl_fx.TrainConfig(epochs=args.gate_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr,
-                             gate_lr=args.gate_lr, lambda0=args.lambda0, kappa=args.kappa,
-                             finetune_lr=args.finetune_lr, batch_size=args.batch_size, seed=args.seed,
-                             device="cpu", progress=False)
+    # the library's defaults; only epochs and batch size are set here
+    cfg = snl_fx.TrainConfig(epochs=args.gate_epochs, finetune_epochs=args.finetune_epochs,
+                             batch_size=args.batch_size, seed=args.seed, device="cpu", progress=False)
     train, _ = jobs.load_datasets("fashion-mnist", subset=args.subset, seed=args.seed)
     _, test = jobs.load_datasets("fashion-mnist")
     if args.test_subset is not None and args.test_subset < len(test):

@@ -13,6 +13,7 @@ from ._count import relu_count
 from ._errors import SnlFxError
 from ._export import ExportResult, export_onnx
 from ._linearize import LinearizeResult, linearize, load_linearized
+from ._phases import EpochRecord, finetune, train_gates
 from ._report import PROTOCOLS, OtherCount, ReluReport, SiteCount
 from ._snl import (
     LambdaSchedule,
@@ -39,6 +40,7 @@ except PackageNotFoundError:  # running from a source tree without installation
 
 __all__ = [
     "PROTOCOLS",
+    "EpochRecord",
     "ExportResult",
     "LayerCost",
     "Network",
@@ -57,6 +59,7 @@ __all__ = [
     "convert",
     "evaluate",
     "export_onnx",
+    "finetune",
     "freeze_gates",
     "gate_parameters",
     "kd_loss",
@@ -73,5 +76,6 @@ __all__ = [
     "relu_site_cost",
     "resolve_budget",
     "site_relu_counts",
+    "train_gates",
     "soft_relu_count",
 ]

@@ -1,0 +1,253 @@
+"""The two training phases of SNL, public: ``train_gates`` (Algorithm 1) and ``finetune`` (KD).
+
+``linearize`` runs prepare -> :func:`train_gates` -> ``binarize`` -> :func:`finetune` -> ``convert``;
+call the phases yourself to put your own steps between them (a different selection, a different
+fine-tune length). Both write a checkpoint every epoch to ``checkpoint`` (a folder) and continue
+from it with ``resume=True``, bit-identical to an uninterrupted run with the same seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any, TypedDict
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule
+from torch.utils.data import DataLoader, Dataset
+
+import passes
+
+from . import distributed
+from ._errors import SnlFxError
+from ._snl import (
+    LambdaSchedule,
+    clamp_gates,
+    gate_parameters,
+    lasso_penalty,
+    relu_count_gated,
+    soft_relu_count,
+    total_relus,
+)
+from ._train import Checkpoint, TrainConfig, announce, epoch_line, evaluate, make_loader, seed_epoch, timed, train_epoch
+
+__all__ = ["EpochRecord", "finetune", "gate_lr", "train_gates"]
+
+
+EpochRecord = TypedDict(  # functional form: "lambda" is a keyword
+    "EpochRecord",
+    {
+        "phase": str,  # "gates" or "finetune"
+        "epoch": int,  # 1-based, per phase
+        "relu_count": int,  # gates: #(c > eps) at the end of the epoch; finetune: the binarized count
+        "lambda": float | None,  # gates: lambda at the start of the epoch; finetune: None
+        "loss": float,
+        "train_acc": float,
+        "val_acc": float | None,
+        "seconds": float,
+        "path": list[tuple[int, int, float]],  # gates: (step, count, lambda), about 20 per epoch
+    },
+    total=False,
+)
+EpochRecord.__doc__ = "One epoch of a phase, as kept in ``LinearizeResult.history`` and ``report.json``."
+
+
+def train_gates(
+    gm: GraphModule,
+    data: Dataset | DataLoader,
+    budget: int,
+    config: TrainConfig | None = None,
+    *,
+    teacher: nn.Module | None = None,
+    val_data: Dataset | DataLoader | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+) -> list[EpochRecord]:
+    """Algorithm 1 on a prepared model: Adam on weights and gates + lambda * sum|c|, until
+    ``#(c > eps) <= budget`` (checked after every step) or ``config.epochs`` epochs.
+
+    Args:
+        gm: a model from :func:`snl_fx.prepare`, on the device of ``config``.
+        data: (input, label) pairs; a Dataset is shuffled per epoch with a seed of ``config.seed``.
+        budget: ReLUs per sample to reach (an int; see :func:`snl_fx.resolve_budget`).
+        config: training settings (default ``TrainConfig()``): ``schedule``, ``epochs``, ``lr``,
+            ``gate_lr``, ``lambda0``, ``eps``, ``kd``...
+        teacher: the original model, for knowledge distillation (``config.kd``); None: plain loss.
+        val_data: evaluated after every epoch (``val_acc`` of the records).
+        checkpoint, resume: a folder for a checkpoint per epoch; continue from it.
+
+    Returns:
+        One :class:`EpochRecord` per epoch (those of the checkpoint first, when resuming). The
+        gates are left soft; :func:`snl_fx.binarize` makes them exact. Warns when the gates did
+        not reach the budget in the epochs given.
+
+    Example:
+        >>> gm = snl_fx.prepare(model, x)
+        >>> records = snl_fx.train_gates(gm, train_set, 2000, snl_fx.TrainConfig(epochs=8), teacher=model)
+        >>> snl_fx.binarize(gm, 2000)
+    """
+    cfg = config or TrainConfig()
+    store = Checkpoint(checkpoint)
+    state = _resume_state(store, resume, "gates")
+    total = total_relus(gm)
+    steps_per_epoch = len(make_loader(data, cfg, shuffle=True, epoch_seed=0, shard=True))
+    schedule = LambdaSchedule(cfg.lambda0, cfg.kappa, cfg.schedule, budget, cfg.epochs, lowest=total,
+                              total_steps=cfg.epochs * steps_per_epoch)
+    gates = set(map(id, gate_parameters(gm)))
+    weights = [p for p in gm.parameters() if id(p) not in gates and p.requires_grad]
+    optimizer = torch.optim.Adam(
+        [{"params": weights}, {"params": gate_parameters(gm), "lr": gate_lr(cfg, schedule)}], lr=cfg.lr
+    )
+    records: list[EpochRecord] = []
+    start, count = 0, relu_count_gated(gm, cfg.eps)
+    if state is not None:
+        gm.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start, count, records = state["epoch"], state["relu_count"], list(state["history"])
+    path: list[tuple[int, int, float]] = []
+    every = max(1, steps_per_epoch // 20)
+
+    def step_done() -> bool:
+        # Checked every step, not only per epoch: once lambda dominates, many gates cross eps
+        # together, and a per-epoch check lets the count crash far below the budget.
+        clamp_gates(gm)
+        now = distributed.from_rank0(relu_count_gated(gm, cfg.eps))
+        schedule.after_step(now, soft_relu_count(gm))
+        if schedule.steps % every == 0 or now <= budget:
+            path.append((schedule.steps, now, schedule.lam))
+        return now <= budget
+
+    with distributed.data_parallel(gm, cfg.resolved_device(), cfg.sync_bn) as net:
+        for epoch in range(start + 1, cfg.epochs + 1):
+            if count <= budget:
+                break
+            lam, path[:] = schedule.lam, []
+            loader = make_loader(data, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "gates", epoch), shard=True)
+            stats = timed(lambda: train_epoch(
+                net, teacher, loader, optimizer, cfg, penalty=lambda: schedule.lam * lasso_penalty(gm),
+                after_step=step_done, desc=f"gates {epoch}/{cfg.epochs}",
+            ))
+            distributed.broadcast_state(gm)  # BatchNorm statistics of the last step: rank 0's
+            count = distributed.from_rank0(relu_count_gated(gm, cfg.eps))
+            schedule.step(count, epoch)
+            record: EpochRecord = {"phase": "gates", "epoch": epoch, "relu_count": count, "lambda": lam,
+                                   **distributed.mean_over_ranks(stats),
+                                   "val_acc": distributed.on_rank0(lambda: evaluate(gm, val_data, cfg)), "path": list(path)}
+            records.append(record)
+            announce(epoch_line(record), cfg)
+            store.save({"phase": "gates", "epoch": epoch, "relu_count": count, "budget": budget,
+                        "granularity": passes.get_meta(gm).granularity, "model": gm.state_dict(),
+                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": records})
+    if count > budget and distributed.is_main():
+        warnings.warn(
+            f"the gates reached {count:,} ReLUs, not the budget {budget:,}, in {cfg.epochs} epochs; binarizing to "
+            "the budget anyway (raise epochs for a better-trained selection)",
+            stacklevel=3,
+        )
+    return records
+
+
+def gate_lr(cfg: TrainConfig, schedule: LambdaSchedule) -> float:
+    """Adam lr of the gates: ``cfg.gate_lr`` if set; else, for the target schedule, fast enough that a
+    gate can fall from 1 to 0 in a third of the steps to the budget (Adam moves a gate by about its
+    lr per step), at least ``cfg.lr`` and at most 0.1; for the other schedules ``cfg.lr``."""
+    if cfg.gate_lr is not None:
+        return cfg.gate_lr
+    if schedule.mode != "target":
+        return cfg.lr
+    return min(0.1, max(cfg.lr, 3.0 / (schedule.reach * schedule.total_steps)))
+
+
+def finetune(
+    gm: GraphModule,
+    teacher: nn.Module | None,
+    data: Dataset | DataLoader,
+    config: TrainConfig | None = None,
+    *,
+    val_data: Dataset | DataLoader | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    budget: int | None = None,
+    history: Sequence[EpochRecord] = (),
+) -> list[EpochRecord]:
+    """Fine-tune the weights of a binarized model with KD from ``teacher``; keep the best epoch.
+
+    SGD (``config.finetune_lr``, momentum, weight decay; cosine decay over
+    ``config.finetune_epochs`` unless ``finetune_schedule="constant"``). After the last epoch
+    ``gm`` holds the weights of the epoch with the best ``val_data`` accuracy (the last epoch
+    without ``val_data``).
+
+    Args:
+        gm: a binarized model (:func:`snl_fx.binarize`); its gates stay frozen.
+        teacher: the original model (None, or ``config.kd=False``: plain cross-entropy).
+        data, val_data, config, checkpoint, resume: as for :func:`train_gates`.
+        budget, history: recorded in the checkpoints (the run's budget and earlier records), so that
+            a resumed run can refuse another budget and report the whole run.
+
+    Returns:
+        One :class:`EpochRecord` per fine-tune epoch (those of the checkpoint first, when resuming).
+
+    Example:
+        >>> snl_fx.binarize(gm, 2000)
+        >>> snl_fx.finetune(gm, model, train_set, snl_fx.TrainConfig(finetune_epochs=8), val_data=val_set)
+    """
+    cfg = config or TrainConfig()
+    store = Checkpoint(checkpoint)
+    state = _resume_state(store, resume, "finetune")
+    final = relu_count_gated(gm, 0.5)
+    params = [p for p in gm.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.finetune_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(e, cfg.finetune_epochs, cfg.finetune_schedule))
+    records: list[EpochRecord] = []
+    start = 0
+    best_acc = distributed.on_rank0(lambda: evaluate(gm, val_data, cfg))
+    best_state = copy.deepcopy(gm.state_dict())
+    if state is not None:
+        gm.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, best_acc, best_state = state["epoch"], state["best_acc"], state["best_model"]
+        records = [r for r in state["history"] if r["phase"] == "finetune"]
+    with distributed.data_parallel(gm, cfg.resolved_device(), cfg.sync_bn) as net:
+        for epoch in range(start + 1, cfg.finetune_epochs + 1):
+            loader = make_loader(data, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "finetune", epoch), shard=True)
+            stats = timed(lambda: train_epoch(net, teacher, loader, optimizer, cfg, desc=f"finetune {epoch}/{cfg.finetune_epochs}"))
+            scheduler.step()
+            distributed.broadcast_state(gm)
+            acc = distributed.on_rank0(lambda: evaluate(gm, val_data, cfg))
+            record: EpochRecord = {"phase": "finetune", "epoch": epoch, "relu_count": final, "lambda": None,
+                                   **distributed.mean_over_ranks(stats), "val_acc": acc}
+            records.append(record)
+            announce(epoch_line(record), cfg)
+            if acc is None or best_acc is None or acc >= best_acc:
+                best_acc, best_state = acc, copy.deepcopy(gm.state_dict())
+            store.save({"phase": "finetune", "epoch": epoch, "relu_count": final, "budget": budget,
+                        "granularity": passes.get_meta(gm).granularity, "model": gm.state_dict(),
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best_acc": best_acc,
+                        "best_model": best_state, "history": [*history, *records]})
+    gm.load_state_dict(best_state)
+    return records
+
+
+def _resume_state(store: Checkpoint, resume: bool, phase: str) -> dict[str, Any] | None:
+    """The checkpoint's state when resuming this phase; None to start afresh."""
+    if not resume:
+        return None
+    state = store.load()
+    if state is None or state["phase"] == phase:
+        return state
+    if phase == "gates":
+        raise SnlFxError(f"the checkpoint in {store.path} is past the gate phase: resume with finetune, or drop resume")
+    return None  # a gate-phase checkpoint: the fine-tune starts afresh
+
+
+def _lr_factor(epoch: int, epochs: int, schedule: str) -> float:
+    """Fine-tune lr factor of 0-based ``epoch``: 1 throughout (``constant``) or a cosine from 1 to 0."""
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
