@@ -45,11 +45,12 @@ def main(argv: list[str] | None = None) -> None:
     # 2. gates at every ReLU site, then Algorithm 1 with your loss
     gm = snl_fx.prepare(model, example, granularity="pixel")
     total = snl_fx.relu_count_gated(gm)
-    schedule = snl_fx.LambdaSchedule(lam=1e-3, kappa=1.5, mode="budget", budget=args.budget,
-                                     max_epochs=args.epochs, lowest=total)
+    schedule = snl_fx.LambdaSchedule(lam=1e-5, budget=args.budget, lowest=total,
+                                     total_steps=args.epochs * len(loader))  # "target": lambda steered every step
     gate_ids = {id(p) for p in snl_fx.gate_parameters(gm)}
     weights = [p for p in gm.parameters() if id(p) not in gate_ids]
-    opt = torch.optim.Adam([{"params": weights}, {"params": snl_fx.gate_parameters(gm), "lr": 1e-2}], lr=1e-3)
+    opt = torch.optim.Adam([{"params": weights}, {"params": snl_fx.gate_parameters(gm), "lr": 3 / len(loader) / args.epochs}],
+                           lr=1e-3)  # gate lr: a gate can cross 0..1 in a third of the steps
     cfg = snl_fx.TrainConfig()  # KD temperature and weight
     for epoch in range(1, args.epochs + 1):
         gm.train()
@@ -59,7 +60,9 @@ def main(argv: list[str] | None = None) -> None:
             loss = snl_fx.kd_loss(gm(x), target, y, cfg) + schedule.lam * snl_fx.lasso_penalty(gm)
             opt.zero_grad(); loss.backward(); opt.step()
             snl_fx.clamp_gates(gm)
-            if snl_fx.relu_count_gated(gm, eps=0.01) <= args.budget:
+            count = snl_fx.relu_count_gated(gm, eps=0.01)
+            schedule.after_step(count, snl_fx.soft_relu_count(gm))
+            if count <= args.budget:
                 break  # checked every step: many gates can cross eps within one epoch
         count = snl_fx.relu_count_gated(gm, eps=0.01)
         print(f"epoch {epoch}: {count:,} ReLUs (lambda {schedule.lam:.2g})")
@@ -67,15 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         if count <= args.budget:
             break
 
-    # 3. exactly the budget, gates frozen; fine-tune the weights
+    # 3. exactly the budget, gates frozen; fine-tune the weights (linearize's own fine-tune phase)
     final = snl_fx.binarize(gm, args.budget)
-    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    gm.train()
-    for x, y in loader:
-        with torch.no_grad():
-            target = teacher(x)
-        loss = snl_fx.kd_loss(gm(x), target, y, cfg)
-        opt.zero_grad(); loss.backward(); opt.step()
+    snl_fx.finetune(gm, teacher, train, snl_fx.TrainConfig(finetune_epochs=1, progress=False))
 
     # 4. lower to a static graph and export
     lowered = snl_fx.convert(gm.eval())
