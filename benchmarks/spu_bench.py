@@ -11,6 +11,7 @@ ReLU ops (link-statistic deltas around each Relu executable) and the seconds of 
 Usage:
 
     python benchmarks/spu_bench.py [--backends spu-semi2k,spu-cheetah] [--runs 3] [--out benchmarks/results/spu_bench.json]
+    python benchmarks/spu_bench.py --table     # the table again, from the JSON
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import snl_fx
 from snl_fx.models import small_resnet
 
 KEPT_LAYERS = ["layer3.*"]  # layer3.0.relu1 and layer3.0.relu2: 2 * 64*7*7 = 6,272 ReLUs (14.3%)
-MOVE = ("pphlo.gather", "pphlo.scatter", "pphlo.concatenate", "pphlo.dynamic_slice", "pphlo.slice")
+# the PartialReLU's data movement; SPU runs a scatter (ScatterElements) as a pphlo.while loop over its elements
+MOVE = ("pphlo.gather", "pphlo.scatter", "pphlo.while", "pphlo.concatenate", "pphlo.dynamic_slice", "pphlo.slice")
 
 
 def files(out: Path) -> dict[str, Path]:
@@ -51,26 +53,31 @@ def files(out: Path) -> dict[str, Path]:
 
 
 def row(name: str, backend: str, path: Path, runs: int) -> dict:
-    r = snl_fx.pi_bench(path, runs=runs, backend=backend).to_dict()
-    ops = r["ops"]
-    local = {k: v for k, v in ops.items() if v["bytes"] == 0}
-    r.update(variant=name, file=str(path), local_seconds=sum(v["seconds"] for v in local.values()),
-             move_seconds=sum(ops[k]["seconds"] for k in MOVE if k in ops),
-             conv_seconds=ops.get("pphlo.convolution", {}).get("seconds", 0.0))
+    r = {"variant": name, "file": str(path), **snl_fx.pi_bench(path, runs=runs, backend=backend).to_dict()}
+    derive(r)
     print(json.dumps({k: v for k, v in r.items() if k != "ops"}), flush=True)
     return r
 
 
+def derive(r: dict) -> None:
+    """Seconds of local ops (0 bytes sent), of the PartialReLU's data movement, and of convolutions."""
+    ops = r["ops"]
+    r["local_seconds"] = sum(v["seconds"] for v in ops.values() if v["bytes"] == 0)
+    r["move_seconds"] = sum(ops[k]["seconds"] for k in MOVE if k in ops)
+    r["conv_seconds"] = ops.get("pphlo.convolution", {}).get("seconds", 0.0)
+
+
 def table(rows: list[dict]) -> str:
     head = ("| backend | form | ReLUs | ReLU layers | MB | in ReLU ops MB | B per ReLU | rounds (in ReLU ops) "
-            "| s per inference | in ReLU ops s | local ops s (gather/scatter/concat s) | max abs error |")
+            "| s per inference | in ReLU ops s | local ops s (gather/scatter/concat s) | conv s | max abs error |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         per = f"{r['relu_bytes'] / r['relus']:.1f}" if r["relus"] else "-"
         lines.append(
             f"| {r['backend']} | {r['variant']} | {r['relus']:,} | {r['relu_layers']} | {r['bytes'] / 1e6:.2f} "
             f"| {r['relu_bytes'] / 1e6:.2f} | {per} | {r['rounds']} ({r['relu_rounds']}) | {r['seconds']:.2f} "
-            f"| {r['relu_seconds']:.2f} | {r['local_seconds']:.2f} ({r['move_seconds']:.2f}) | {r['max_abs_error']:.1g} |"
+            f"| {r['relu_seconds']:.2f} | {r['local_seconds']:.2f} ({r['move_seconds']:.2f}) | {r['conv_seconds']:.2f} "
+            f"| {r['max_abs_error']:.1g} |"
         )
     return "\n".join(lines)
 
@@ -80,7 +87,14 @@ def main() -> None:
     parser.add_argument("--backends", default="spu-semi2k,spu-cheetah")
     parser.add_argument("--runs", type=int, default=3, help="timed inferences per file (median)")
     parser.add_argument("--out", default="benchmarks/results/spu_bench.json")
+    parser.add_argument("--table", action="store_true", help="print the table of the results in --out; run nothing")
     args = parser.parse_args()
+    if args.table:
+        rows = json.loads(Path(args.out).read_text())["rows"]
+        for r in rows:
+            derive(r)
+        print(table(rows))
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = files(Path("runs/spu_bench"))
