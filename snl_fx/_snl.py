@@ -120,13 +120,14 @@ class LambdaSchedule:
 
     ``target`` (default): every step, lambda steers the ReLU count along a target that falls
     geometrically from ``lowest`` (the model's count) to the budget at ``reach`` of
-    ``total_steps`` and on below it. Lambda grows while the gates' mass ``sum c`` (in ReLUs, see
-    :func:`soft_relu_count`) is above the target, shrinks while the count ``#(c > eps)`` is below
-    it, and holds in between (``lam *= exp(gain * clip(log(x/target)/band, -1, 1))``, x being
-    the mass or the count). The mass answers a change of lambda at once, the count only once gates
-    have crossed eps: rising on the mass keeps lambda from running ahead of gates still falling,
-    falling on the count keeps it from dropping while gates hover above eps. No lambda0 or kappa
-    to tune. ``paper``: Algorithm 1, once per epoch,
+    ``total_steps`` and on below it. Lambda grows at full gain while the gates' mass ``sum c`` (in
+    ReLUs, see :func:`soft_relu_count`) is above the target, at ``count_share`` of it while only
+    the count ``#(c > eps)`` is, and shrinks while the count is below the target (``lam *=
+    exp(gain * clip(error/band, -1, 1))``, error being the log ratio to the target). The mass
+    answers a change of lambda at once, the count only once gates have crossed eps: rising
+    mainly on the mass keeps lambda from running far ahead of gates still falling, while the
+    slower rise on the count pushes down gates that hover above eps. No lambda0 or kappa to tune.
+    ``paper``: Algorithm 1, once per epoch,
     ``lambda *= kappa`` when the count did not fall below its lowest so far. ``budget``: once per
     epoch, ``lambda *= kappa**k`` when the count is not falling fast enough to reach the budget by
     ``max_epochs`` (geometric fall assumed), ``k`` being the epochs in a row it has been behind.
@@ -144,6 +145,7 @@ class LambdaSchedule:
     reach: float = 0.9  # target mode: the trajectory meets the budget after this share of the steps
     gain: float | None = None  # target mode: largest change of log(lambda) per step; None: max(0.02, 20/total_steps)
     band: float = 0.05  # target mode: relative error of the mass at which the change is largest
+    count_share: float = 0.25  # target mode: gain share while the mass is on target but the count is above
     behind: int = 0
     steps: int = 0
     start: int | None = None
@@ -174,10 +176,10 @@ class LambdaSchedule:
             return self.lam
         self.steps += 1
         target = self.target(self.steps)
-        above = math.log(max(count if mass is None else mass, 1.0) / target)
-        below = math.log(max(count, 1.0) / target)
-        error = above if above > 0 else below if below < 0 else 0.0
-        self.lam *= math.exp(self.gain * max(-1.0, min(1.0, error / self.band)))
+        by_mass = math.log(max(count if mass is None else mass, 1.0) / target)
+        by_count = math.log(max(count, 1.0) / target)
+        error, share = (by_mass, 1.0) if by_mass > 0 else (by_count, self.count_share if by_count > 0 else 1.0)
+        self.lam *= math.exp(self.gain * share * max(-1.0, min(1.0, error / self.band)))
         return self.lam
 
     def step(self, count: int, epoch: int) -> float:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import os
 import runpy
 import subprocess
@@ -86,7 +88,9 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     counts = [h["relu_count"] for h in single.history]
     assert any(100 < c < 512 for c in counts), counts  # a real trajectory, not all gates closing at once
     assert counts == [h["relu_count"] for h in ranks[0]["history"]]
-    assert [h["lambda"] for h in single.history] == [h["lambda"] for h in ranks[0]["history"]]
+    # lambda follows the gates' mass every step: the sum order of DDP's gradients moves it by ~1e-6
+    lambdas = [(a["lambda"], b["lambda"]) for a, b in zip(single.history, ranks[0]["history"])]
+    assert all((a is None and b is None) or math.isclose(a, b, rel_tol=1e-4) for a, b in lambdas), lambdas
     for key, a in single.gated.state_dict().items():
         b = ranks[0]["gated"][key]
         if key.startswith("snl_gates."):
