@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 import passes
 
 from . import distributed
+from ._cost_budget import Cost, cost_summary, merge_for_cost, plan_cost
 from ._count import relu_count
 from ._errors import SnlFxError
 from ._export import check_exports
@@ -55,6 +56,7 @@ class LinearizeResult:
     history: list[EpochRecord] = field(default_factory=list)
     accuracy_before: float | None = None
     accuracy_after: float | None = None
+    cost: dict[str, Any] | None = None  # Cost budgets: the budget, predicted bytes/rounds/seconds before and after
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no tensors)."""
@@ -66,7 +68,7 @@ class LinearizeResult:
 def linearize(
     model: nn.Module,
     example_input: Any,
-    budget: int | float,
+    budget: int | float | Cost,
     data: Dataset | DataLoader | None = None,
     *,
     val_data: Dataset | DataLoader | None = None,
@@ -81,7 +83,11 @@ def linearize(
 ) -> LinearizeResult:
     """Cut ``model``'s ReLUs to ``budget`` per sample and lower it to a static graph.
 
-    ``budget``: an int is ReLUs per sample, a float in (0, 1) a fraction of the model's ReLUs.
+    ``budget``: an int is ReLUs per sample, a float in (0, 1) a fraction of the model's ReLUs, a
+    :class:`snl_fx.Cost` a predicted latency, traffic or round count under a protocol and network:
+    the gate penalty then prices each gate by its cost (whole sites included), the selection meets
+    the cost, linear ops are merged where cheaper, and ``result.cost`` states the cost before and
+    after (``result.budget`` is then the ReLU count the cost allowed).
     With ``data`` (a Dataset or DataLoader of (input, label)), runs SNL: gates and weights
     trained with a Lasso penalty until the count meets the budget, binarized to exactly the
     budget, then the weights fine-tuned with KD from ``model``; the best fine-tune epoch on
@@ -103,13 +109,15 @@ def linearize(
     gm = prepare(model, example_input, granularity, skip=skip, concrete_args=concrete_args, leaf_modules=leaf_modules)
     check_exports(gm, example_input)  # an unexportable model fails in seconds, before training
     total = total_relus(gm)
-    budget = resolve_budget(budget, total)
+    plan = plan_cost(budget, model, example_input, gm) if isinstance(budget, Cost) else None
+    budget = plan.relu_ceiling() if plan is not None else resolve_budget(budget, total)
     before = site_relu_counts(gm)
     if budget >= total:
         warnings.warn(f"budget {budget:,} >= the model's {total:,} ReLUs: nothing to remove, model unchanged", stacklevel=2)
         unchanged = passes.trace(model, example_input, concrete_args=concrete_args, leaf_modules=leaf_modules)
         sites = {n: {"before": c, "after": c} for n, c in before.items()}
-        return LinearizeResult(unchanged, None, total, total, budget, granularity, "unchanged", sites)
+        cost = None if plan is None else cost_summary(plan.budget, plan.pi_cost({}), plan.pi_cost({}))
+        return LinearizeResult(unchanged, None, total, total, budget, granularity, "unchanged", sites, cost=cost)
 
     if data is not None and val_data is None and isinstance(data, Dataset):
         from .data import split_train_val
@@ -124,7 +132,8 @@ def linearize(
 
     if data is None:
         log.info("no data: training-free one-shot selection on the example batch (%s)", granularity)
-        final = binarize(gm, budget, _scores(gm, example_input, device))
+        scores = _scores(gm, example_input, device)
+        final = binarize(gm, budget, scores) if plan is None else plan.select(gm, scores=scores)
         method = "one-shot"
     else:
         state = Checkpoint(out_dir).load() if resume else None
@@ -134,9 +143,10 @@ def linearize(
             _check_resumable(state, budget, granularity)
         if state is None or state["phase"] == "gates":
             history = train_gates(gm, data, budget, cfg, teacher=teacher, val_data=val_data, checkpoint=out_dir,
-                                  resume=resume)
+                                  resume=resume, objective=None if plan is None else plan.objective(gm))
             # gates at 0 tie: among them, keep the ReLUs whose removal changes the activations most
-            final = binarize(gm, budget, tie_break=_scores(gm, example_input, device))
+            ties = _scores(gm, example_input, device)
+            final = binarize(gm, budget, tie_break=ties) if plan is None else plan.select(gm, tie_break=ties)
         else:
             history = [r for r in state["history"] if r["phase"] == "gates"]
             final = state["relu_count"]
@@ -150,9 +160,16 @@ def linearize(
     _verify(gm, lowered, example_input, final, device)
     after = site_relu_counts(gm, eps=0.5)
     sites = {n: {"before": before[n], "after": after[n]} for n in before}
+    cost = None
+    if plan is not None:
+        lowered, merged = merge_for_cost(lowered, plan.budget, _to(example_input, device))
+        cost = cost_summary(plan.budget, plan.pi_cost({}), plan.budget.predict(lowered, _to(example_input, device)), merged)
+        if not cost["met"]:
+            raise SnlFxError(f"internal error: the model costs {cost['after'][plan.budget.unit]:g} "
+                             f"{plan.budget.unit}, over the budget {plan.budget.limit:g}")
     accuracy_after = distributed.on_rank0(lambda: evaluate(lowered, val_data, cfg))
     return LinearizeResult(
-        lowered, gm, final, total, budget, granularity, method, sites, history, accuracy_before, accuracy_after
+        lowered, gm, final, total, budget, granularity, method, sites, history, accuracy_before, accuracy_after, cost
     )
 
 

@@ -23,15 +23,13 @@ from torch.utils.data import DataLoader, Dataset
 import passes
 
 from . import distributed
+from ._cost_budget import GateObjective, count_objective
 from ._errors import SnlFxError
 from ._snl import (
     LambdaSchedule,
     clamp_gates,
     gate_parameters,
-    lasso_penalty,
     relu_count_gated,
-    soft_relu_count,
-    total_relus,
 )
 from ._train import Checkpoint, TrainConfig, announce, epoch_line, evaluate, make_loader, seed_epoch, timed, train_epoch
 
@@ -66,6 +64,7 @@ def train_gates(
     val_data: Dataset | DataLoader | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
+    objective: GateObjective | None = None,
 ) -> list[EpochRecord]:
     """Algorithm 1 on a prepared model: Adam on weights and gates + lambda * sum|c|, until
     ``#(c > eps) <= budget`` (checked after every step) or ``config.epochs`` epochs.
@@ -79,6 +78,8 @@ def train_gates(
         teacher: the original model, for knowledge distillation (``config.kd``); None: plain loss.
         val_data: evaluated after every epoch (``val_acc`` of the records).
         checkpoint, resume: a folder for a checkpoint per epoch; continue from it.
+        objective: what the penalty prices and where the phase stops (default: ``sum|c|`` and the
+            ReLU count down to ``budget``; for a Cost budget, ``CostPlan.objective``).
 
     Returns:
         One :class:`EpochRecord` per epoch (those of the checkpoint first, when resuming). The
@@ -93,9 +94,9 @@ def train_gates(
     cfg = config or TrainConfig()
     store = Checkpoint(checkpoint)
     state = _resume_state(store, resume, "gates")
-    total = total_relus(gm)
+    obj = objective or count_objective(gm, budget)
     steps_per_epoch = len(make_loader(data, cfg, shuffle=True, epoch_seed=0, shard=True))
-    schedule = LambdaSchedule(cfg.lambda0, cfg.kappa, cfg.schedule, budget, cfg.epochs, lowest=total,
+    schedule = LambdaSchedule(cfg.lambda0, cfg.kappa, cfg.schedule, obj.limit, cfg.epochs, lowest=obj.start,
                               total_steps=cfg.epochs * steps_per_epoch)
     gates = set(map(id, gate_parameters(gm)))
     weights = [p for p in gm.parameters() if id(p) not in gates and p.requires_grad]
@@ -103,7 +104,7 @@ def train_gates(
         [{"params": weights}, {"params": gate_parameters(gm), "lr": gate_lr(cfg, schedule)}], lr=cfg.lr
     )
     records: list[EpochRecord] = []
-    start, count = 0, relu_count_gated(gm, cfg.eps)
+    start, count = 0, obj.hard(cfg.eps)
     if state is not None:
         gm.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -116,26 +117,27 @@ def train_gates(
         # Checked every step, not only per epoch: once lambda dominates, many gates cross eps
         # together, and a per-epoch check lets the count crash far below the budget.
         clamp_gates(gm)
-        now = distributed.from_rank0(relu_count_gated(gm, cfg.eps))
-        schedule.after_step(now, soft_relu_count(gm))
-        if schedule.steps % every == 0 or now <= budget:
+        now = distributed.from_rank0(obj.hard(cfg.eps))
+        schedule.after_step(now, distributed.from_rank0(obj.soft()))
+        if schedule.steps % every == 0 or now <= obj.limit:
             path.append((schedule.steps, now, schedule.lam))
-        return now <= budget
+        return now <= obj.limit
 
     with distributed.data_parallel(gm, cfg.resolved_device(), cfg.sync_bn) as net:
         for epoch in range(start + 1, cfg.epochs + 1):
-            if count <= budget:
+            if count <= obj.limit:
                 break
             lam, path[:] = schedule.lam, []
             loader = make_loader(data, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "gates", epoch), shard=True)
             stats = timed(lambda: train_epoch(
-                net, teacher, loader, optimizer, cfg, penalty=lambda: schedule.lam * lasso_penalty(gm),
+                net, teacher, loader, optimizer, cfg, penalty=lambda: schedule.lam * obj.penalty(),
                 after_step=step_done, desc=f"gates {epoch}/{cfg.epochs}",
             ))
             distributed.broadcast_state(gm)  # BatchNorm statistics of the last step: rank 0's
-            count = distributed.from_rank0(relu_count_gated(gm, cfg.eps))
+            count = distributed.from_rank0(obj.hard(cfg.eps))
             schedule.step(count, epoch)
-            record: EpochRecord = {"phase": "gates", "epoch": epoch, "relu_count": count, "lambda": lam,
+            relus = count if objective is None else relu_count_gated(gm, cfg.eps)
+            record: EpochRecord = {"phase": "gates", "epoch": epoch, "relu_count": relus, "lambda": lam,
                                    **distributed.mean_over_ranks(stats),
                                    "val_acc": distributed.on_rank0(lambda: evaluate(gm, val_data, cfg)), "path": list(path)}
             records.append(record)
@@ -143,9 +145,9 @@ def train_gates(
             store.save({"phase": "gates", "epoch": epoch, "relu_count": count, "budget": budget,
                         "granularity": passes.get_meta(gm).granularity, "model": gm.state_dict(),
                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": records})
-    if count > budget and distributed.is_main():
+    if count > obj.limit and distributed.is_main():
         warnings.warn(
-            f"the gates reached {count:,} ReLUs, not the budget {budget:,}, in {cfg.epochs} epochs; binarizing to "
+            f"the gates reached {count:,.0f} {obj.unit}, not the budget {obj.limit:,.0f}, in {cfg.epochs} epochs; binarizing to "
             "the budget anyway (raise epochs for a better-trained selection)",
             stacklevel=3,
         )
