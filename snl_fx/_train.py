@@ -23,6 +23,8 @@ from ._files import load_checked, save_atomic
 
 log = logging.getLogger("snl_fx")
 
+FINETUNE_SCHEDULES = ("cosine", "constant")
+
 
 @dataclass
 class TrainConfig:
@@ -74,7 +76,7 @@ class TrainConfig:
             "eps": ("float", 0.0, 1.0 - 1e-12, "a number in [0, 1)"),
             "schedule": ("choice", SCHEDULES, None, f"one of {', '.join(SCHEDULES)}"),
             "finetune_lr": ("float", 1e-12, None, "a number > 0"),
-            "finetune_schedule": ("choice", ("cosine", "constant"), None, "one of cosine, constant"),
+            "finetune_schedule": ("choice", FINETUNE_SCHEDULES, None, f"one of {', '.join(FINETUNE_SCHEDULES)}"),
             "momentum": ("float", 0.0, 1.0 - 1e-12, "a number in [0, 1)"),
             "weight_decay": ("float", 0.0, None, "a number >= 0"),
             "kd": ("bool", None, None, "True or False"),

@@ -8,6 +8,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from passes import PassError
 
@@ -149,11 +150,8 @@ def _linearize(args: argparse.Namespace) -> int:
     from .plots import plot_relus_per_layer
 
     budget = _check_linearize_args(args)
-    cfg = TrainConfig(
-        epochs=args.epochs, finetune_epochs=args.finetune_epochs, lr=args.lr, gate_lr=args.gate_lr,
-        lambda0=args.lambda0, kappa=args.kappa, eps=args.eps, schedule=args.schedule, finetune_lr=args.finetune_lr,
-        kd=not args.no_kd, batch_size=args.batch_size, seed=args.seed, device=args.device, progress=not args.quiet,
-    )
+    cfg = TrainConfig(**{name: getattr(args, name) for name in TRAIN_OPTIONS}, kd=not args.no_kd,
+                      progress=not args.quiet)
     torch.manual_seed(args.seed)
     train, test = jobs.load_datasets(args.data, args.data_root, args.subset, args.seed)
     fit, val = split_train_val(train, 0.1, seed=args.seed)
@@ -250,6 +248,42 @@ def _pi_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# TrainConfig fields that `snl-fx linearize` takes as options; defaults and choices come from TrainConfig
+TRAIN_OPTIONS = {
+    "epochs": "gate-phase epochs: the target schedule reaches the budget near their end",
+    "finetune_epochs": "fine-tune epochs; the best on the validation split is kept",
+    "schedule": "lambda schedule: target (per step, no tuning), budget or paper (per epoch)",
+    "lambda0": "starting lambda",
+    "kappa": "lambda factor per stalled epoch (budget and paper schedules)",
+    "eps": "a gate counts as a ReLU while c > eps",
+    "lr": "Adam lr of the weights in the gate phase",
+    "gate_lr": "Adam lr of the gates (default: tied to the steps available)",
+    "finetune_lr": "SGD lr of the fine-tune",
+    "finetune_schedule": "fine-tune lr schedule",
+    "batch_size": "global batch size",
+    "device": "cpu, cuda, cuda:1 (default: CUDA when present)",
+    "seed": "seed of data order, split and initialisation",
+}
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One option per :data:`TRAIN_OPTIONS` field, its default and choices taken from TrainConfig."""
+    from ._snl import SCHEDULES
+    from ._train import FINETUNE_SCHEDULES, TrainConfig
+
+    choices = {"schedule": SCHEDULES, "finetune_schedule": FINETUNE_SCHEDULES}
+    types = {"gate_lr": float, "device": str}
+    defaults = TrainConfig()
+    for name, text in TRAIN_OPTIONS.items():
+        default = getattr(defaults, name)
+        kwargs: dict[str, Any] = {"default": default, "help": f"{text} (default: {default})"}
+        if name in choices:
+            kwargs["choices"] = choices[name]
+        else:
+            kwargs["type"] = types.get(name, type(default))
+        parser.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
 def snl_fx_main(argv: Sequence[str] | None = None) -> int:
     """``snl-fx linearize MODEL --data NAME --budget B``; ``snl-fx pi-bench FILE.onnx``; ``snl-fx count`` is ``relu-count``."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -268,22 +302,11 @@ def snl_fx_main(argv: Sequence[str] | None = None) -> int:
     lin.add_argument("--weights", help="pretrained state_dict of the model (else --pretrain-epochs)")
     lin.add_argument("--pretrain-epochs", type=int, default=0, help="pretrain first (cached in --out)")
     lin.add_argument("--one-shot", action="store_true", help="training-free selection on a calibration batch")
-    lin.add_argument("--epochs", type=int, default=20, help="max epochs of the gate phase")
-    lin.add_argument("--finetune-epochs", type=int, default=5)
-    lin.add_argument("--schedule", choices=["budget", "paper"], default="budget")
-    lin.add_argument("--lambda0", type=float, default=1e-5)
-    lin.add_argument("--kappa", type=float, default=1.1)
-    lin.add_argument("--eps", type=float, default=0.01)
-    lin.add_argument("--lr", type=float, default=1e-3)
-    lin.add_argument("--gate-lr", type=float, default=None)
-    lin.add_argument("--finetune-lr", type=float, default=1e-3)
-    lin.add_argument("--batch-size", type=int, default=128)
+    _add_train_options(lin)
     lin.add_argument("--no-kd", action="store_true", help="plain cross-entropy, no distillation")
     lin.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="site names left as ReLUs")
     lin.add_argument("--subset", type=int, help="use a fixed random sample of N training images (quick runs)")
     lin.add_argument("--profile", choices=["default", "pi"], default="default", help="ONNX export profile")
-    lin.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present)")
-    lin.add_argument("--seed", type=int, default=0)
     lin.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS if set, else cores - 1)")
     lin.add_argument("--json", action="store_true", help="print report.json's content as one JSON object")
     lin.add_argument("--quiet", action="store_true", help="no progress bars")
