@@ -18,6 +18,7 @@ import torch
 
 import snl_fx
 from snl_fx import jobs
+from snl_fx.cli import set_default_threads
 from snl_fx.data import split_train_val
 from snl_fx.plots import plot_accuracy_vs_relus, plot_gate_path, plot_relus_per_layer
 
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a 2,000-image, 1-epoch smoke run")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    set_default_threads()  # as the CLIs do: one core left free, so a busy machine does not stall training
     start = time.perf_counter()
     torch.manual_seed(args.seed)
 
