@@ -9,7 +9,7 @@ train with ``lasso_penalty`` and a ``LambdaSchedule`` -> ``binarize`` -> fine-tu
 from importlib.metadata import PackageNotFoundError, version
 
 from ._cost import LayerCost, Network, PiCost, linear_cost, pi_cost, relu_site_cost
-from ._cost_budget import Cost, parse_cost
+from ._cost_budget import Cost, CostPlan, parse_cost, plan_cost
 from ._count import relu_count
 from ._errors import SnlFxError
 from ._export import ExportResult, export_onnx
@@ -42,6 +42,7 @@ except PackageNotFoundError:  # running from a source tree without installation
 __all__ = [
     "PROTOCOLS",
     "Cost",
+    "CostPlan",
     "EpochRecord",
     "ExportResult",
     "LayerCost",
@@ -73,6 +74,7 @@ __all__ = [
     "pi_bench",
     "parse_cost",
     "pi_cost",
+    "plan_cost",
     "prepare",
     "relu_count",
     "relu_count_gated",
