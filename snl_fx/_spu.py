@@ -53,7 +53,9 @@ def _free_ports(n: int) -> list[int]:
             s.close()
 
 
-def run_spu(backend: str, model_path: Path, x: np.ndarray, runs: int, timeout: float) -> tuple[np.ndarray, dict[str, Any]]:
+def run_spu(
+    backend: str, model_path: Path, x: np.ndarray, runs: int, timeout: float
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Run both parties; return the client's output and the combined measurements (see ``pi_bench``)."""
     python = spu_python()
     with tempfile.TemporaryDirectory(prefix="snl_fx_spu_") as tmp:
@@ -125,13 +127,13 @@ def combine(reports: list[dict[str, Any]]) -> dict[str, Any]:
         return statistics.median(max(sum(p["seg_seconds"][i] for i in idx) for p in pair) for pair in steady)
 
     ops: dict[str, dict[str, Any]] = {}
-    for party in first:
+    for rank, party in enumerate(first):
         for seg in party["segments"]:
             for name, op in seg["ops"].items():
                 o = ops.setdefault(name, {"count": 0, "bytes": 0, "seconds": [0.0, 0.0]})
                 o["bytes"] += op["sent"]
-                o["seconds"][party is first[1]] += op["seconds"]
-                o["count"] += op["count"] if party is first[0] else 0
+                o["seconds"][rank] += op["seconds"]
+                o["count"] += op["count"] if rank == 0 else 0
     op_table = {k: {"count": v["count"], "bytes": v["bytes"], "seconds": max(v["seconds"])} for k, v in ops.items()}
     warm = server["passes"][0]["sent"] + client["passes"][0]["sent"]
     warm_actions = max(server["passes"][0]["actions"], client["passes"][0]["actions"])

@@ -167,7 +167,9 @@ def pi_bench(
     )
 
 
-def _spu_result(backend: str, path: Path, x: np.ndarray, reference: np.ndarray, runs: int, timeout: float) -> PiBenchResult:
+def _spu_result(
+    backend: str, path: Path, x: np.ndarray, reference: np.ndarray, runs: int, timeout: float
+) -> PiBenchResult:
     from ._spu import run_spu
 
     y, m = run_spu(backend, path, x, runs, timeout)
