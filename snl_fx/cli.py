@@ -186,13 +186,20 @@ def _linearize(args: argparse.Namespace) -> int:
         before = relu_count(model.cpu(), example[:1])
         after = relu_count(result.model, example[:1])
         print(jobs.summary(before, after, acc_before, acc_after))
+        if result.cost:
+            b, a, lim = result.cost["before"], result.cost["after"], result.cost["budget"]
+            print(f"predicted {lim['protocol']} cost on {lim['network']['name']}: {b['bytes'] / 1e6:.2f} MB, {b['rounds']} rounds, "
+                  f"{b['seconds']:.3f} s -> {a['bytes'] / 1e6:.2f} MB, {a['rounds']} rounds, {a['seconds']:.3f} s "
+                  f"(budget {lim['limit']:g} {lim['unit']})")
         print(f"outputs in {args.out}: model.onnx, model_state_dict.pt, gated_state_dict.pt, report.json, relus_per_layer.png")
     return 0
 
 
 def _check_linearize_args(args: argparse.Namespace) -> int | float:
     """Refuse bad ``snl-fx linearize`` options before any work; returns the parsed budget."""
-    budget = parse_budget(args.budget)
+    from ._cost_budget import parse_cost
+
+    budget = parse_cost(args.budget, args.protocol, args.network) or parse_budget(args.budget)
     if args.pretrain_epochs < 0:
         raise SnlFxError(f"--pretrain-epochs must be >= 0, got {args.pretrain_epochs}")
     if args.subset is not None and args.subset < 1:
@@ -295,7 +302,10 @@ def snl_fx_main(argv: Sequence[str] | None = None) -> int:
     lin.add_argument("model", help="zoo name (small_resnet, cifar_resnet18, cifar_resnet34, wrn22_8) or pkg.module:factory")
     lin.add_argument("--data", required=True, choices=["fashion-mnist", "cifar10", "cifar100", "tiny-imagenet"])
     lin.add_argument("--data-root", help="folder of the data set (CIFAR, Tiny-ImageNet); never downloaded")
-    lin.add_argument("--budget", required=True, help="ReLUs per sample (int), a fraction in (0, 1) such as 0.05, or 5%%")
+    lin.add_argument("--budget", required=True, help="ReLUs per sample (int), a fraction in (0, 1) such as 0.05, or 5%%; "
+                     "or a predicted private-inference cost: 1.5s, 800ms, 200MB, 1.5GB, 150rounds (see --protocol)")
+    lin.add_argument("--protocol", default="crypten", help="for a cost --budget: the protocol priced (default crypten)")
+    lin.add_argument("--network", default="wan", help="for a cost --budget: lan, wan (default) or MBPS,RTT_MS")
     lin.add_argument("--granularity", choices=["pixel", "channel"], default="pixel")
     lin.add_argument("--out", default="runs/snl", help="output dir: checkpoints, model, ONNX, report.json")
     lin.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
