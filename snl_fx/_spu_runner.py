@@ -294,7 +294,8 @@ def compile_segments(plan: Plan) -> list[dict[str, Any]]:
     out = []
     for i, (kind, nodes) in enumerate(segs):
         made = {o for n in nodes for o in n.output}
-        reads = [n for n in dict.fromkeys(i for node in nodes for i in node.input) if n in shapes and n not in made]
+        inputs = dict.fromkeys(name for node in nodes for name in node.input)
+        reads = [name for name in inputs if name in shapes and name not in made]
         reads += [w for w in plan.weights if "#" in w and w.split("#")[0] in made]  # derived weights
         writes = [o for n in nodes for o in n.output if o in later_use[i]]
         fn = _segment_fn(nodes, plan.attrs, plan.static, reads, writes)
