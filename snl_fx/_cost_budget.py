@@ -28,7 +28,7 @@ import passes
 
 from ._cost import Network, PiCost, cost_from_report, cost_table, linear_features, parse_network, pi_cost, price
 from ._errors import SnlFxError
-from ._report import LinearCount, ReluReport, SiteCount
+from ._report import LinearCount, ReluReport
 from ._snl import (
     binarize,
     lasso_penalty,
