@@ -142,10 +142,10 @@ class LambdaSchedule:
     max_epochs: int = 100
     lowest: int | None = None  # set it to the model's ReLU count before training
     total_steps: int = 0  # target mode: optimizer steps the gate phase may take (epochs * batches)
-    reach: float = 0.9  # target mode: the trajectory meets the budget after this share of the steps
-    gain: float | None = None  # target mode: largest change of log(lambda) per step; None: max(0.02, 20/total_steps)
+    reach: float = 0.85  # target mode: the trajectory meets the budget after this share of the steps
+    gain: float | None = None  # target mode: largest change of log(lambda) per step; None: max(0.002, 20/total_steps)
     band: float = 0.05  # target mode: relative error of the mass at which the change is largest
-    count_share: float = 0.25  # target mode: gain share while the mass is on target but the count is above
+    count_share: float = 0.5  # target mode: gain share while the mass is on target but the count is above
     behind: int = 0
     steps: int = 0
     start: int | None = None
@@ -161,7 +161,7 @@ class LambdaSchedule:
         if self.start is None:
             self.start = self.lowest
         if self.gain is None:
-            self.gain = max(0.02, 20.0 / max(self.total_steps, 1))
+            self.gain = max(0.002, 20.0 / max(self.total_steps, 1))
 
     def target(self, step: int) -> float:
         """Target ReLU count after ``step`` optimizer steps (target mode)."""
@@ -215,6 +215,15 @@ class LambdaSchedule:
         self.lam, self.lowest, self.behind = state["lam"], state["lowest"], state["behind"]
         self.steps, self.start = state.get("steps", 0), state.get("start", self.start)
         self.history = list(state["history"])
+
+
+def gradient_scale(gm: GraphModule, loss: torch.Tensor) -> float:
+    """Median of ``|d loss / d c|`` over the gate elements that have a gradient: a starting lambda at
+    which the least useful gates begin to fall (1e-5 when no gate has one)."""
+    grads = torch.autograd.grad(loss, gate_parameters(gm), allow_unused=True)
+    flat = torch.cat([g.detach().abs().flatten() for g in grads if g is not None] or [torch.zeros(0)])
+    flat = flat[flat > 0]
+    return float(flat.median()) if flat.numel() else 1e-5
 
 
 def binarize(

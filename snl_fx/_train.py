@@ -34,7 +34,7 @@ class TrainConfig:
     finetune_epochs: int = 5  # paper: 100
     lr: float = 1e-3  # Adam, weights and gates
     gate_lr: float | None = None  # Adam lr for the gates; None: tied to the steps available (target), else lr
-    lambda0: float = 1e-5  # target schedule: only the starting point of its per-step control
+    lambda0: float | None = None  # None: the target schedule starts at the gates' gradient scale, the others at 1e-5
     kappa: float = 1.1  # budget and paper schedules only
     eps: float = 0.01
     schedule: str = "target"  # "target" (per-step control), "budget" or "paper" (per epoch): see LambdaSchedule
@@ -71,7 +71,7 @@ class TrainConfig:
             "finetune_epochs": ("int", 0, None, "an integer >= 0"),
             "lr": ("float", 1e-12, None, "a number > 0"),
             "gate_lr": ("float", 1e-12, None, "a number > 0 (or None: same as lr)"),
-            "lambda0": ("float", 0.0, None, "a number >= 0"),
+            "lambda0": ("float", 0.0, None, "a number >= 0 (or None: automatic)"),
             "kappa": ("float", 1.0, None, "a number >= 1"),
             "eps": ("float", 0.0, 1.0 - 1e-12, "a number in [0, 1)"),
             "schedule": ("choice", SCHEDULES, None, f"one of {', '.join(SCHEDULES)}"),

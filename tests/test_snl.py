@@ -74,7 +74,7 @@ def test_target_schedule_follows_a_geometric_path_and_steers_lambda_by_the_mass(
     assert math.isclose(s.target(100), 0.1)  # on below the budget after reach
     lam = s.after_step(1000, 1000.0)
     assert math.isclose(lam, math.exp(0.1))  # step 1: 10% above the target, full gain up
-    steps = [((1000, 1.0), 0.025), ((1, 0.5), -0.1)]  # count above, mass below: a quarter; both below: down
+    steps = [((1000, 1.0), 0.05), ((1, 0.5), -0.1)]  # count above, mass below: half the gain; both below: down
     for (count, mass), change in steps:
         before, lam = lam, s.after_step(count, mass)
         assert math.isclose(lam / before, math.exp(change))
