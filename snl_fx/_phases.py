@@ -29,9 +29,21 @@ from ._snl import (
     LambdaSchedule,
     clamp_gates,
     gate_parameters,
+    gradient_scale,
     relu_count_gated,
 )
-from ._train import Checkpoint, TrainConfig, announce, epoch_line, evaluate, make_loader, seed_epoch, timed, train_epoch
+from ._train import (
+    Checkpoint,
+    TrainConfig,
+    announce,
+    epoch_line,
+    evaluate,
+    kd_loss,
+    make_loader,
+    seed_epoch,
+    timed,
+    train_epoch,
+)
 
 __all__ = ["EpochRecord", "finetune", "gate_lr", "train_gates"]
 
@@ -96,7 +108,8 @@ def train_gates(
     state = _resume_state(store, resume, "gates")
     obj = objective or count_objective(gm, budget)
     steps_per_epoch = len(make_loader(data, cfg, shuffle=True, epoch_seed=0, shard=True))
-    schedule = LambdaSchedule(cfg.lambda0, cfg.kappa, cfg.schedule, obj.limit, cfg.epochs, lowest=obj.start,
+    lambda0 = cfg.lambda0 if cfg.lambda0 is not None else _starting_lambda(gm, teacher, data, cfg)
+    schedule = LambdaSchedule(lambda0, cfg.kappa, cfg.schedule, obj.limit, cfg.epochs, lowest=obj.start,
                               total_steps=cfg.epochs * steps_per_epoch)
     gates = set(map(id, gate_parameters(gm)))
     weights = [p for p in gm.parameters() if id(p) not in gates and p.requires_grad]
@@ -152,6 +165,24 @@ def train_gates(
             stacklevel=3,
         )
     return records
+
+
+def _starting_lambda(gm: GraphModule, teacher: nn.Module | None, data: Dataset | DataLoader, cfg: TrainConfig) -> float:
+    """``lambda0=None``: the paper's 1e-5, or for the target schedule the gates' gradient scale on the
+    first batch (eval mode: no BatchNorm statistics or RNG touched, so resuming stays exact)."""
+    if cfg.schedule != "target":
+        return 1e-5
+    x, y = next(iter(make_loader(data, cfg, shuffle=False)))
+    x, y = x.to(cfg.resolved_device()), y.to(cfg.resolved_device())
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            target = teacher(x) if teacher is not None and cfg.kd else None
+        scale = gradient_scale(gm, kd_loss(gm(x), target, y, cfg))
+    finally:
+        gm.train(was_training)
+    return distributed.from_rank0(scale)
 
 
 def gate_lr(cfg: TrainConfig, schedule: LambdaSchedule) -> float:
