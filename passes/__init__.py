@@ -7,7 +7,7 @@ This package never imports snl_fx.
 
 from .errors import PassError
 from .find import find_relus
-from .gate import Gate, gate_shape, gates, insert_gates, make_out_of_place, site_key
+from .gate import Gate, gate_shape, gates, insert_gates, make_out_of_place, site_counts, site_key
 from .lower import PartialReLU, binary_mask, kept_counts, lower_gates
 from .merge import MergeCandidate, default_should_merge, merge_linear
 from .meta import Nonlinearity, Site, SNLMeta, Ungateable, get_meta
@@ -35,6 +35,7 @@ __all__ = [
     "lower_gates",
     "make_out_of_place",
     "merge_linear",
+    "site_counts",
     "site_key",
     "trace",
 ]

@@ -153,3 +153,23 @@ def gates(gm: GraphModule) -> dict[str, Gate]:
     """Site name -> its Gate module, in graph order."""
     meta = get_meta(gm)
     return {name: gm.get_submodule(path) for name, path in meta.gates.items()}
+
+
+def site_counts(gm: GraphModule, threshold: float | None = 0.5) -> dict[str, int]:
+    """ReLUs per sample at every site of a gated model, in graph order.
+
+    A gated site counts its gate elements ``c > threshold``, a channel element weighing H*W; a
+    site without a gate (skipped) counts all its elements. ``threshold=None`` counts every
+    element of every site: the model's ReLUs before linearization.
+    """
+    meta = get_meta(gm)
+    gate_modules = gates(gm) if threshold is not None else {}
+    counts = {}
+    for site in meta.sites:
+        gate = gate_modules.get(site.name)
+        if gate is None:
+            counts[site.name] = site.numel
+        else:
+            c = gate.weight.detach()
+            counts[site.name] = int((c > threshold).sum()) * (site.numel // c.numel())
+    return counts

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 from .errors import PassError
-from .gate import Gate, site_key
+from .gate import Gate, gates, site_counts, site_key
 from .meta import get_meta
 
 LOWERED_PREFIX = "snl_relu"
@@ -118,10 +118,7 @@ def lower_gates(gm: GraphModule) -> GraphModule:
 
 def kept_counts(gm: GraphModule) -> dict[str, int]:
     """ReLUs per sample that each gated site keeps, read from its binary gate (channel: times H*W)."""
-    meta = get_meta(gm)
-    counts = {}
-    for name, path in meta.gates.items():
-        mask = binary_mask(gm.get_submodule(path), name)
-        site = meta.site(name)
-        counts[name] = int(mask.sum()) * (site.numel // mask.numel())
-    return counts
+    for name, gate in gates(gm).items():
+        binary_mask(gate, name)  # raises unless the gate is binary
+    counts = site_counts(gm)
+    return {name: counts[name] for name in get_meta(gm).gates}

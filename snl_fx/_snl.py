@@ -64,23 +64,13 @@ def clamp_gates(gm: GraphModule) -> None:
 
 def ungated_relus(gm: GraphModule) -> int:
     """ReLUs per sample at sites left as plain ReLUs (skipped by pattern)."""
-    meta = passes.get_meta(gm)
-    return sum(s.numel for s in meta.sites if s.name not in meta.gates)
+    gated = passes.get_meta(gm).gates
+    return sum(n for name, n in passes.site_counts(gm, None).items() if name not in gated)
 
 
 def site_relu_counts(gm: GraphModule, eps: float = 0.01) -> dict[str, int]:
     """ReLUs per sample at each site: gates with ``c > eps`` (channel gates count H*W each)."""
-    meta = passes.get_meta(gm)
-    counts = {}
-    gate_modules = passes.gates(gm)
-    for site in meta.sites:
-        gate = gate_modules.get(site.name)
-        if gate is None:
-            counts[site.name] = site.numel
-        else:
-            c = gate.weight.detach()
-            counts[site.name] = int((c > eps).sum()) * (site.numel // c.numel())
-    return counts
+    return passes.site_counts(gm, eps)
 
 
 def relu_count_gated(gm: GraphModule, eps: float = 0.01) -> int:
@@ -98,7 +88,7 @@ def soft_relu_count(gm: GraphModule) -> float:
 
 def total_relus(gm: GraphModule) -> int:
     """ReLUs per sample of the original model (every site)."""
-    return sum(s.numel for s in passes.get_meta(gm).sites)
+    return sum(passes.site_counts(gm, None).values())
 
 
 def resolve_budget(budget: int | float, total: int) -> int:

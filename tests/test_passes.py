@@ -197,7 +197,9 @@ def test_skip_leaves_site_as_plain_relu(tiny_cnn):
     gm = gated(tiny_cnn, x, skip=["act"])
     assert list(passes.gates(gm)) == ["relu"]
     set_gates(gm, torch.zeros_like)
-    assert dispatch_relus_per_sample(gm, x) >= 4 * 8 * 8
+    assert dispatch_relus_per_sample(gm, x) == 4 * 8 * 8  # the gated site runs no aten.relu
+    assert passes.site_counts(gm) == {"act": 4 * 8 * 8, "relu": 0}
+    assert passes.site_counts(gm, None) == {"act": 4 * 8 * 8, "relu": 4 * 8 * 8}
 
 
 def test_lowering_refuses_soft_gates(tiny_cnn):
