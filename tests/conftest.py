@@ -58,6 +58,24 @@ class TinyCNN(nn.Module):
         return self.fc(torch.flatten(x + y, 1))
 
 
+class TwoLayers(nn.Module):
+    """conv-relu1-conv-relu2-linear on 1x8x8: two ReLU layers of 2*8*8 = 128 elements."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 2, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(2, 2, 3, padding=1)
+        self.relu2 = nn.ReLU()
+        self.fc = nn.Linear(2 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.relu2(self.conv2(self.relu1(self.conv1(x)))), 1))
+
+
+TWO_LAYERS_SITE = 2 * 8 * 8  # elements of each ReLU layer of TwoLayers
+
+
 class Spellings(nn.Module):
     """Every ReLU spelling once, plus one module reused at two sites (7 sites of 4x6x6)."""
 

@@ -10,7 +10,8 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
-from conftest import TinyCNN
+from conftest import TWO_LAYERS_SITE as LAYER
+from conftest import TinyCNN, TwoLayers
 
 import snl_fx
 from snl_fx import SnlFxError
@@ -27,22 +28,6 @@ except SnlFxError:
 CONTRACT = {"max_abs_error", "bytes", "rounds", "seconds", "relus"}
 
 
-class TwoLayers(nn.Module):
-    """conv-relu1-conv-relu2-linear on 1x8x8: two ReLU layers of 2*8*8 = 128 elements."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 2, 3, padding=1)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(2, 2, 3, padding=1)
-        self.relu2 = nn.ReLU()
-        self.fc = nn.Linear(2 * 8 * 8, 3)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.relu2(self.conv2(self.relu1(self.conv1(x)))), 1))
-
-
-LAYER = 2 * 8 * 8
 
 
 def lowered(kept: tuple[int, int]) -> nn.Module:

@@ -9,6 +9,8 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
+from conftest import TWO_LAYERS_SITE as LAYER
+from conftest import TwoLayers
 from onnx import TensorProto, helper, numpy_helper
 
 import snl_fx
@@ -20,22 +22,6 @@ from snl_fx.pi import pi_bench
 CONTRACT = {"max_abs_error", "bytes", "rounds", "seconds", "relus", "relu_bytes", "relu_rounds", "setup_bytes"}
 
 
-class TwoLayers(nn.Module):
-    """conv-relu1-conv-relu2-linear on 1x8x8: two ReLU layers of 2*8*8 = 128 elements."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 2, 3, padding=1)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(2, 2, 3, padding=1)
-        self.relu2 = nn.ReLU()
-        self.fc = nn.Linear(2 * 8 * 8, 3)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.relu2(self.conv2(self.relu1(self.conv1(x)))), 1))
-
-
-LAYER = 2 * 8 * 8
 
 
 def export(tmp_path, kept: tuple[int, int], profile: str = "pi", granularity: str = "pixel"):
