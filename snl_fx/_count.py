@@ -8,7 +8,6 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-import networkx as nx
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ import passes
 
 from ._errors import SnlFxError
 from ._report import LinearCount, OtherCount, ReluReport, SiteCount
+from ._report import relu_depth as _relu_depth
 
 
 def relu_count(
@@ -104,14 +104,5 @@ def _numel(node: Node) -> int:
 
 def relu_depth(gm: GraphModule) -> int:
     """Longest chain of ReLU sites along any path of the graph (MPC rounds grow with it)."""
-    meta = passes.get_meta(gm)
-    relu_nodes = {s.node for s in meta.sites}
-    graph = nx.DiGraph()
-    for node in gm.graph.nodes:
-        graph.add_node(node.name)
-        graph.add_edges_from((src.name, node.name) for src in node.all_input_nodes)
-    depth: dict[str, int] = {}
-    for name in nx.topological_sort(graph):
-        below = max((depth[p] for p in graph.predecessors(name)), default=0)
-        depth[name] = below + (name in relu_nodes)
-    return max(depth.values(), default=0)
+    edges = ((src.name, node.name) for node in gm.graph.nodes for src in node.all_input_nodes)
+    return _relu_depth((node.name for node in gm.graph.nodes), edges, {s.node for s in passes.get_meta(gm).sites})

@@ -120,7 +120,7 @@ def check_exports(gm: torch.fx.GraphModule, example_input: Any, profiles: tuple[
                 raise SnlFxError(
                     f"the linearized model would not export (profile {profile!r}); found before training: "
                     f"{type(exc).__name__}: {text}"
-                ) from None
+                ) from exc
 
 
 def _crypten_loads(path: Path) -> None:

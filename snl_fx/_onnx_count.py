@@ -20,7 +20,7 @@ from google.protobuf.message import Error as ProtobufError
 from onnx import numpy_helper
 
 from ._errors import SnlFxError
-from ._report import LinearCount, OtherCount, ReluReport, SiteCount
+from ._report import LinearCount, OtherCount, ReluReport, SiteCount, relu_depth
 
 # ONNX op -> the torch side's kind name (passes/spellings.py); comparisons = output elements.
 _ELEMENTWISE_KINDS: dict[str, str] = {
@@ -60,7 +60,7 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
     try:
         inferred = _infer_shapes(model)
     except (onnx.shape_inference.InferenceError, ValueError, RuntimeError) as e:
-        raise SnlFxError(f"ONNX shape inference failed on {os.fspath(path)}: {_first_line(e)}") from None
+        raise SnlFxError(f"ONNX shape inference failed on {os.fspath(path)}: {_first_line(e)}") from e
     base_dir = os.path.dirname(os.path.abspath(path))
     shapes = _Shapes(_value_shapes(inferred.graph), model, inputs, base_dir)
     consts = _Constants(graph, initializers, base_dir)
@@ -118,7 +118,7 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
     return ReluReport(
         source=os.fspath(path),
         sites=sites,
-        relu_depth=_relu_depth(graph, relu_nodes),
+        relu_depth=_onnx_relu_depth(graph, relu_nodes),
         others=others,
         notes=notes,
         linear=linear,
@@ -153,14 +153,14 @@ def _load(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(where, load_external_data=False)
     except (ProtobufError, ValueError, OSError, RuntimeError) as e:
-        raise SnlFxError(f"{where} is not a readable ONNX model (truncated or corrupt?): {_first_line(e)}") from None
+        raise SnlFxError(f"{where} is not a readable ONNX model (truncated or corrupt?): {_first_line(e)}") from e
     if model.ir_version <= 0 or not model.HasField("graph") or not model.opset_import:
         raise SnlFxError(f"{where} is not an ONNX model (no IR version, graph or opset)")
     if model.functions:
         try:
             model = onnx.inliner.inline_local_functions(model)
         except (ValueError, RuntimeError) as e:
-            raise SnlFxError(f"cannot inline the local functions of {where}: {_first_line(e)}") from None
+            raise SnlFxError(f"cannot inline the local functions of {where}: {_first_line(e)}") from e
     return model
 
 
@@ -304,7 +304,7 @@ class _Constants:
                 return numpy_helper.to_array(self._initializers[name], self._base_dir)
             except (ValueError, OSError, TypeError, onnx.checker.ValidationError) as e:
                 if self._initializers[name].data_location == onnx.TensorProto.EXTERNAL:  # the count needs it
-                    raise SnlFxError(f"cannot read tensor {name!r} from its external data file: {_first_line(e)}") from None
+                    raise SnlFxError(f"cannot read tensor {name!r} from its external data file: {_first_line(e)}") from e
                 return None
         node = self._producers.get(name)
         if node is None:
@@ -399,20 +399,14 @@ def _per_sample(shape: tuple[int, ...], batch: int) -> int:
     return -(-math.prod(shape) // batch)
 
 
-def _relu_depth(graph: onnx.GraphProto, relu_nodes: set[int]) -> int:
+def _onnx_relu_depth(graph: onnx.GraphProto, relu_nodes: set[int]) -> int:
     """Longest chain of ReLU nodes along any path of the node graph."""
     producers = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
-    dag = nx.DiGraph()
-    dag.add_nodes_from(range(len(graph.node)))
-    for i, node in enumerate(graph.node):
-        dag.add_edges_from((producers[v], i) for v in node.input if v in producers)
-    depth: dict[int, int] = {}
+    edges = ((producers[v], i) for i, node in enumerate(graph.node) for v in node.input if v in producers)
     try:
-        for i in nx.topological_sort(dag):
-            depth[i] = max((depth[p] for p in dag.predecessors(i)), default=0) + (i in relu_nodes)
-    except nx.NetworkXUnfeasible:
-        raise SnlFxError("the ONNX graph has a cycle; cannot compute the ReLU depth") from None
-    return max(depth.values(), default=0)
+        return relu_depth(range(len(graph.node)), edges, relu_nodes)
+    except nx.NetworkXUnfeasible as exc:
+        raise SnlFxError("the ONNX graph has a cycle; cannot compute the ReLU depth") from exc
 
 
 def _first_line(e: BaseException) -> str:

@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Container, Hashable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import networkx as nx
+
+
+def relu_depth(nodes: Iterable[Hashable], edges: Iterable[tuple[Hashable, Hashable]], relus: Container[Hashable]) -> int:
+    """Longest chain of ReLU nodes along any path of a graph (MPC rounds grow with it).
+
+    ``edges`` are (producer, consumer) pairs; raises ``networkx.NetworkXUnfeasible`` on a cycle.
+    """
+    dag = nx.DiGraph()
+    dag.add_nodes_from(nodes)
+    dag.add_edges_from(edges)
+    depth: dict[Hashable, int] = {}
+    for node in nx.topological_sort(dag):
+        depth[node] = max((depth[p] for p in dag.predecessors(node)), default=0) + (node in relus)
+    return max(depth.values(), default=0)
 
 
 @dataclass(frozen=True)

@@ -195,12 +195,24 @@ def _empty(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("make", [_missing, _text, _truncated, _empty, lambda p: p])
-def test_unreadable_files_raise_one_line_errors(tmp_path, make):
+@pytest.mark.parametrize(
+    "make, problem",
+    [
+        (_missing, "no such ONNX file"),
+        (_text, "not a readable ONNX model"),
+        (_truncated, "not a readable ONNX model"),
+        (_empty, "not an ONNX model"),
+        (lambda p: p, "not a file"),
+    ],
+)
+def test_unreadable_files_raise_one_line_errors_naming_file_and_problem(tmp_path, make, problem):
     conv_relu(tmp_path)
+    path = make(tmp_path)
     with pytest.raises(SnlFxError) as info:
-        onnx_relu_report(make(tmp_path))
-    assert "\n" not in str(info.value)
+        onnx_relu_report(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert problem in message and str(path) in message
 
 
 def test_relu_with_uninferable_shape_raises(tmp_path):
