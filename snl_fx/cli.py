@@ -14,6 +14,7 @@ from passes import PassError
 
 from ._errors import SnlFxError
 from ._spec import example_inputs, load_model_spec, parse_budget, parse_shape
+from .data import DATASETS
 
 
 def _run(prog: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -300,7 +301,7 @@ def snl_fx_main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     lin = sub.add_parser("linearize", help="pretrain (optional), linearize to a ReLU budget, fine-tune, export")
     lin.add_argument("model", help="zoo name (small_resnet, cifar_resnet18, cifar_resnet34, wrn22_8) or pkg.module:factory")
-    lin.add_argument("--data", required=True, choices=["fashion-mnist", "cifar10", "cifar100", "tiny-imagenet"])
+    lin.add_argument("--data", required=True, choices=list(DATASETS))
     lin.add_argument("--data-root", help="folder of the data set (CIFAR, Tiny-ImageNet); never downloaded")
     lin.add_argument("--budget", required=True, help="ReLUs per sample (int), a fraction in (0, 1) such as 0.05, or 5%%; "
                      "or a predicted private-inference cost: 1.5s, 800ms, 200MB, 1.5GB, 150rounds (see --protocol)")

@@ -5,6 +5,8 @@
 * :func:`cifar`: CIFAR-10/100 in torchvision's "python pickle batches" folder format.
 * :func:`tiny_imagenet`: the standard ``tiny-imagenet-200`` folder.
 * :func:`split_train_val`: a fixed-seed validation split carved out of a training set.
+* :data:`DATASETS`: the data sets above by name (sample shape, classes, loader), as the CLI's
+  ``--data`` takes them.
 
 Missing or malformed files raise :class:`~snl_fx.SnlFxError` with a one-line explanation
 naming the file and, where it helps, the expected layout.
@@ -17,6 +19,8 @@ import importlib
 import os
 import pickle
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,9 +34,11 @@ __all__ = [
     "CIFAR10_STD",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
+    "DATASETS",
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
+    "DataSetSpec",
     "TINY_IMAGENET_MEAN",
     "TINY_IMAGENET_STD",
     "ImageTensorDataset",
@@ -389,3 +395,28 @@ def split_train_val(dataset: Dataset, val_fraction: float = 0.1, seed: int = 0) 
     val_idx = sorted(perm[:n_val].tolist())
     train_idx = sorted(perm[n_val:].tolist())
     return Subset(dataset, train_idx), Subset(dataset, val_idx)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class DataSetSpec:
+    """A data set by name: one sample's shape, its number of classes, and its loader.
+
+    ``load(root, train)`` reads one split (the training split augmented); ``needs_root``: the
+    files are read from a folder the user gives (Fashion-MNIST has a default, the Debian package).
+    """
+
+    shape: tuple[int, ...]
+    classes: int
+    load: Callable[[PathLike | None, bool], Dataset]
+    needs_root: bool = True
+
+
+DATASETS: dict[str, DataSetSpec] = {
+    "fashion-mnist": DataSetSpec((1, 28, 28), 10, lambda root, train: fashion_mnist(root, train), needs_root=False),
+    "cifar10": DataSetSpec((3, 32, 32), 10, lambda root, train: cifar(root, 10, train, augment=train)),
+    "cifar100": DataSetSpec((3, 32, 32), 100, lambda root, train: cifar(root, 100, train, augment=train)),
+    "tiny-imagenet": DataSetSpec((3, 64, 64), 200, lambda root, train: tiny_imagenet(root, train, augment=train)),
+}

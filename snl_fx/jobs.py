@@ -24,34 +24,20 @@ from ._files import load_checked, save_atomic, write_text_atomic
 from ._linearize import LinearizeResult
 from ._report import ReluReport
 from ._train import TrainConfig, announce, epoch_line, evaluate, make_loader, seed_epoch, timed, train_epoch
+from .data import DATASETS
 
 log = logging.getLogger("snl_fx")
 
-# name -> (input shape without batch, number of classes)
-DATASETS: dict[str, tuple[tuple[int, ...], int]] = {
-    "fashion-mnist": ((1, 28, 28), 10),
-    "cifar10": ((3, 32, 32), 10),
-    "cifar100": ((3, 32, 32), 100),
-    "tiny-imagenet": ((3, 64, 64), 200),
-}
 
 
 def load_datasets(name: str, root: str | None = None, subset: int | None = None, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """(train, test) for a data set name; ``subset`` keeps a fixed random sample of each."""
-    from . import data
-
-    if name == "fashion-mnist":
-        train, test = data.fashion_mnist(root, train=True), data.fashion_mnist(root, train=False)
-    elif name in ("cifar10", "cifar100") or name == "tiny-imagenet":
-        if root is None:
-            raise SnlFxError(f"data set {name} is read from a folder you give: --data-root PATH (nothing is downloaded)")
-        if name == "tiny-imagenet":
-            train, test = data.tiny_imagenet(root, True, augment=True), data.tiny_imagenet(root, False)
-        else:
-            classes = 10 if name == "cifar10" else 100
-            train, test = data.cifar(root, classes, True, augment=True), data.cifar(root, classes, False)
-    else:
+    """(train, test) for a name of :data:`snl_fx.data.DATASETS`; ``subset`` keeps a fixed random sample of each."""
+    spec = DATASETS.get(name)
+    if spec is None:
         raise SnlFxError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
+    if spec.needs_root and root is None:
+        raise SnlFxError(f"data set {name} is read from a folder you give: --data-root PATH (nothing is downloaded)")
+    train, test = spec.load(root, True), spec.load(root, False)
     if subset is not None:
         train, test = _sample(train, subset, seed), _sample(test, max(subset // 5, 1), seed + 1)
     return train, test
@@ -69,7 +55,7 @@ def build_model(spec: str, dataset: str) -> nn.Module:
     from ._spec import load_model_spec
     from .models import MODELS
 
-    shape, classes = DATASETS[dataset]
+    shape, classes = DATASETS[dataset].shape, DATASETS[dataset].classes
     if spec in MODELS:
         kwargs: dict[str, Any] = {"num_classes": classes}
         if spec == "small_resnet":
@@ -101,8 +87,8 @@ def pretrain(
         state = load_checked(path, "delete it to pretrain again", map_location=device)
         try:
             model.load_state_dict(state)
-        except RuntimeError:
-            raise SnlFxError(f"{path} holds weights of another model: delete it to pretrain again") from None
+        except RuntimeError as exc:
+            raise SnlFxError(f"{path} holds weights of another model: delete it to pretrain again") from exc
         log.info("reusing pretrained weights %s", path)
         return model
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)

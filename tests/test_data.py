@@ -15,12 +15,14 @@ import torch
 from torch.utils.data import TensorDataset
 
 from snl_fx import SnlFxError
+from snl_fx import jobs
 from snl_fx.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     FASHION_MNIST_DIR,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
+    DATASETS,
     cifar,
     fashion_mnist,
     split_train_val,
@@ -355,3 +357,21 @@ def test_split_train_val() -> None:
         split_train_val(data, 1.0)
     with pytest.raises(SnlFxError, match="cannot split"):
         split_train_val(TensorDataset(torch.arange(1)), 0.5)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_loads_each_split_and_sizes_the_zoo_models(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    train, test = jobs.load_datasets("cifar10", str(tmp_path))
+    assert (len(train), len(test)) == (10, 3) and train[0][0].shape == DATASETS["cifar10"].shape
+    assert test.labels.tolist() == [7, 8, 9]
+    with pytest.raises(SnlFxError, match="--data-root"):
+        jobs.load_datasets("cifar100")
+    with pytest.raises(SnlFxError, match="unknown data set 'mnist'; known: fashion-mnist, cifar10"):
+        jobs.load_datasets("mnist")
+    for name, spec in DATASETS.items():
+        model = jobs.build_model("small_resnet", name).eval()
+        with torch.no_grad():
+            assert model(torch.zeros((2,) + spec.shape)).shape == (2, spec.classes)
