@@ -47,7 +47,6 @@ import torch.nn as nn
 from torch.fx import GraphModule
 from torch.utils.data import Dataset, Subset
 
-import passes
 import snl_fx
 from snl_fx import jobs
 from snl_fx.data import split_train_val
@@ -80,14 +79,14 @@ class Setup:
 def random_scores(gm: GraphModule, seed: int) -> dict[str, torch.Tensor]:
     """Uniform random score per gate element (keeps a random set of pixels)."""
     g = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(gate.weight.shape, generator=g) for n, gate in passes.gates(gm).items()}
+    return {n: torch.rand(gate.weight.shape, generator=g) for n, gate in snl_fx.gates(gm).items()}
 
 
 def site_criticality(gm: GraphModule, val: Dataset, cfg: snl_fx.TrainConfig) -> dict[str, float]:
     """Validation accuracy drop when one site alone is linearized (all its gates 0), per site."""
     base = snl_fx.evaluate(gm, val, cfg)
     drops = {}
-    for name, gate in passes.gates(gm).items():
+    for name, gate in snl_fx.gates(gm).items():
         saved = gate.weight.detach().clone()
         with torch.no_grad():
             gate.weight.zero_()
@@ -104,7 +103,7 @@ def stage_culling_scores(gm: GraphModule, criticality: dict[str, float], budget:
     gives what is left of the budget to the most critical site that did not fit whole, as a
     prefix of its elements in (channel, row, column) order (its ties break by element index).
     """
-    gates = passes.gates(gm)
+    gates = snl_fx.gates(gm)
     order = sorted(gates, key=lambda n: -criticality[n])  # stable: ties keep site order
     left, tier = budget, {}
     for name in order:
@@ -119,8 +118,8 @@ def stage_culling_scores(gm: GraphModule, criticality: dict[str, float], budget:
 def feeding_conv(gm: GraphModule, site: str) -> nn.Conv2d:
     """The convolution feeding a site: walk back along first inputs (through BN, add) to a Conv2d."""
     modules = dict(gm.named_modules())
-    path = passes.get_meta(gm).gates[site]
-    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == path)
+    gate = snl_fx.gates(gm)[site]
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and modules[n.target] is gate)
     while node.all_input_nodes:
         node = node.all_input_nodes[0]
         if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
@@ -134,7 +133,7 @@ def l1_filter_scores(gm: GraphModule) -> dict[str, torch.Tensor]:
     Sorting all channels by this quantile keeps about the same top fraction in every site.
     """
     scores = {}
-    for name, gate in passes.gates(gm).items():
+    for name, gate in snl_fx.gates(gm).items():
         norms = feeding_conv(gm, name).weight.detach().abs().flatten(1).sum(1)
         if norms.numel() != gate.weight.numel():
             raise snl_fx.SnlFxError(f"site {name}: {gate.weight.numel()} channels, feeding conv has {norms.numel()}")
@@ -146,7 +145,7 @@ def l1_filter_scores(gm: GraphModule) -> dict[str, torch.Tensor]:
 
 def zero_pruned_channels(gm: GraphModule) -> None:
     """Multiply each binarized channel gate's output by the gate: a pruned channel is 0, no ReLU."""
-    for gate in passes.gates(gm).values():
+    for gate in snl_fx.gates(gm).values():
         gate.register_forward_hook(lambda module, inputs, output: output * module.weight)
 
 

@@ -1,9 +1,11 @@
 """snl_fx: Selective Network Linearization as a torch.fx compiler pass.
 
-``linearize`` runs the whole pass. The steps, for your own training loop: ``prepare`` ->
-train with ``lasso_penalty`` and a ``LambdaSchedule`` -> ``binarize`` -> fine-tune ->
-``convert`` -> ``export_onnx``. ``relu_count`` inspects any torch module or ONNX file;
-``pi_bench`` runs an exported file under CrypTen 2PC (the optional extra ``pi``).
+``linearize`` runs the whole life cycle: ``prepare`` (trace, find the ReLU sites, gate them) ->
+``train_gates`` (Algorithm 1) -> ``binarize`` -> ``finetune`` -> ``convert`` (lower to a static
+graph); ``export_onnx`` writes it. For your own training loop: ``lasso_penalty``,
+``LambdaSchedule``, ``clamp_gates``, ``relu_count_gated``. ``relu_count`` inspects any torch
+module or ONNX file, ``pi_cost`` predicts a private inference's cost, ``pi_bench`` measures one
+(the optional extra ``pi``). The compiler passes themselves are the ``passes`` package.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -23,6 +25,7 @@ from ._snl import (
     convert,
     freeze_gates,
     gate_parameters,
+    gates,
     lasso_penalty,
     linearization_scores,
     prepare,
@@ -40,47 +43,55 @@ except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
 
 __all__ = [
-    "PROTOCOLS",
-    "Cost",
-    "CostPlan",
-    "EpochRecord",
-    "ExportResult",
-    "LayerCost",
-    "Network",
-    "PiCost",
-    "LambdaSchedule",
+    # life cycle: the whole pass, and its steps in order
+    "linearize",
     "LinearizeResult",
-    "OtherCount",
-    "PiBenchResult",
+    "load_linearized",
+    "prepare",
+    "binarize",
+    "convert",
+    "TrainConfig",
+    # phases: the training steps, and the pieces for your own loop
+    "train_gates",
+    "finetune",
+    "EpochRecord",
+    "LambdaSchedule",
+    "lasso_penalty",
+    "clamp_gates",
+    "freeze_gates",
+    "gates",
+    "gate_parameters",
+    "relu_count_gated",
+    "soft_relu_count",
+    "site_relu_counts",
+    "linearization_scores",
+    "resolve_budget",
+    # inspector: ReLUs and other nonlinearities of any torch module or ONNX file
+    "relu_count",
     "ReluReport",
     "SiteCount",
-    "SnlFxError",
-    "TrainConfig",
-    "__version__",
-    "binarize",
-    "clamp_gates",
-    "convert",
-    "evaluate",
+    "OtherCount",
+    "PROTOCOLS",
+    # export
     "export_onnx",
-    "finetune",
-    "freeze_gates",
-    "gate_parameters",
-    "kd_loss",
-    "lasso_penalty",
-    "linear_cost",
-    "linearization_scores",
-    "linearize",
-    "load_linearized",
-    "pi_bench",
-    "parse_cost",
+    "ExportResult",
+    # cost: predicted private-inference cost, and budgets in cost units
     "pi_cost",
-    "plan_cost",
-    "prepare",
-    "relu_count",
-    "relu_count_gated",
+    "PiCost",
+    "LayerCost",
+    "Network",
+    "linear_cost",
     "relu_site_cost",
-    "resolve_budget",
-    "site_relu_counts",
-    "train_gates",
-    "soft_relu_count",
+    "Cost",
+    "CostPlan",
+    "parse_cost",
+    "plan_cost",
+    # PI backends: measured runs under CrypTen or SPU
+    "pi_bench",
+    "PiBenchResult",
+    # helpers
+    "evaluate",
+    "kd_loss",
+    "SnlFxError",
+    "__version__",
 ]

@@ -45,9 +45,14 @@ def prepare(
     return gm
 
 
+def gates(gm: GraphModule) -> dict[str, passes.Gate]:
+    """Site name -> its gate module of a prepared model, in graph order (``gate.weight`` is ``c``)."""
+    return passes.gates(gm)
+
+
 def gate_parameters(gm: GraphModule) -> list[nn.Parameter]:
     """The gate tensors ``c`` of a prepared model (give them their own optimizer group if you like)."""
-    return [g.weight for g in passes.gates(gm).values()]
+    return [g.weight for g in gates(gm).values()]
 
 
 def lasso_penalty(gm: GraphModule) -> torch.Tensor:
@@ -325,6 +330,7 @@ __all__ = [
     "convert",
     "freeze_gates",
     "gate_parameters",
+    "gates",
     "lasso_penalty",
     "linearization_scores",
     "prepare",
