@@ -117,9 +117,14 @@ def _load_constants() -> dict[str, dict[str, Any]]:
 # ---- features: what a layer is made of, one place for the model and its calibration ----
 
 def linear_features(layer: LinearCount) -> dict[str, float]:
-    """Features of a linear layer (conv, gemm, matmul): its input, weight and output sizes."""
-    return {"linear_input": layer.input, "linear_weight": layer.weight, "linear_output": layer.output,
-            "linear_layer": 1, "mac": layer.macs}
+    """Features of a linear layer (conv, gemm, matmul): its input, weight and output sizes.
+
+    ``linear_patch`` is the im2col size, the input elements the outputs read (Hout*Wout*Cin*k*k
+    for a conv, the input for a gemm): ``macs**2 / (weight * output)``. SPU opens it, not the input.
+    """
+    patch = layer.macs * layer.macs // (layer.weight * layer.output) if layer.weight and layer.output else layer.input
+    return {"linear_input": layer.input, "linear_patch": patch, "linear_weight": layer.weight,
+            "linear_output": layer.output, "linear_layer": 1, "mac": layer.macs}
 
 
 def relu_features(kept: int) -> dict[str, float]:

@@ -85,6 +85,20 @@ def test_prediction_matches_a_measured_run(tmp_path, backend):
     assert abs(relu["bytes"] - measured.relu_bytes) <= 0.05 * measured.relu_bytes
 
 
+@pytest.mark.parametrize(
+    ("layer", "shape", "patch"),
+    [
+        (nn.Conv2d(3, 8, 3, padding=1), (1, 3, 8, 8), 8 * 8 * 3 * 9),  # im2col: Hout*Wout*Cin*k*k
+        (nn.Conv2d(3, 8, 3, stride=2, padding=1), (1, 3, 16, 16), 8 * 8 * 3 * 9),
+        (nn.Conv2d(16, 32, 1, stride=2), (1, 16, 14, 14), 7 * 7 * 16),
+        (nn.Linear(48, 10), (1, 48), 48),
+    ],
+)
+def test_linear_patch_is_the_im2col_size_spu_opens(layer, shape, patch):
+    (linear,) = snl_fx.relu_count(nn.Sequential(layer).eval(), torch.randn(shape)).linear
+    assert snl_fx._cost.linear_features(linear)["linear_patch"] == patch
+
+
 def test_torch_module_and_its_onnx_file_cost_the_same(tmp_path):
     model, x = tiny_lowered(70)
     path = tmp_path / "tiny.onnx"
