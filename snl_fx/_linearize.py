@@ -165,7 +165,7 @@ def linearize(
         lowered, merged = merge_for_cost(lowered, plan.budget, _to(example_input, device))
         cost = cost_summary(plan.budget, plan.pi_cost({}), plan.budget.predict(lowered, _to(example_input, device)), merged)
         if not cost["met"]:
-            raise SnlFxError(f"internal error: the model costs {cost['after'][plan.budget.unit]:g} "
+            raise RuntimeError(f"internal error: the model costs {cost['after'][plan.budget.unit]:g} "
                              f"{plan.budget.unit}, over the budget {plan.budget.limit:g}")
     accuracy_after = distributed.on_rank0(lambda: evaluate(lowered, val_data, cfg))
     return LinearizeResult(
@@ -201,14 +201,18 @@ def _scores(gm: GraphModule, example_input: Any, device: torch.device) -> dict[s
 
 
 def _verify(gm: GraphModule, lowered: nn.Module, example_input: Any, final: int, device: torch.device) -> None:
-    """Guard: the lowered graph computes what the gated one does, with exactly ``final`` ReLUs."""
+    """Guard: the lowered graph computes what the gated one does, with exactly ``final`` ReLUs.
+
+    A failure is a bug of snl_fx, not of the input: a RuntimeError, which the CLIs report as an
+    internal error (exit code 1), never an :class:`SnlFxError` (exit code 2).
+    """
     args = _to(example_input, device)
     diff = max_abs_diff(gm, lowered, args)
     if diff > 1e-4:
-        raise SnlFxError(f"internal error: lowered model differs from the gated model by {diff:.3g}")
+        raise RuntimeError(f"internal error: lowered model differs from the gated model by {diff:.3g}")
     counted = relu_count(lowered, args).total
     if counted != final:
-        raise SnlFxError(f"internal error: lowered model has {counted} ReLUs per sample, expected {final}")
+        raise RuntimeError(f"internal error: lowered model has {counted} ReLUs per sample, expected {final}")
 
 
 def load_linearized(model: nn.Module, example_input: Any, state_dict_path: str | os.PathLike,

@@ -125,6 +125,19 @@ def test_internal_error_says_so_and_debug_shows_traceback(monkeypatch, capsys):
         cli.snl_fx_main(["pi-bench", "x.onnx", "--debug"])
 
 
+def test_a_broken_invariant_is_an_internal_error_not_a_user_error():
+    from snl_fx._linearize import _verify
+
+    x = torch.randn(2, 3, 8, 8)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    gm = snl_fx.prepare(model, x)
+    lowered = snl_fx.convert(gm)
+    _verify(gm, lowered, x, 4 * 6 * 6, torch.device("cpu"))  # holds: all kept
+    with pytest.raises(RuntimeError, match="internal error: lowered model has 144 ReLUs per sample, expected 5") as info:
+        _verify(gm, lowered, x, 5, torch.device("cpu"))
+    assert not isinstance(info.value, snl_fx.SnlFxError) and cli._user_error(info.value) is None
+
+
 def test_broken_pipe_ends_quietly(monkeypatch, capsys):
     def closed_pipe(args):
         raise BrokenPipeError(32, "Broken pipe")

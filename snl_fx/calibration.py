@@ -1,0 +1,10 @@
+"""The cost model's parts for a calibration script (``benchmarks/pi_calibrate.py``).
+
+``pi_cost`` (in ``snl_fx``) prices a model; calibrating it needs the pieces below it: the
+constants file, the features of each layer of a report, a coefficient table, and pricing a
+report under a table that is not yet in the file.
+"""
+
+from ._cost import CONSTANTS_PATH, CostTable, cost_from_report, layer_features, parse_network
+
+__all__ = ["CONSTANTS_PATH", "CostTable", "cost_from_report", "layer_features", "parse_network"]
