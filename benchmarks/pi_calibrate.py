@@ -70,10 +70,15 @@ def graphs() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
         "conv_3to8_16x16": (seq(conv(3, 8)), (1, 3, 16, 16)),
         "conv_3to8_16x16_stride2": (seq(conv(3, 8, s=2)), (1, 3, 16, 16)),
         "conv_1x1_8to4": (seq(conv(8, 4, k=1)), (1, 8, 8, 8)),
+        "conv_6to8_8x8": (seq(conv(6, 8)), (1, 6, 8, 8)),
+        "conv_3to8_8x8_k5": (seq(conv(3, 8, k=5)), (1, 3, 8, 8)),
+        "conv_16to32_14x14_stride2": (seq(conv(16, 32, s=2)), (1, 16, 14, 14)),
+        "conv_32to32_7x7": (seq(conv(32, 32)), (1, 32, 7, 7)),
         "two_convs": (seq(conv(3, 4), conv(4, 4)), (1, 3, 8, 8)),
         "conv_16to16_32x32": (seq(conv(16, 16)), (1, 16, 32, 32)),  # timing: MACs dominate
         "conv_64to64_32x32": (seq(conv(64, 64)), (1, 64, 32, 32)),  # timing: 38M MACs, ResNet-sized
         "gemm_48to10": (seq(nn.Flatten(), nn.Linear(48, 10)), (1, 3, 4, 4)),
+        "gemm_64to32": (seq(nn.Flatten(), nn.Linear(64, 32)), (1, 4, 4, 4)),
         "relu_192": (seq(nn.ReLU()), (1, 3, 8, 8)),
         "relu_768": (seq(nn.ReLU()), (1, 3, 16, 16)),
         "relu_16384": (seq(nn.ReLU()), (1, 16, 32, 32)),  # timing: per-ReLU time dominates
@@ -88,8 +93,9 @@ def graphs() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     }
 
 
-def features_of(path: Path) -> dict[str, float]:
-    total: dict[str, float] = {}
+def features_of(path: Path, x: torch.Tensor) -> dict[str, float]:
+    """The model's features of ``path``, plus ``input``: sharing the client's input (fitted, not priced)."""
+    total: dict[str, float] = {"input": x[0].numel()}
     for *_, feats in layer_features(snl_fx.relu_count(path)):
         for k, v in feats.items():
             total[k] = total.get(k, 0) + v
@@ -149,7 +155,7 @@ def calibrate(backend: str, runs: int, workdir: Path, only: list[str] | None = N
         except snl_fx.SnlFxError as exc:  # an op the backend lacks: its features stay uncalibrated
             print(f"{name}: skipped under {backend}: {exc}", flush=True)
             continue
-        row = {"graph": name, "holdout": name in holdout, "features": features_of(path), **measured}
+        row = {"graph": name, "holdout": name in holdout, "features": features_of(path, x), **measured}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "features"}), flush=True)
     graph_rows = [r for r in rows if not r["holdout"]]
