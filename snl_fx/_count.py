@@ -28,9 +28,23 @@ def relu_count(
 ) -> ReluReport:
     """Count ReLUs per sample, site by site, in a torch module or an ONNX file.
 
-    A module needs ``example_input`` (batch first; any batch size gives the same per-sample
-    counts). An ONNX file needs ``input_shapes`` only when its inputs have dynamic dims beyond
-    the batch dim.
+    Args:
+        model_or_onnx_path: an nn.Module (not gated: lower it with :func:`convert` first), or
+            the path of an ONNX file (Relu, Clip(min=0) and Max(x, 0) count as ReLUs).
+        example_input: for a module: an example batch (batch first; any batch size gives the
+            same per-sample counts), or a tuple of the forward's inputs.
+        input_shapes: for an ONNX file whose inputs have dynamic dims beyond the batch dim.
+
+    Returns:
+        A :class:`ReluReport`: ``sites`` (name, op, shape, ReLUs), ``total`` per sample,
+        ``relu_layers``, ``relu_depth``, other nonlinearities (``others``), ReLUs not gateable,
+        linear layers; ``.table()`` for people, ``.to_dict()`` for machines. Raises SnlFxError
+        on bad input.
+
+    Example:
+        >>> report = snl_fx.relu_count(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+        >>> report.total, report.relu_depth
+        (2308096, 17)
     """
     if isinstance(model_or_onnx_path, (str, os.PathLike)):
         from ._onnx_count import onnx_relu_report

@@ -39,13 +39,27 @@ def export_onnx(
 ) -> ExportResult:
     """Export ``model`` to ONNX, check it fully, run it under ONNX Runtime, and count its ReLUs.
 
-    ``default``: dynamic batch dim, weights as initializers. ``pi``: for private-inference
-    backends such as CrypTen: BatchNorm folded into convolutions, a fixed batch size, every
-    integer constant (gather indices, shapes) a ``Constant`` node rather than an initializer,
-    no ``Identity`` nodes (the exporter writes equal weights once, aliased by Identity), and
-    partial ReLUs in their gather form (``default`` keeps each PartialReLU's own form).
-    Raises SnlFxError if ONNX Runtime differs from torch by more than 1e-4 (relative to the
-    output scale) or the file's ReLU count differs from the model's.
+    Args:
+        model: any exportable module, typically ``convert``'s lowered model; it is copied.
+        example_input: an example batch (batch first), or a tuple of the forward's inputs.
+        path: the file to write (its folder is created).
+        profile: ``"default"``: dynamic batch dim, weights as initializers, each PartialReLU in
+            its own form. ``"pi"``: for private-inference backends such as CrypTen: BatchNorm
+            folded into convolutions, a fixed batch size, every integer constant (gather
+            indices, shapes) a ``Constant`` node rather than an initializer, no ``Identity``
+            nodes (the exporter writes equal weights once, aliased by Identity), and partial
+            ReLUs in their gather form.
+        opset: the ONNX opset (at most 17 for ``"pi"``).
+
+    Returns:
+        An :class:`ExportResult`: ``path``, ``max_abs_error`` (ONNX Runtime against torch) and
+        ``relu_count`` (ReLUs per sample read back from the file). Raises SnlFxError if ONNX
+        Runtime differs from torch by more than 1e-4 (relative to the output scale) or the
+        file's ReLU count differs from the model's.
+
+    Example:
+        >>> snl_fx.export_onnx(result.model, x[:1], "model_pi.onnx", profile="pi").relu_count
+        2195
     """
     from ._count import relu_count
     from ._onnx_count import onnx_relu_report

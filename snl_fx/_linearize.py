@@ -83,19 +83,39 @@ def linearize(
 ) -> LinearizeResult:
     """Cut ``model``'s ReLUs to ``budget`` per sample and lower it to a static graph.
 
-    ``budget``: an int is ReLUs per sample, a float in (0, 1) a fraction of the model's ReLUs, a
-    :class:`snl_fx.Cost` a predicted latency, traffic or round count under a protocol and network:
-    the gate penalty then prices each gate by its cost (whole sites included), the selection meets
-    the cost, linear ops are merged where cheaper, and ``result.cost`` states the cost before and
-    after (``result.budget`` is then the ReLU count the cost allowed).
-    With ``data`` (a Dataset or DataLoader of (input, label)), runs SNL: gates and weights
-    trained with a Lasso penalty until the count meets the budget, binarized to exactly the
-    budget, then the weights fine-tuned with KD from ``model``; the best fine-tune epoch on
-    ``val_data`` (default: 10% held out of ``data``, when it is a Dataset) is kept. Without
-    ``data``, keeps the ReLUs whose removal changes the example batch most (training-free).
-    ``config`` (a :class:`TrainConfig`; default ``TrainConfig()``) holds the training settings;
-    ``overrides`` replace some of its fields (``epochs=8``, ``finetune_epochs=8``, ``lr=...``).
-    ``out_dir`` gets a checkpoint every epoch; ``resume=True`` continues from it.
+    prepare -> :func:`train_gates` -> binarize -> :func:`finetune` -> convert. With ``data``,
+    runs SNL: gates and weights trained with a Lasso penalty until the count meets the budget,
+    binarized to exactly the budget, then the weights fine-tuned with KD from ``model``, the
+    best fine-tune epoch on the validation data kept. Without ``data``, keeps the ReLUs whose
+    removal changes the example batch most (training-free, ``result.method == "one-shot"``).
+
+    Args:
+        model: any nn.Module; it is copied, never changed.
+        example_input: an example batch (batch first), or a tuple of the forward's inputs.
+        budget: an int is ReLUs per sample, a float in (0, 1) a fraction of the model's ReLUs, a
+            :class:`snl_fx.Cost` a predicted latency, traffic or round count under a protocol and
+            network: the gate penalty then prices each gate by its cost (whole sites included),
+            the selection meets the cost, linear ops are merged where cheaper, and
+            ``result.cost`` states the cost before and after (``result.budget`` is then the ReLU
+            count the cost allowed).
+        data: a Dataset or DataLoader of (input, label) pairs; None: the one-shot selection.
+        val_data: for model selection (default: 10% held out of ``data``, when it is a Dataset).
+        granularity: ``"pixel"`` (one gate per element) or ``"channel"`` (paper eq. 6).
+        skip: fnmatch patterns of site names left as plain ReLUs.
+        out_dir, resume: a checkpoint every epoch goes to ``out_dir``; ``resume=True`` continues
+            from it to the result of an uninterrupted run.
+        concrete_args, leaf_modules: for tracing (see :func:`snl_fx.prepare`).
+        config: the training settings (a :class:`TrainConfig`; default ``TrainConfig()``).
+        **overrides: fields of ``config`` to replace (``epochs=8``, ``finetune_epochs=8``, ...).
+
+    Returns:
+        A :class:`LinearizeResult`: ``model`` (the lowered GraphModule), ``relu_count`` (exact,
+        per sample), ``sites`` (per site before/after), ``history`` (per epoch), accuracies, and
+        ``cost`` for a Cost budget. Raises SnlFxError on bad input.
+
+    Example:
+        >>> result = snl_fx.linearize(model, x, budget=0.05, data=train_set, epochs=20, finetune_epochs=5)
+        >>> result.relu_count, result.sites["layer1.0.relu"]
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) it starts the process group itself when the caller has
     not (NCCL on CUDA, gloo on CPU) and trains with DistributedDataParallel, one device per

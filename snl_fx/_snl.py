@@ -29,8 +29,25 @@ def prepare(
 ) -> GraphModule:
     """Trace a copy of ``model`` and put a trainable gate (initialised to 1) at every ReLU site.
 
-    The result computes exactly what ``model`` computes until its gates move. ``skip`` holds
-    fnmatch patterns of site names to leave as plain ReLUs (e.g. a stem ReLU).
+    The result computes exactly what ``model`` computes until its gates move.
+
+    Args:
+        model: any nn.Module; it is deep-copied, never changed.
+        example_input: an example batch (batch first), or a tuple of the forward's inputs; it
+            sizes the gates.
+        granularity: ``"pixel"`` (one gate per activation element) or ``"channel"`` (one per channel).
+        skip: fnmatch patterns of site names to leave as plain ReLUs (e.g. a stem ReLU).
+        concrete_args: passed to ``symbolic_trace`` (e.g. a bool argument of ``forward``).
+        leaf_modules: module types traced as one call; their ReLUs are reported, not gated.
+
+    Returns:
+        A GraphModule with a :class:`passes.Gate` per site (see :func:`gates`); the sites are in
+        ``passes.get_meta(gm).sites``. Raises SnlFxError when there is nothing to gate.
+
+    Example:
+        >>> gm = snl_fx.prepare(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64))
+        >>> len(snl_fx.gates(gm)), snl_fx.relu_count_gated(gm)
+        (17, 188416)
     """
     if granularity not in passes.gate.GRANULARITIES:
         raise SnlFxError(f"granularity must be one of {passes.gate.GRANULARITIES}, got {granularity!r}")
@@ -225,14 +242,25 @@ def binarize(
     gm: GraphModule, budget: int, scores: dict[str, torch.Tensor] | None = None,
     tie_break: dict[str, torch.Tensor] | None = None,
 ) -> int:
-    """Set every gate to exactly 0 or 1 and freeze it; returns the final ReLUs per sample.
+    """Set every gate to exactly 0 or 1 and freeze it.
 
-    Pixel gates: exactly ``budget`` ReLUs are kept (the top gate values, also when fewer than
-    ``budget`` gates were above eps). Channel gates: whole channels, best first, each taken if it
-    still fits; the count may end below ``budget``. ``scores`` (site -> tensor of the gate's
-    shape) replaces gate values as the ranking; ``tie_break`` (same form, e.g.
-    :func:`linearization_scores`) orders elements of equal rank, else site order then element
-    index does.
+    Args:
+        gm: a prepared model (gates soft or binary).
+        budget: ReLUs per sample to keep, ungated sites included. Pixel gates: exactly ``budget``
+            are kept (the top gate values, also when fewer than ``budget`` gates were above
+            eps). Channel gates: whole channels, best first, each taken if it still fits; the
+            count may end below ``budget``.
+        scores: site -> tensor of the gate's shape, ranking the elements instead of the gate values.
+        tie_break: same form (e.g. :func:`linearization_scores`), ordering elements of equal
+            rank; else site order then element index does.
+
+    Returns:
+        The final ReLUs per sample. Raises SnlFxError when the ungated sites alone exceed ``budget``.
+
+    Example:
+        >>> snl_fx.binarize(gm, 2000)
+        2000
+        >>> lowered = snl_fx.convert(gm)
     """
     meta = passes.get_meta(gm)
     gate_modules = passes.gates(gm)
@@ -304,7 +332,22 @@ def linearization_scores(gm: GraphModule, example_input: Any) -> dict[str, torch
 
 
 def convert(gm: GraphModule) -> GraphModule:
-    """Lower a binarized gated model to a static graph with only the kept ReLUs (a copy)."""
+    """Lower a binarized gated model to a static graph with only the kept ReLUs (a copy).
+
+    Args:
+        gm: a prepared model whose gates are all exactly 0 or 1 (after :func:`binarize`).
+
+    Returns:
+        A new GraphModule: per site, all kept -> ReLU, none kept -> removed, some kept ->
+        :class:`passes.PartialReLU` (a ReLU on exactly the kept elements). ``gm`` is unchanged.
+        Raises SnlFxError when a gate is not binary.
+
+    Example:
+        >>> final = snl_fx.binarize(gm, 2000)
+        >>> lowered = snl_fx.convert(gm).eval()
+        >>> snl_fx.relu_count(lowered, x).total
+        2000
+    """
     import copy
 
     return passes.lower_gates(copy.deepcopy(gm))
