@@ -93,9 +93,8 @@ def graphs() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
     }
 
 
-def features_of(path: Path, x: torch.Tensor) -> dict[str, float]:
-    """The model's features of ``path``, plus ``input``: sharing the client's input (fitted, not priced)."""
-    total: dict[str, float] = {"input": x[0].numel()}
+def features_of(path: Path) -> dict[str, float]:
+    total: dict[str, float] = {}
     for *_, feats in layer_features(snl_fx.relu_count(path)):
         for k, v in feats.items():
             total[k] = total.get(k, 0) + v
@@ -138,8 +137,11 @@ def integral(coef: dict[str, float], tol: float = 1e-6) -> dict[str, float]:
 
 
 def calibrate(backend: str, runs: int, workdir: Path, only: list[str] | None = None,
-              holdout_models: bool = True) -> tuple[dict, list[dict]]:
-    """Measure the calibration graphs (``only``: a subset) and small_resnet; fit on the graphs alone."""
+              holdout_models: bool = True, logged: dict[str, dict] | None = None) -> tuple[dict, list[dict]]:
+    """Measure the calibration graphs (``only``: a subset) and small_resnet; fit on the graphs alone.
+
+    ``logged``: measurements printed by an earlier run of this script, by graph; those graphs are not run again.
+    """
     models = {name: (model, torch.randn(shape, generator=torch.Generator().manual_seed(0)))
               for name, (model, shape) in graphs().items() if not only or name in only}
     torch.manual_seed(0)
@@ -151,11 +153,11 @@ def calibrate(backend: str, runs: int, workdir: Path, only: list[str] | None = N
         path = workdir / f"{name}.onnx"
         snl_fx.export_onnx(model, x, path, profile="pi")
         try:
-            measured = bench(path, backend, runs, x)
+            measured = (logged or {}).get(name) or bench(path, backend, runs, x)
         except snl_fx.SnlFxError as exc:  # an op the backend lacks: its features stay uncalibrated
             print(f"{name}: skipped under {backend}: {exc}", flush=True)
             continue
-        row = {"graph": name, "holdout": name in holdout, "features": features_of(path, x), **measured}
+        row = {"graph": name, "holdout": name in holdout, "features": features_of(path), **measured}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "features"}), flush=True)
     graph_rows = [r for r in rows if not r["holdout"]]
@@ -205,6 +207,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="inferences per graph (median seconds)")
     parser.add_argument("--graphs", action="append", metavar="NAME", help="calibrate on these graphs only")
     parser.add_argument("--no-holdout", action="store_true", help="skip the small_resnet check runs")
+    parser.add_argument("--from-log", metavar="FILE", help="reuse the rows this script printed in an earlier run")
     parser.add_argument("--out", default=str(CONSTANTS_PATH), help="the constants file (entries merged)")
     parser.add_argument("--results", default="benchmarks/results/pi_calibrate.json", help="per-graph measurements")
     args = parser.parse_args()
@@ -213,7 +216,12 @@ def main() -> None:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     with tempfile.TemporaryDirectory(prefix="pi_calibrate_") as tmp:
         for backend in args.backend or ["crypten"]:
-            entry, rows = calibrate(backend, args.runs, Path(tmp), args.graphs, not args.no_holdout)
+            logged = {}
+            for line in Path(args.from_log).read_text().splitlines() if args.from_log else []:
+                if line.startswith('{"graph"'):
+                    row = json.loads(line)
+                    logged[row.pop("graph")] = {k: v for k, v in row.items() if k != "holdout"}
+            entry, rows = calibrate(backend, args.runs, Path(tmp), args.graphs, not args.no_holdout, logged)
             results[backend] = check(entry, rows, backend, Path(tmp))
             entry["check"] = {k: v for k, v in results[backend].items() if k != "graphs"}
             constants["protocols"][backend] = entry
