@@ -2,7 +2,7 @@
 
 Pretrains the model (cached in the output dir), linearizes it with pixel-wise SNL gates to the
 budget, fine-tunes with knowledge distillation, exports ONNX, prints a before/after summary and
-saves two plots. About 10-15 minutes on 2 CPU cores; ``--quick`` runs a tiny version in ~1 minute.
+saves three plots. About 9 minutes on 2 CPU cores; ``--quick`` runs a tiny version in ~1 minute.
 
     python examples/fashion_mnist_demo.py --out runs/demo
 """
