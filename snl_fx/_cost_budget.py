@@ -118,7 +118,8 @@ def parse_cost(text: str, protocol: str = "crypten", network: str = "wan") -> Co
     if m is None:
         if re.fullmatch(r"[\d.e+-]+%?", t):
             return None
-        raise SnlFxError(f"--budget {text!r} is neither a ReLU budget nor {_FORMS}")
+        raise SnlFxError(f"--budget {text!r} is neither a ReLU budget (a count such as 15000, a fraction such as "
+                         f"0.05, or 5%) nor {_FORMS}")
     if m.group(2) not in _SCALE:
         raise SnlFxError(f"--budget {text!r}: unknown unit {m.group(2)!r}; use {_FORMS}")
     unit, scale = _SCALE[m.group(2)]
