@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-from torch.fx import GraphModule, Node
+from torch.fx import GraphModule
 
 from .errors import PassError
 from .meta import Site, get_meta

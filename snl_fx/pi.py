@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from ._errors import SnlFxError
-from ._onnx_count import _load as onnx_file  # its one-line errors for unreadable files
 
 __all__ = ["BACKENDS", "PiBenchResult", "import_crypten", "pi_bench"]
 
