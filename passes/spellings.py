@@ -49,6 +49,13 @@ OTHER_MODULES: dict[type[nn.Module], str] = {
     nn.AdaptiveMaxPool1d: "maxpool",
     nn.AdaptiveMaxPool2d: "maxpool",
     nn.AdaptiveMaxPool3d: "maxpool",
+    # average pools are linear, but fixed-point backends truncate after dividing: priced per output
+    nn.AvgPool1d: "avgpool",
+    nn.AvgPool2d: "avgpool",
+    nn.AvgPool3d: "avgpool",
+    nn.AdaptiveAvgPool1d: "avgpool",
+    nn.AdaptiveAvgPool2d: "avgpool",
+    nn.AdaptiveAvgPool3d: "avgpool",
 }
 OTHER_FUNCTIONS: dict[Any, str] = {
     F.relu6: "relu6",
@@ -81,6 +88,15 @@ OTHER_FUNCTIONS: dict[Any, str] = {
     F.adaptive_max_pool1d: "maxpool",
     F.adaptive_max_pool2d: "maxpool",
     F.adaptive_max_pool3d: "maxpool",
+    F.avg_pool1d: "avgpool",
+    F.avg_pool2d: "avgpool",
+    F.avg_pool3d: "avgpool",
+    torch.avg_pool1d: "avgpool",
+    F.adaptive_avg_pool1d: "avgpool",
+    F.adaptive_avg_pool2d: "avgpool",
+    F.adaptive_avg_pool3d: "avgpool",
+    torch.adaptive_avg_pool1d: "avgpool",
+    torch.mean: "avgpool",  # only over spatial dims: see _is_spatial_mean
     torch.maximum: "max",
     torch.max: "max",
 }
@@ -95,6 +111,7 @@ OTHER_METHODS: dict[str, str] = {
     "clamp_min": "clamp",
     "clamp_min_": "clamp",
     "clip": "clamp",
+    "mean": "avgpool",  # only over spatial dims: see _is_spatial_mean
 }
 
 
@@ -139,6 +156,8 @@ def other_nonlinearity(node: Node, modules: dict[str, nn.Module]) -> str | None:
             kind = None
     elif node.op == "call_method":
         kind = OTHER_METHODS.get(str(node.target))
+    if kind == "avgpool" and node.op != "call_module" and node.target in (torch.mean, "mean") and not _is_spatial_mean(node):
+        kind = None
     if kind == "clamp" and _clamp_is_relu(node):
         kind = "clamp(min=0)"
     return kind
@@ -161,6 +180,17 @@ def maxpool_window(node: Node, modules: dict[str, nn.Module], in_shape, out_shap
     # adaptive pooling: windows of ceil(in / out) along each spatial dim
     pairs = zip(in_shape[-spatial_dims:], out_shape[-spatial_dims:])
     return math.prod(-(-i // max(o, 1)) for i, o in pairs)
+
+
+def _is_spatial_mean(node: Node) -> bool:
+    """``x.mean(dims)`` / ``torch.mean(x, dims)`` over spatial dims only (dims >= 2 of an N, C, ... tensor)."""
+    tm = node.all_input_nodes[0].meta.get("tensor_meta") if node.all_input_nodes else None
+    rank = len(tm.shape) if hasattr(tm, "shape") else 0
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if rank < 3 or dims is None:
+        return False
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return bool(dims) and all(isinstance(d, int) and d % rank >= 2 for d in dims)
 
 
 def _clamp_is_relu(node: Node) -> bool:

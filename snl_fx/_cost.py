@@ -1,6 +1,6 @@
 """A calibrated private-inference cost model: bytes, rounds and latency per layer and per model.
 
-Each layer of a :class:`ReluReport` (linear layers, ReLU sites, max-pools, the revealed output)
+Each layer of a :class:`ReluReport` (linear layers, ReLU sites, max- and average pools, the revealed output)
 becomes a few *features* (elements in, weight elements, kept ReLUs, ...). A protocol's cost is a
 linear function of them whose coefficients were measured on each backend by
 ``benchmarks/pi_calibrate.py`` and checked in as ``pi_constants.json`` (with backend, date and
@@ -23,7 +23,7 @@ from ._report import PROTOCOLS, LinearCount, ReluReport
 
 CONSTANTS_PATH = Path(__file__).with_name("pi_constants.json")
 MEASURED_PROTOCOLS = ("crypten", "spu-cheetah", "spu-semi2k")
-KINDS = ("linear", "relu", "maxpool", "other", "output")
+KINDS = ("linear", "relu", "maxpool", "avgpool", "other", "output")
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,11 @@ def maxpool_features(window: int, outputs: int) -> dict[str, float]:
     return {f"maxpool{window}_output": outputs, f"maxpool{window}_layer": 1, "comparison": outputs * (window - 1)}
 
 
+def avgpool_features(outputs: int) -> dict[str, float]:
+    """Features of an average pool (or spatial mean) of ``outputs`` outputs: one truncation each."""
+    return {"avgpool_output": outputs, "avgpool_layer": 1}
+
+
 def output_features(elements: int) -> dict[str, float]:
     """Features of one inference as a whole: revealing ``elements`` outputs, fixed costs."""
     return {"output": elements, "fixed": 1}
@@ -184,9 +189,9 @@ class LayerCost:
     """One layer's cost for one sample; None where the protocol does not say (see ``note``)."""
 
     name: str
-    kind: str  # linear, relu, maxpool, other, output
+    kind: str  # linear, relu, maxpool, avgpool, other, output
     op: str
-    elements: int  # kept ReLUs, linear/max-pool/other outputs, revealed outputs
+    elements: int  # kept ReLUs, linear/max-pool/avg-pool/other outputs, revealed outputs
     bytes: float | None
     rounds: int | None
     compute_seconds: float | None
@@ -230,7 +235,7 @@ class PiCost:
         return self.compute_seconds + self.network.seconds(self.bytes, self.rounds or 0)
 
     def by_kind(self) -> dict[str, dict[str, float | int | None]]:
-        """Bytes, rounds and latency of each kind of layer (linear, relu, maxpool, other, output)."""
+        """Bytes, rounds and latency of each kind of layer (linear, relu, maxpool, avgpool, other, output)."""
         out = {}
         for kind in KINDS:
             if any(layer.kind == kind for layer in self.layers):
@@ -319,6 +324,8 @@ def layer_features(report: ReluReport) -> list[tuple[str, str, str, int, dict[st
         if other.kind == "maxpool":
             window = other.comparisons // max(1, outputs) + 1
             rows.append((other.name, "maxpool", f"maxpool{window}", outputs, maxpool_features(window, outputs)))
+        elif other.kind == "avgpool":
+            rows.append((other.name, "avgpool", "avgpool", outputs, avgpool_features(outputs)))
         else:
             rows.append((other.name, "other", other.kind, other.comparisons, {other.kind: other.comparisons}))
     rows.append(("output", "output", "reveal", report.outputs, output_features(report.outputs)))
@@ -342,7 +349,7 @@ def cost_from_report(report: ReluReport, table: CostTable, network: Network) -> 
         notes.append(f"rounds: not known for {table.name}; latency counts no round trips")
     if report.ungateable:
         notes.append("ReLUs inside leaf modules (not gateable) are not priced")
-    notes.append("adds, reshapes, gathers, concats, average pools, folded BatchNorms: local under secret sharing, free")
+    notes.append("adds, reshapes, gathers, concats, folded BatchNorms: local under secret sharing, free")
     return PiCost(table.name, network, table.source, layers, table.measured, notes)
 
 

@@ -87,6 +87,8 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
                 linear.append(layer)
             continue
         relu_op, kind = _classify(node, consts, opset)
+        if node.op_type == "ReduceMean" and not _is_spatial_mean(node, consts, opset, shapes):
+            kind = None
         if relu_op is not None:
             value = node.output[0] if relu_op == "Max(x,0)" else node.input[0]
             shape = shapes.get(value)
@@ -342,7 +344,23 @@ def _classify(node: onnx.NodeProto, consts: _Constants, opset: int) -> tuple[str
         return (None, "max") if len(node.input) > 1 else (None, None)
     if op in ("MaxPool", "GlobalMaxPool"):
         return None, "maxpool"
+    if op in ("AveragePool", "GlobalAveragePool", "ReduceMean"):
+        return None, "avgpool"  # linear, but a fixed-point division: one truncation per output
     return None, _ELEMENTWISE_KINDS.get(op)
+
+
+def _is_spatial_mean(node: onnx.NodeProto, consts: _Constants, opset: int, shapes: _Shapes) -> bool:
+    """A ReduceMean over spatial axes only (>= 2 of an N, C, ... input): a global average pool."""
+    in_shape = shapes.get(node.input[0]) if node.input else None
+    if in_shape is None or len(in_shape) < 3:
+        return False
+    if opset < 18:
+        axes = next((list(a.ints) for a in node.attribute if a.name == "axes"), None)
+    else:
+        value = consts.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        axes = None if value is None else [int(a) for a in value.reshape(-1)]
+    rank = len(in_shape)
+    return bool(axes) and all(a % rank >= 2 for a in axes)
 
 
 def _clip_bounds(node: onnx.NodeProto, consts: _Constants, opset: int) -> tuple[float | str | None, float | str | None]:

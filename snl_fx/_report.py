@@ -60,7 +60,11 @@ class SiteCount:
 
 @dataclass(frozen=True)
 class OtherCount:
-    """A nonlinearity that is not a ReLU; max-pool counts k*k-1 comparisons per output."""
+    """A nonlinearity that is not a ReLU; max-pool counts k*k-1 comparisons per output.
+
+    Kind ``avgpool`` (average pools, spatial means) is linear but costs fixed-point backends a
+    truncation per output; ``comparisons`` is then its outputs.
+    """
 
     name: str
     kind: str
@@ -148,6 +152,9 @@ class ReluReport:
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.append(f"\ntotal: {self.total:,} ReLUs per sample in {self.relu_layers} ReLU layers, ReLU depth {self.relu_depth}")
         for kind, n in sorted(self.other_totals().items()):
+            if kind == "avgpool":
+                lines.append(f"average pool (linear; one truncation per output): {n:,} outputs per sample")
+                continue
             unit = "comparisons" if kind == "maxpool" else "elements"
             lines.append(f"other nonlinearity (not counted above): {kind}: {n:,} {unit} per sample")
         for u in self.ungateable:

@@ -111,6 +111,42 @@ def test_torch_module_and_its_onnx_file_cost_the_same(tmp_path):
     assert [layer.elements for layer in from_onnx.layers if layer.kind == "relu"] == [70]
 
 
+class AvgPoolNet(nn.Module):
+    """conv-relu-avgpool(2)-conv-relu-global mean on 1x8x8: two average pools, spelled two ways."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.conv2 = nn.Conv2d(4, 6, 3, padding=1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.conv1(x)))
+        y = torch.relu(self.conv2(x))
+        return self.gap(y).flatten(1) + y.mean(dim=(2, 3))
+
+
+def test_average_pools_are_priced_per_output(tmp_path):
+    """SPU truncates after an average pool's division: 8 B per output and 1 round a layer; CrypTen: free."""
+    torch.manual_seed(0)
+    model, x = AvgPoolNet().eval(), torch.randn(1, 1, 8, 8)
+    path = tmp_path / "avgpool.onnx"
+    snl_fx.export_onnx(model, x, path, profile="pi")
+    for source in ((model, x), (path,)):
+        spu = snl_fx.pi_cost(*source, protocol="spu-semi2k")
+        pools = [(layer.kind, layer.elements, layer.bytes, layer.rounds) for layer in spu.layers if layer.kind == "avgpool"]
+        assert sorted(pools) == [("avgpool", 6, 48.0, 1), ("avgpool", 6, 48.0, 1), ("avgpool", 64, 512.0, 1)]
+        totals = spu.by_kind()["avgpool"]
+        assert (totals["bytes"], totals["rounds"]) == (608.0, 3)
+        crypten = snl_fx.pi_cost(*source, protocol="crypten").by_kind()["avgpool"]
+        assert (crypten["bytes"], crypten["rounds"]) == (0.0, 0)
+    report = snl_fx.relu_count(path)
+    assert report.other_totals()["avgpool"] == 64 + 6 + 6
+    assert "average pool (linear; one truncation per output): 76 outputs per sample" in report.table()
+    assert {o["kind"] for o in report.to_dict()["others"]} == {"avgpool"}
+
+
 def test_relu_site_cost_scales_with_kept_relus_and_rounds_with_layers():
     one, rounds = relu_site_cost(1000, "crypten")
     two, rounds2 = relu_site_cost(2000, "crypten")

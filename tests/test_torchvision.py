@@ -103,7 +103,8 @@ def test_resnet18_at_224_with_maxpool_apart():
     blocks = sum(2 * 2 * (64 * 2**i) * (56 // 2**i) ** 2 for i in range(4))
     assert report.total == stem + blocks == 2_308_096 == dispatch_relus_per_sample(model, x)
     assert (len(report.sites), report.relu_layers, report.relu_depth) == (17, 17, 17)
-    assert report.other_totals() == {"maxpool": 64 * 56 * 56 * (3 * 3 - 1)}  # 3x3 windows, 8 comparisons each
+    # 3x3 windows, 8 comparisons each; the global average pool: 512 outputs
+    assert report.other_totals() == {"maxpool": 64 * 56 * 56 * (3 * 3 - 1), "avgpool": 512}
     assert f"maxpool: {64 * 56 * 56 * 8:,} comparisons per sample" in report.table()
 
 
@@ -140,6 +141,7 @@ def check_onnx(name: str, dynamo: bool, tmp_path) -> None:
     assert report.total == torch_report.total == dispatch_relus_per_sample(model, x)
     assert report.other_totals().get("relu6", 0) == torch_report.other_totals().get("relu6", 0)
     assert report.other_totals().get("maxpool", 0) == torch_report.other_totals().get("maxpool", 0)
+    assert report.other_totals().get("avgpool", 0) == torch_report.other_totals().get("avgpool", 0)
 
 
 ONNX_CI = [("resnet18", False), ("mobilenet_v2", False), ("resnet18", True), ("squeezenet1_0", True)]
