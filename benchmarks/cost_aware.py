@@ -38,8 +38,8 @@ from typing import Any
 import torch
 
 import snl_fx
-from snl_fx import jobs
-from snl_fx.data import split_train_val
+from snl_fx.app import jobs
+from snl_fx.app.data import split_train_val
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pareto import site_criticality, stage_culling_scores  # noqa: E402
@@ -110,7 +110,7 @@ def small_resnet_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def cifar_rows(speedup: float) -> list[dict[str, Any]]:
     """cifar_resnet18, random weights: cost of each selection at 15K and 50K ReLUs (no training)."""
-    from snl_fx.models import cifar_resnet18
+    from snl_fx.app.models import cifar_resnet18
 
     torch.manual_seed(0)
     model = cifar_resnet18(num_classes=100).eval()

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import passes
 import snl_fx
-from snl_fx.models import MODELS
+from snl_fx.app.models import MODELS
 
 INPUTS = {"small_resnet": (1, 1, 28, 28), "cifar_resnet18": (1, 3, 32, 32)}
 

@@ -48,9 +48,9 @@ from torch.fx import GraphModule
 from torch.utils.data import Dataset, Subset
 
 import snl_fx
-from snl_fx import jobs
-from snl_fx.data import split_train_val
-from snl_fx.plots import plot_accuracy_vs_relus
+from snl_fx.app import jobs
+from snl_fx.app.data import split_train_val
+from snl_fx.app.plots import plot_accuracy_vs_relus
 
 METHODS = ("snl-pixel", "snl-channel", "stage-culling", "l1-prune", "random", "one-shot")
 BASELINES = ("stage-culling", "l1-prune", "random", "one-shot")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import snl_fx
-from snl_fx.models import cifar_resnet18, small_resnet
+from snl_fx.app.models import cifar_resnet18, small_resnet
 
 MODELS = {
     "small_resnet": (small_resnet, (1, 28, 28), [0.2, 0.05, 0.01]),

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 import snl_fx
 from snl_fx.calibration import CONSTANTS_PATH, layer_features
-from snl_fx.models import small_resnet
+from snl_fx.app.models import small_resnet
 
 SOURCES = {
     "crypten": "measured: CrypTen 0.4.1 2PC, 2 processes on loopback, TFP Beaver triples (online traffic)",

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import snl_fx
-from snl_fx.models import cifar_resnet18, small_resnet
+from snl_fx.app.models import cifar_resnet18, small_resnet
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pi_calibrate import bench, partial  # noqa: E402  (the same random-gate files as the calibration)

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 import snl_fx
-from snl_fx import jobs
-from snl_fx.data import split_train_val
+from snl_fx.app import jobs
+from snl_fx.app.data import split_train_val
 
 # the reference code's results on this recipe (ANCHORS.md): budget -> (gate epochs, fine-tune epochs, test %, note)
 REFERENCE = {

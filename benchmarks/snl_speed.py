@@ -34,7 +34,7 @@ import torch.nn as nn
 
 import passes
 import snl_fx
-from snl_fx.models import small_resnet
+from snl_fx.app.models import small_resnet
 
 
 def _median_ratio(a: Callable[[], object], b: Callable[[], object], repeats: int, inner: int) -> dict[str, float]:

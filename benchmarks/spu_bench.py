@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import snl_fx
-from snl_fx.models import small_resnet
+from snl_fx.app.models import small_resnet
 
 KEPT_LAYERS = ["layer3.*"]  # layer3.0.relu1 and layer3.0.relu2: 2 * 64*7*7 = 6,272 ReLUs (14.3%)
 # the PartialReLU's data movement; SPU runs a scatter (ScatterElements) as a pphlo.while loop over its elements

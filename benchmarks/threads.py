@@ -27,7 +27,7 @@ def _step_times(threads: int, steps: int) -> list[float]:
     import torch
     import torch.nn.functional as F
 
-    from snl_fx.models import small_resnet
+    from snl_fx.app.models import small_resnet
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

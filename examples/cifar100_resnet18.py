@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 import snl_fx
-from snl_fx.cli import snl_fx_main
+from snl_fx.app.cli import snl_fx_main
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--budget", default="15000", help="ReLUs per sample, or a fraction in (0, 1)")
     parser.add_argument("--out", default="runs/c100")
-    parser.add_argument("--weights", help="a pretrained state_dict of snl_fx.models.cifar_resnet18(100)")
+    parser.add_argument("--weights", help="a pretrained state_dict of snl_fx.app.models.cifar_resnet18(100)")
     parser.add_argument("--schedule", choices=["paper", "budget"], default="paper")
     args = parser.parse_args(argv)
     base = snl_fx.TrainConfig()  # the paper's values are the defaults

@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 import snl_fx
-from snl_fx import distributed, jobs
-from snl_fx.data import split_train_val
+from snl_fx import distributed
+from snl_fx.app import jobs
+from snl_fx.app.data import split_train_val
 
 
 def main() -> None:

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 import snl_fx
-from snl_fx import jobs
-from snl_fx.cli import set_default_threads
-from snl_fx.data import split_train_val
-from snl_fx.plots import plot_accuracy_vs_relus, plot_gate_path, plot_relus_per_layer
+from snl_fx.app import jobs
+from snl_fx.app.cli import set_default_threads
+from snl_fx.app.data import split_train_val
+from snl_fx.app.plots import plot_accuracy_vs_relus, plot_gate_path, plot_relus_per_layer
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import snl_fx
-from snl_fx import jobs
+from snl_fx.app import jobs
 
 
 def main(argv: list[str] | None = None) -> None:

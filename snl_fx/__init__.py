@@ -5,10 +5,13 @@
 graph); ``export_onnx`` writes it. For your own training loop: ``lasso_penalty``,
 ``LambdaSchedule``, ``clamp_gates``, ``relu_count_gated``. ``relu_count`` inspects any torch
 module or ONNX file, ``pi_cost`` predicts a private inference's cost, ``pi_bench`` measures one
-(the optional extra ``pi``). The compiler passes themselves are the ``passes`` package.
+(the optional extra ``pi``). The compiler passes themselves are the ``passes`` package; the
+application on top (CLIs, jobs, data sets, model zoo, plots, PI backends' runners) is ``snl_fx.app``.
 """
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from ._cost import LayerCost, Network, PiCost, linear_cost, pi_cost, relu_site_cost
 from ._cost_budget import Cost, CostPlan, parse_cost, plan_cost
@@ -35,12 +38,25 @@ from ._snl import (
     soft_relu_count,
 )
 from ._train import TrainConfig, evaluate, kd_loss
-from .pi import PiBenchResult, pi_bench
 
 try:
     __version__ = version("snl_fx")
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0.0.0"
+
+# Names the library documents from its application layer, imported on first use so that
+# `import snl_fx` never loads snl_fx.app: the PI benchmark, and the modules that moved there.
+_FROM_APP = {"pi_bench": "pi", "PiBenchResult": "pi"}
+_APP_MODULES = ("cli", "data", "jobs", "models", "pi", "plots")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_APP:
+        return getattr(importlib.import_module(f"snl_fx.app.{_FROM_APP[name]}"), name)
+    if name in _APP_MODULES:
+        return importlib.import_module(f"snl_fx.app.{name}")
+    raise AttributeError(f"module 'snl_fx' has no attribute {name!r}")
+
 
 __all__ = [
     # life cycle: the whole pass, and its steps in order

@@ -23,6 +23,10 @@ import passes
 from ._errors import SnlFxError
 
 PROFILES = ("default", "pi")
+INSTALL_HINT = (
+    "install the pi extra: bash scripts/setup.sh, or pip install -e '.[pi]' && "
+    "pip install --no-deps crypten==0.4.1"
+)
 
 
 @dataclass(frozen=True)
@@ -144,11 +148,24 @@ def _crypten_loads(path: Path) -> None:
 
     if importlib.util.find_spec("crypten") is None:
         return
-    from .pi import import_crypten
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import_crypten().nn.from_onnx(io.BytesIO(path.read_bytes()))
+
+
+def import_crypten() -> Any:
+    """Import CrypTen 0.4.1 on current torch (alias the module it expects), or raise SnlFxError."""
+    try:
+        from torch.onnx._internal.torchscript_exporter import registration
+    except ImportError:
+        pass
+    else:
+        sys.modules.setdefault("torch.onnx._internal.registration", registration)
+    try:
+        import crypten
+    except ImportError as exc:
+        raise SnlFxError(f"CrypTen cannot be imported ({exc}): {INSTALL_HINT}") from None
+    return crypten
 
 
 class Affine(nn.Module):

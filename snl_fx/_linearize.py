@@ -35,7 +35,7 @@ from ._snl import (
     site_relu_counts,
     total_relus,
 )
-from ._train import Checkpoint, TrainConfig, evaluate
+from ._train import Checkpoint, TrainConfig, evaluate, split_train_val
 from ._validate import check_data
 
 log = logging.getLogger("snl_fx")
@@ -140,8 +140,6 @@ def linearize(
         return LinearizeResult(unchanged, None, total, total, budget, granularity, "unchanged", sites, cost=cost)
 
     if data is not None and val_data is None and isinstance(data, Dataset):
-        from .data import split_train_val
-
         data, val_data = split_train_val(data, 0.1, seed=cfg.seed)
     teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     gm.to(device)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -142,6 +142,26 @@ def make_loader(
     rank, world = (distributed.rank(), distributed.world_size()) if shard else (0, 1)
     sampler = distributed.ShardedBatchSampler(len(data), cfg.batch_size, seed, rank, world)  # type: ignore[arg-type]
     return DataLoader(data, batch_sampler=sampler, num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(seed))
+
+
+def split_train_val(dataset: Dataset, val_fraction: float = 0.1, seed: int = 0) -> tuple[Subset, Subset]:
+    """Split a training set into disjoint (train, val) subsets, the same for the same seed.
+
+    ``round(len * val_fraction)`` samples (at least one) go to validation. Both subsets view
+    ``dataset`` itself, so an augmenting dataset augments its validation items too; to validate
+    without augmentation, build the data set again with ``augment=False`` and take
+    ``Subset(plain, val.indices)``.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise SnlFxError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    n = len(dataset)  # type: ignore[arg-type]
+    if n < 2:
+        raise SnlFxError(f"cannot split a data set of {n} samples into train and val")
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx = sorted(perm[:n_val].tolist())
+    train_idx = sorted(perm[n_val:].tolist())
+    return Subset(dataset, train_idx), Subset(dataset, val_idx)
 
 
 def seed_epoch(cfg: TrainConfig, phase: str, epoch: int) -> int:

@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from snl_fx.cli import relu_count_main, snl_fx_main
+from snl_fx.app.cli import relu_count_main, snl_fx_main
 
 
 def conv_relu_onnx(path: Path, dims=(1, 3, 8, 8)) -> Path:
@@ -37,7 +37,7 @@ def factories(tmp_path, monkeypatch) -> str:
     """A module of model factories on sys.path; returns its name."""
     (tmp_path / "cli_factories.py").write_text(
         "import torch.nn as nn\n"
-        "from snl_fx.models import cifar_resnet18\n"
+        "from snl_fx.app.models import cifar_resnet18\n"
         "def boom():\n"
         "    raise RuntimeError('no weights here')\n"
         "def not_a_model():\n"
@@ -171,7 +171,7 @@ def test_bad_input_through_snl_fx_count(tmp_path, capsys):
 
 # --- output -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("batch", [1, 4])
-@pytest.mark.parametrize("spec", ["snl_fx.models:cifar_resnet18", "cli_factories:stem_relu"])
+@pytest.mark.parametrize("spec", ["snl_fx.app.models:cifar_resnet18", "snl_fx.models:cifar_resnet18", "cli_factories:stem_relu"])
 def test_json_total_is_relus_per_sample(factories, capsys, spec, batch):
     code, out, err = run_cli(relu_count_main, [spec, "--input-shape", f"{batch},3,32,32", "--json"], capsys)
     assert code == 0, err

@@ -14,7 +14,7 @@ import snl_fx
 from snl_fx import SnlFxError
 import snl_fx._cost
 from snl_fx._cost import MEASURED_PROTOCOLS, linear_cost, protocols, relu_site_cost
-from snl_fx.cli import relu_count_main
+from snl_fx.app.cli import relu_count_main
 
 
 class Tiny(nn.Module):

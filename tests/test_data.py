@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from snl_fx import SnlFxError
-from snl_fx import jobs
-from snl_fx.data import (
+from snl_fx.app import jobs
+from snl_fx.app.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     FASHION_MNIST_DIR,

@@ -11,8 +11,8 @@ import torch
 from test_data import write_fashion
 
 import snl_fx
-from snl_fx.cli import snl_fx_main
-from snl_fx.models import small_resnet
+from snl_fx.app.cli import snl_fx_main
+from snl_fx.app.models import small_resnet
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_RESNET_RELUS = 16 * 28 * 28 * 2 + 32 * 14 * 14 * 2 + 64 * 7 * 7 * 2

@@ -15,7 +15,7 @@ from torch.fx import symbolic_trace
 
 import passes
 import snl_fx
-from snl_fx.models import small_resnet
+from snl_fx.app.models import small_resnet
 
 
 def kinds(gm: torch.fx.GraphModule) -> Counter:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from snl_fx.models import MODELS, cifar_resnet18, cifar_resnet34, small_resnet, wrn22_8
+from snl_fx.app.models import MODELS, cifar_resnet18, cifar_resnet34, small_resnet, wrn22_8
 
 aten = torch.ops.aten
 

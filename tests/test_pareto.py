@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 import passes
 import snl_fx
-from snl_fx.models import small_resnet
+from snl_fx.app.models import small_resnet
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "pareto.py"
 _spec = importlib.util.spec_from_file_location("pareto_bench", _PATH)

@@ -15,8 +15,8 @@ from conftest import TinyCNN, TwoLayers
 
 import snl_fx
 from snl_fx import SnlFxError
-from snl_fx.cli import snl_fx_main
-from snl_fx.pi import import_crypten, pi_bench
+from snl_fx.app.cli import snl_fx_main
+from snl_fx.app.pi import import_crypten, pi_bench
 
 try:
     import_crypten()

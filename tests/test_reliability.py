@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import snl_fx
-from snl_fx import cli
+from snl_fx.app import cli
 from snl_fx._files import load_checked, save_atomic
 from snl_fx._train import Checkpoint
 
@@ -152,7 +152,7 @@ def test_broken_pipe_ends_quietly(monkeypatch, capsys):
 def test_relu_count_json_into_head_exits_without_traceback(tmp_path):
     import subprocess
 
-    cmd = f"'{sys.executable}' -m snl_fx.cli count snl_fx.models:small_resnet --input-shape 1,1,28,28 --json | head -1"
+    cmd = f"'{sys.executable}' -m snl_fx.app.cli count snl_fx.models:small_resnet --input-shape 1,1,28,28 --json | head -1"
     proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True, timeout=300)
     assert proc.stdout.strip() == "{"
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
@@ -258,7 +258,7 @@ def test_damaged_checkpoint_is_one_clear_error(tmp_path, damage, message):
 
 
 def test_damaged_pretrain_cache_is_one_clear_error(tmp_path):
-    from snl_fx import jobs
+    from snl_fx.app import jobs
 
     cfg = snl_fx.TrainConfig(batch_size=8, progress=False, device="cpu")
     data = TensorDataset(torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,)))
@@ -326,7 +326,7 @@ def _randomize_bn(model: nn.Module) -> nn.Module:
 
 
 def _pi_runs(model: nn.Module, x: torch.Tensor, fraction: float, tmp_path: Path) -> None:
-    from snl_fx.pi import import_crypten
+    from snl_fx.app.pi import import_crypten
 
     try:
         import_crypten()
@@ -345,7 +345,7 @@ def _pi_runs(model: nn.Module, x: torch.Tensor, fraction: float, tmp_path: Path)
 
 @pytest.mark.parametrize("fraction", [1.0, 0.1])
 def test_preactivation_wrn_runs_in_crypten(fraction, tmp_path):
-    from snl_fx.models import WideResNet
+    from snl_fx.app.models import WideResNet
 
     _pi_runs(_randomize_bn(WideResNet(10, 1, 10)), torch.randn(2, 3, 16, 16), fraction, tmp_path)
 
@@ -354,7 +354,7 @@ def test_preactivation_wrn_runs_in_crypten(fraction, tmp_path):
 @pytest.mark.parametrize("fraction", [1.0, 0.1])
 @pytest.mark.parametrize("name", ["small_resnet", "cifar_resnet18", "cifar_resnet34", "wrn22_8", "torchvision:resnet18"])
 def test_every_zoo_model_runs_in_crypten(name, fraction, tmp_path):
-    from snl_fx.models import MODELS
+    from snl_fx.app.models import MODELS
 
     if name == "torchvision:resnet18":
         import torchvision

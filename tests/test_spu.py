@@ -15,9 +15,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import snl_fx
 from snl_fx import SnlFxError
-from snl_fx._spu import spu_python
-from snl_fx.cli import snl_fx_main
-from snl_fx.pi import pi_bench
+from snl_fx.app._spu import spu_python
+from snl_fx.app.cli import snl_fx_main
+from snl_fx.app.pi import pi_bench
 
 CONTRACT = {"max_abs_error", "bytes", "rounds", "seconds", "relus", "relu_bytes", "relu_rounds", "setup_bytes"}
 

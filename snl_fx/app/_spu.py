@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ._errors import SnlFxError
+from .._errors import SnlFxError
 
 PROTOCOLS = {"spu-cheetah": "CHEETAH", "spu-semi2k": "SEMI2K"}
 RUNNER = Path(__file__).with_name("_spu_runner.py")
@@ -34,7 +34,7 @@ SPU_HINT = (
 def spu_python() -> str:
     """The interpreter that runs SPU: ``$SNL_FX_SPU_PYTHON``, else the repository's ``.venv-spu``; or SnlFxError."""
     given = os.environ.get("SNL_FX_SPU_PYTHON")
-    path = Path(given) if given else Path(__file__).resolve().parents[1] / ".venv-spu" / "bin" / "python"
+    path = Path(given) if given else Path(__file__).resolve().parents[2] / ".venv-spu" / "bin" / "python"
     if not (path.is_file() and os.access(path, os.X_OK)):
         where = f"SNL_FX_SPU_PYTHON={given}" if given else str(path)
         raise SnlFxError(f"the SPU backend needs SecretFlow SPU, not found at {where}: {SPU_HINT}")

@@ -18,12 +18,12 @@ from torch.utils.data import Dataset, Subset
 
 import passes
 
-from . import distributed
-from ._errors import SnlFxError
-from ._files import load_checked, save_atomic, write_text_atomic
-from ._linearize import LinearizeResult
-from ._report import ReluReport
-from ._train import TrainConfig, announce, epoch_line, evaluate, make_loader, seed_epoch, timed, train_epoch
+from .. import distributed
+from .._errors import SnlFxError
+from .._files import load_checked, save_atomic, write_text_atomic
+from .._linearize import LinearizeResult
+from .._report import ReluReport
+from .._train import TrainConfig, announce, epoch_line, evaluate, make_loader, seed_epoch, timed, train_epoch
 from .data import DATASETS
 
 log = logging.getLogger("snl_fx")
@@ -31,7 +31,7 @@ log = logging.getLogger("snl_fx")
 
 
 def load_datasets(name: str, root: str | None = None, subset: int | None = None, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """(train, test) for a name of :data:`snl_fx.data.DATASETS`; ``subset`` keeps a fixed random sample of each."""
+    """(train, test) for a name of :data:`snl_fx.app.data.DATASETS`; ``subset`` keeps a fixed random sample of each."""
     spec = DATASETS.get(name)
     if spec is None:
         raise SnlFxError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
@@ -111,7 +111,7 @@ def pretrain(
 
 def check_checkpoint_matches(out_dir: str | os.PathLike, model: nn.Module) -> None:
     """Refuse to resume from ``out_dir``'s checkpoint when it holds weights of another model."""
-    from ._train import Checkpoint
+    from .._train import Checkpoint
 
     checkpoint = Checkpoint(out_dir)
     state = checkpoint.load()
@@ -144,7 +144,7 @@ def _write_outputs(
     result: LinearizeResult, example_input: torch.Tensor, out_dir: str | os.PathLike, extra: dict[str, Any] | None,
     profile: str,
 ) -> dict[str, Any]:
-    from ._export import export_onnx
+    from .._export import export_onnx
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@
   folder holding the four idx files, gzipped or not).
 * :func:`cifar`: CIFAR-10/100 in torchvision's "python pickle batches" folder format.
 * :func:`tiny_imagenet`: the standard ``tiny-imagenet-200`` folder.
-* :func:`split_train_val`: a fixed-seed validation split carved out of a training set.
+* :func:`split_train_val`: a fixed-seed validation split carved out of a training set (the
+  library's, which ``linearize`` uses to hold out 10%).
 * :data:`DATASETS`: the data sets above by name (sample shape, classes, loader), as the CLI's
   ``--data`` takes them.
 
@@ -25,9 +26,10 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-from ._errors import SnlFxError
+from .._errors import SnlFxError
+from .._train import split_train_val
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -372,29 +374,6 @@ def tiny_imagenet(root: PathLike, train: bool = True, augment: bool = False) -> 
         if not samples:
             raise SnlFxError(f"corrupt Tiny-ImageNet file {annotations}: no annotations")
     return TinyImageNet(samples, classes, augment)
-
-
-# --------------------------------------------------------------------------- splits
-
-
-def split_train_val(dataset: Dataset, val_fraction: float = 0.1, seed: int = 0) -> tuple[Subset, Subset]:
-    """Split a training set into disjoint (train, val) subsets, the same for the same seed.
-
-    ``round(len * val_fraction)`` samples (at least one) go to validation. Both subsets view
-    ``dataset`` itself, so an augmenting dataset augments its validation items too; to validate
-    without augmentation, build the data set again with ``augment=False`` and take
-    ``Subset(plain, val.indices)``.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise SnlFxError(f"val_fraction must be between 0 and 1, got {val_fraction}")
-    n = len(dataset)  # type: ignore[arg-type]
-    if n < 2:
-        raise SnlFxError(f"cannot split a data set of {n} samples into train and val")
-    n_val = min(max(1, round(n * val_fraction)), n - 1)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    val_idx = sorted(perm[:n_val].tolist())
-    train_idx = sorted(perm[n_val:].tolist())
-    return Subset(dataset, train_idx), Subset(dataset, val_idx)
 
 
 # --------------------------------------------------------------------------- registry

@@ -25,16 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._errors import SnlFxError
+from .._errors import SnlFxError
+from .._export import import_crypten
 
 __all__ = ["BACKENDS", "PiBenchResult", "import_crypten", "pi_bench"]
 
 BACKENDS = ("crypten", "spu-cheetah", "spu-semi2k")
-
-INSTALL_HINT = (
-    "install the pi extra: bash scripts/setup.sh, or pip install -e '.[pi]' && "
-    "pip install --no-deps crypten==0.4.1"
-)
 
 
 @dataclass(frozen=True)
@@ -93,21 +89,6 @@ class PiBenchResult:
         out = asdict(self)
         out["times"] = list(self.times)
         return out
-
-
-def import_crypten() -> Any:
-    """Import CrypTen 0.4.1 on current torch (alias the module it expects), or raise SnlFxError."""
-    try:
-        from torch.onnx._internal.torchscript_exporter import registration
-    except ImportError:
-        pass
-    else:
-        sys.modules.setdefault("torch.onnx._internal.registration", registration)
-    try:
-        import crypten
-    except ImportError as exc:
-        raise SnlFxError(f"CrypTen cannot be imported ({exc}): {INSTALL_HINT}") from None
-    return crypten
 
 
 def pi_bench(

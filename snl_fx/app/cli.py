@@ -12,7 +12,7 @@ from typing import Any
 
 from passes import PassError
 
-from ._errors import SnlFxError
+from .._errors import SnlFxError
 from ._spec import example_inputs, load_model_spec, parse_budget, parse_shape
 from .data import DATASETS
 
@@ -85,7 +85,7 @@ def set_default_threads(threads: int | None = None) -> int:
 
 
 def _relu_count(args: argparse.Namespace) -> int:
-    from ._count import relu_count
+    from .._count import relu_count
 
     shapes = [parse_shape(s) for s in args.input_shape]
     target = args.model
@@ -99,7 +99,7 @@ def _relu_count(args: argparse.Namespace) -> int:
         report = relu_count(load_model_spec(target), example_inputs(shapes))
     cost = None
     if args.protocol or args.network:
-        from ._cost import pi_cost
+        from .._cost import pi_cost
 
         cost = pi_cost(report, protocol=args.protocol or "crypten", network=args.network or "wan")
     if args.json:
@@ -143,10 +143,11 @@ def relu_count_main(argv: Sequence[str] | None = None) -> int:
 def _linearize(args: argparse.Namespace) -> int:
     import torch
 
-    from . import distributed, jobs
-    from ._count import relu_count
-    from ._linearize import linearize
-    from ._train import TrainConfig, evaluate
+    from .. import distributed
+    from . import jobs
+    from .._count import relu_count
+    from .._linearize import linearize
+    from .._train import TrainConfig, evaluate
     from .data import split_train_val
     from .plots import plot_relus_per_layer
 
@@ -198,7 +199,7 @@ def _linearize(args: argparse.Namespace) -> int:
 
 def _check_linearize_args(args: argparse.Namespace) -> int | float:
     """Refuse bad ``snl-fx linearize`` options before any work; returns the parsed budget."""
-    from ._cost_budget import parse_cost
+    from .._cost_budget import parse_cost
 
     budget = parse_cost(args.budget, args.protocol, args.network) or parse_budget(args.budget)
     if args.pretrain_epochs < 0:
@@ -276,8 +277,8 @@ TRAIN_OPTIONS = {
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per :data:`TRAIN_OPTIONS` field, its default and choices taken from TrainConfig."""
-    from ._snl import SCHEDULES
-    from ._train import FINETUNE_SCHEDULES, TrainConfig
+    from .._snl import SCHEDULES
+    from .._train import FINETUNE_SCHEDULES, TrainConfig
 
     choices = {"schedule": SCHEDULES, "finetune_schedule": FINETUNE_SCHEDULES}
     types = {"gate_lr": float, "device": str}

@@ -9,7 +9,7 @@ import re
 import torch
 import torch.nn as nn
 
-from ._errors import SnlFxError
+from .._errors import SnlFxError
 
 
 def load_model_spec(spec: str) -> nn.Module:
@@ -27,7 +27,7 @@ def load_model_spec(spec: str) -> nn.Module:
         kwargs = {"weights": None}
     else:
         try:
-            module = importlib.import_module(module_name)
+            module = _import(module_name)
         except Exception as exc:  # noqa: BLE001 - any import failure is a bad spec
             raise SnlFxError(f"cannot import {module_name!r} from spec {spec!r}: {type(exc).__name__}: {exc}") from None
         factory = getattr(module, attr, None)
@@ -43,6 +43,17 @@ def load_model_spec(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise SnlFxError(f"factory {spec!r} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _import(module_name: str) -> object:
+    """The module a spec names, or a module its package exposes by that name (``snl_fx.models``)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        package, _, name = module_name.rpartition(".")
+        if exc.name != module_name or not package or not hasattr(importlib.import_module(package), name):
+            raise
+        return getattr(importlib.import_module(package), name)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
