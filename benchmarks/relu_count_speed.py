@@ -5,10 +5,11 @@ What is timed ("the work beyond imports"): the ``relu_count`` call itself, in-pr
 beforehand). Its first call in a fresh process (what one ``relu-count`` command pays) is shown
 apart from the median of the later calls. Model build, imports and the whole ``relu-count``
 command as a subprocess (start-up and imports included) are reported for context. With the
-cost model: ``snl_fx.pi_cost(FILE, protocol=P)`` timed the same way (target: under 1 s), and the
-``relu-count FILE --protocol P`` command.
+cost model: ``snl_fx.pi_cost(FILE, protocol=P)`` timed the same way for each protocol (target:
+under 1 s; spu-cheetah also chooses SPU's ciphertext blocks for each of the 54 linear layers), and
+the ``relu-count FILE --protocol P`` command.
 
-    python benchmarks/relu_count_speed.py [--runs 5] [--no-cli] [--protocol spu-cheetah]
+    python benchmarks/relu_count_speed.py [--runs 5] [--no-cli] [--protocol spu-cheetah ...]
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="timed calls after the first (median reported)")
     parser.add_argument("--no-cli", action="store_true", help="skip the whole-command subprocess timings")
-    parser.add_argument("--protocol", default="spu-cheetah", help="protocol of the timed pi_cost call")
+    parser.add_argument("--protocol", action="append",
+                        help="protocol of a timed pi_cost call (repeatable; default: the three calibrated ones and delphi)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     load = os.getloadavg()[0]
@@ -99,11 +101,12 @@ def main() -> None:
         export_s = time.perf_counter() - start
         *onnx_times, onnx_report = timed(lambda: snl_fx.relu_count(path), args.runs)
         assert onnx_report.total == resnet50_relus(), onnx_report.total
-        *cost_times, cost = timed(lambda: snl_fx.pi_cost(path, protocol=args.protocol), args.runs)
+        costs = {p: timed(lambda p=p: snl_fx.pi_cost(path, protocol=p), args.runs)
+                 for p in args.protocol or ["crypten", "spu-semi2k", "spu-cheetah", "delphi"]}
         size_mb = os.path.getsize(path) / 1e6
         if not args.no_cli:
             cli_onnx = cli_seconds([path], 3)
-            cli_cost = cli_seconds([path, "--protocol", args.protocol], 3)
+            cli_cost = {p: cli_seconds([path, "--protocol", p], 3) for p in costs}
     if not args.no_cli:
         cli_torch = cli_seconds(["torchvision:resnet50", "--input-shape", ",".join(map(str, SHAPE))], 3)
 
@@ -112,14 +115,14 @@ def main() -> None:
     print(f"ResNet-50 at {'x'.join(map(str, SHAPE))}: {report.total:,} ReLUs per sample in both paths")
     print(f"timed: the relu_count() call after imports and model build (the ONNX file exported before); "
           f"first call in the process, then the median of {args.runs} more; wall / CPU seconds")
-    print(f"{'':30s}{'first call':>18s}{'median':>18s}")
-    for label, (first, median), extra in (
-        ("relu_count(torch model)", torch_times, ""),
-        ("relu_count(ONNX file)", onnx_times, f"  ({size_mb:.0f} MB, opset 17)"),
-        (f"pi_cost(ONNX, {args.protocol})", cost_times,
-         f"  ({cost.bytes / 1e6:.0f} MB, {cost.rounds} rounds, {len(cost.layers)} layers)"),
-    ):
-        print(f"{label:30s}{first[0]:8.3f} / {first[1]:.3f}{median[0]:9.3f} / {median[1]:.3f}{extra}")
+    print(f"{'':36s}{'first call':>18s}{'median':>18s}")
+    rows = [("relu_count(torch model)", torch_times, ""),
+            ("relu_count(ONNX file)", onnx_times, f"  ({size_mb:.0f} MB, opset 17)")]
+    rows += [(f"pi_cost(ONNX, {p})", (first, median),
+              f"  ({cost.bytes / 1e6:,.0f} MB, {cost.rounds} rounds, {len(cost.layers)} layers)")
+             for p, (first, median, cost) in costs.items()]
+    for label, (first, median), extra in rows:
+        print(f"{label:36s}{first[0]:8.3f} / {first[1]:.3f}{median[0]:9.3f} / {median[1]:.3f}{extra}")
     print("context (not part of the target):")
     print(f"  imports (torch, torchvision, snl_fx)  {T_IMPORTS:.3f} s")
     print(f"  resnet50(weights=None) build          {build_first[0]:.3f} s first, {build_median[0]:.3f} s median (wall)")
@@ -127,7 +130,8 @@ def main() -> None:
     if not args.no_cli:
         print(f"  whole command, torch spec             {cli_torch:.3f} s (median of 3: start-up, imports, build, count)")
         print(f"  whole command, ONNX file              {cli_onnx:.3f} s (median of 3: start-up, imports, count)")
-        print(f"  whole command, ONNX --protocol        {cli_cost:.3f} s (median of 3: start-up, imports, count, price)")
+        for p, seconds in cli_cost.items():
+            print(f"  whole command, ONNX --protocol {p:12s} {seconds:.3f} s (median of 3: start-up, imports, count, price)")
 
 
 if __name__ == "__main__":

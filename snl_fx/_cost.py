@@ -92,15 +92,16 @@ def cost_table(protocol: str) -> CostTable:
     if protocol in constants:
         entry = constants[protocol]
         return CostTable(protocol, entry["bytes"], entry["rounds"], entry["seconds"], entry["source"],
-                         {k: entry[k] for k in ("backend", "date", "command")})
+                         {k: entry[k] for k in ("backend", "date", "command", "quantity", "setup", "refill") if k in entry})
     if protocol in MEASURED_PROTOCOLS:
         raise SnlFxError(
             f"protocol {protocol!r} has no calibrated constants yet: run benchmarks/pi_calibrate.py --backend {protocol}"
         )
     for p in PROTOCOLS:
         if p.name == protocol:
-            rounds = None if p.rounds_per_layer is None else {"relu": 0.0, "relu_layer": float(p.rounds_per_layer)}
-            return CostTable(p.name, {"relu": p.bytes_per_relu, "relu_layer": 0.0}, rounds,
+            rounds = None if p.rounds_per_layer is None else \
+                {"relu": 0.0, "relu_layer": float(p.rounds_per_layer), "relu_ot_workers": 0.0}
+            return CostTable(p.name, {"relu": p.bytes_per_relu, "relu_layer": 0.0, "relu_ot_workers": 0.0}, rounds,
                              {"relu": p.seconds_per_relu, "relu_layer": p.seconds_per_layer},
                              p.source + " (literature; ReLU cost only)")
     raise SnlFxError(f"unknown protocol {protocol!r}; choose one of: {', '.join(protocols())}")
@@ -116,25 +117,115 @@ def _load_constants() -> dict[str, dict[str, Any]]:
 
 # ---- features: what a layer is made of, one place for the model and its calibration ----
 
+# SPU 0.9.5 CHEETAH (facts read from its source, libspu/mpc/cheetah, and checked against its logs):
+# * a secret x secret product (M x K) by (K x N) -- a conv is its im2col product, M = Hout*Wout,
+#   K = Cin*k*k, N = Cout -- runs as two homomorphic products, one per direction. In each, one
+#   party encrypts its operand in RLWE ciphertexts of degree 8192 (64-bit ring) and the other
+#   answers with encrypted, masked results. The operands are cut into blocks (d0, d1, d2) chosen
+#   to minimise 1000 x ciphertexts + CPU terms; outputs are packed into fewer ciphertexts when more
+#   than one block of results comes back. Traffic therefore steps with ceil(M/d0) etc., not with
+#   M*K*N. :func:`cheetah_matmul` repeats that choice.
+# * OT-based ops (truncation, comparison, multiplexing) split an op of n elements over
+#   min(instances, ceil(n / 2048)) OT instances, instances = SPU's thread count (at most 48);
+#   each instance's first use costs a one-time set-up, and each instance refills its silent-OT
+#   buffer (10,485,760 correlated OTs) when it runs out -- which is why one inference's traffic
+#   depended on what ran before it in the same process. The model prices the steady state
+#   without refills (a refill: ~266 kB in 1,281 one-way messages; "refill" and "quantity" in
+#   pi_constants.json, and a note on every CHEETAH PiCost).
+CHEETAH_POLY_DEGREE = 8192
+CHEETAH_OT_GRAIN = 2048
+CHEETAH_OT_INSTANCES = 2  # the calibration machine's thread count (2 cores); set in pi_constants.json
+
+
+def ot_workers(elements: int) -> int:
+    """OT instances SPU CHEETAH spreads an op of ``elements`` elements over (0 for an empty op)."""
+    instances = int(_load_constants().get("spu-cheetah", {}).get("ot_instances", CHEETAH_OT_INSTANCES))
+    return min(instances, -(-elements // CHEETAH_OT_GRAIN)) if elements > 0 else 0
+
+
+def _blocks(m: int, k: int, n: int, pack: bool, degree: int) -> tuple[int, int, int]:
+    """The block shape (d0, d1, d2) SPU CHEETAH picks for an (m x k) by (k x n) product.
+
+    Every d0 <= min(degree, m) and d1 (powers of two with packing, else every integer) <= k with
+    d0 * d1 <= degree; d2 = min(n, degree // (d0 * d1)). Cost, in tenths: 10,000 x (ciphertexts
+    sent + ciphertexts returned) + 10 x automorphisms (packing) + block products; the last
+    minimum in (d0, d1) order wins, as SPU keeps a candidate of equal cost.
+    """
+    import numpy as np
+
+    d1s = []
+    d1 = 1
+    while d1 <= k:
+        d1s.append(d1)
+        d1 = d1 * 2 if pack else d1 + 1
+    d0 = np.arange(1, min(degree, m) + 1, dtype=np.int64)[:, None]
+    d1v = np.array(d1s, dtype=np.int64)[None, :]
+    area = d0 * d1v
+    d2 = np.maximum(np.minimum(n, degree // area), 1)
+    b0, b1, b2 = -(-m // d0), -(-k // d1v), -(-n // d2)
+    cost = (np.minimum(b0, b2) * b1 + -(-(b0 * b2) // d1v)) * 10_000 + b0 * b1 * b2
+    if pack:
+        cost = cost + 10 * (-(-(m * n) // degree)) * d1v
+    cost = np.where(area <= degree, cost, np.iinfo(np.int64).max).ravel()
+    best = cost.size - 1 - int(np.argmin(cost[::-1]))
+    i, j = divmod(best, len(d1s))
+    return int(d0[i, 0]), d1s[j], int(d2[i, j])
+
+
+@functools.lru_cache(maxsize=4096)
+def cheetah_matmul(m: int, k: int, n: int, degree: int = CHEETAH_POLY_DEGREE) -> tuple[int, int, bool]:
+    """(ciphertexts encrypted, ciphertexts returned, packed?) of one direction of SPU CHEETAH's
+    (m x k) by (k x n) secret product; the two directions cost the same.
+
+    Packing is tried first; if a single block of results comes back it is dropped and the blocks
+    are chosen again without it. The encrypting party sends the smaller operand,
+    min(ceil(m/d0), ceil(n/d2)) * ceil(k/d1) ciphertexts. Results: without packing one per block of
+    outputs, ceil(m/d0) * ceil(n/d2); packed, those blocks d1 to a ciphertext (d1 < m*n) or all
+    outputs in ceil(m*n / degree) ciphertexts otherwise.
+    """
+    d0, d1, d2 = _blocks(m, k, n, True, degree)
+    b0, b2 = -(-m // d0), -(-n // d2)
+    if b0 * b2 <= 1:
+        d0, d1, d2 = _blocks(m, k, n, False, degree)
+        b0, b1, b2 = -(-m // d0), -(-k // d1), -(-n // d2)
+        return min(b0, b2) * b1, b0 * b2, False
+    b1 = -(-k // d1)
+    out = -(-(b0 * b2) // d1) if d1 < m * n else -(-(m * n) // degree)
+    return min(b0, b2) * b1, out, True
+
+
 def linear_features(layer: LinearCount) -> dict[str, float]:
     """Features of a linear layer (conv, gemm, matmul): its input, weight and output sizes.
 
     ``linear_patch`` is the im2col size, the input elements the outputs read (Hout*Wout*Cin*k*k
     for a conv, the input for a gemm): ``macs**2 / (weight * output)``. SPU opens it, not the input.
+    The ``he_*`` features are SPU CHEETAH's ciphertexts for the layer as an (M x K) by (K x N)
+    product (see :func:`cheetah_matmul`), ``linear_ot_workers`` the OT instances its truncation uses.
     """
     patch = layer.macs * layer.macs // (layer.weight * layer.output) if layer.weight and layer.output else layer.input
-    return {"linear_input": layer.input, "linear_patch": patch, "linear_weight": layer.weight,
-            "linear_output": layer.output, "linear_layer": 1, "mac": layer.macs}
+    out = {"linear_input": layer.input, "linear_patch": patch, "linear_weight": layer.weight,
+           "linear_output": layer.output, "linear_layer": 1, "mac": layer.macs,
+           "linear_ot_workers": ot_workers(layer.output)}
+    if layer.weight and layer.output and layer.macs:
+        k = layer.macs // layer.output
+        n = layer.weight // k if k else 0
+        m = layer.output // n if n else 0
+        if m * k * n == layer.macs:  # an (M x K) by (K x N) product: convs (im2col), gemms
+            ct_in, ct_out, packed = cheetah_matmul(m, k, n)
+            out["he_ct_in"] = ct_in
+            out["he_ct_out_packed" if packed else "he_ct_out"] = ct_out
+    return out
 
 
 def relu_features(kept: int) -> dict[str, float]:
     """Features of one ReLU site that evaluates ``kept`` ReLUs (0 kept: the layer is gone)."""
-    return {"relu": kept, "relu_layer": 1} if kept else {}
+    return {"relu": kept, "relu_layer": 1, "relu_ot_workers": ot_workers(kept)} if kept else {}
 
 
 def maxpool_features(window: int, outputs: int) -> dict[str, float]:
     """Features of a max-pool of ``outputs`` outputs over windows of ``window`` elements."""
-    return {f"maxpool{window}_output": outputs, f"maxpool{window}_layer": 1, "comparison": outputs * (window - 1)}
+    return {f"maxpool{window}_output": outputs, f"maxpool{window}_layer": 1, "comparison": outputs * (window - 1),
+            f"maxpool{window}_ot_workers": ot_workers(outputs)}
 
 
 def avgpool_features(outputs: int) -> dict[str, float]:
@@ -347,10 +438,32 @@ def cost_from_report(report: ReluReport, table: CostTable, network: Network) -> 
     notes = sorted({f"{layer.kind} layers: {layer.note}" for layer in layers if layer.note})
     if table.rounds is None:
         notes.append(f"rounds: not known for {table.name}; latency counts no round trips")
+    if table.measured and table.measured.get("quantity"):
+        notes.append(f"{table.name} prices {table.measured['quantity']}")
+    if table.measured and table.measured.get("setup"):
+        notes.append(_setup_note(layers, table.measured["setup"], table.measured.get("refill") or {}))
     if report.ungateable:
         notes.append("ReLUs inside leaf modules (not gateable) are not priced")
     notes.append("adds, reshapes, gathers, concats, folded BatchNorms: local under secret sharing, free")
     return PiCost(table.name, network, table.source, layers, table.measured, notes)
+
+
+def _setup_note(layers: list[LayerCost], setup: dict[str, Any], refill: dict[str, Any]) -> str:
+    """CHEETAH's one-time set-up, paid by the first inference of a session (not in the totals)."""
+    instances = 0  # OT instances opened: the most any op spreads over (elements: outputs, kept ReLUs)
+    for la in layers:
+        if la.kind in ("relu", "linear", "maxpool"):
+            instances = max(instances, ot_workers(la.elements))
+        elif la.kind == "avgpool":
+            instances = max(instances, 1)
+    he = setup["he_keys"] if any(la.kind == "linear" for la in layers) else 0
+    per_instance = setup["ot_instance"] + setup.get("first_refills_per_instance", 0) * refill.get("bytes", 0)
+    total = he + instances * per_instance
+    return (f"one-time set-up, sent with the first inference of a session and not in the totals: about "
+            f"{total / 1e6:.1f} MB ({he / 1e6:.1f} MB of HE public and Galois keys, {instances} OT instance(s) at "
+            f"{per_instance / 1e6:.2f} MB each with their first silent-OT refills); later refills add "
+            f"{refill.get('bytes', 0) / 1e6:.2f} MB in {refill.get('messages', 0):,} one-way messages per "
+            f"{refill.get('ots', 0):,} OTs an instance uses in one direction")
 
 
 def _numel(shape: tuple[int, ...]) -> int:

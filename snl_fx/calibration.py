@@ -5,6 +5,7 @@ constants file, the features of each layer of a report, a coefficient table, and
 report under a table that is not yet in the file.
 """
 
-from ._cost import CONSTANTS_PATH, CostTable, cost_from_report, layer_features, parse_network
+from ._cost import CHEETAH_OT_INSTANCES, CONSTANTS_PATH, CostTable, cost_from_report, layer_features, parse_network
 
-__all__ = ["CONSTANTS_PATH", "CostTable", "cost_from_report", "layer_features", "parse_network"]
+__all__ = ["CHEETAH_OT_INSTANCES", "CONSTANTS_PATH", "CostTable", "cost_from_report", "layer_features",
+           "parse_network"]

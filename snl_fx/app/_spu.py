@@ -4,7 +4,9 @@ SecretFlow SPU 0.9.5 needs Python 3.10/3.11, jax 0.4.34 and numpy<2, so it lives
 (``bash scripts/setup.sh`` makes ``.venv-spu``; ``SNL_FX_SPU_PYTHON`` may name another interpreter
 that has ``spu==0.9.5`` and ``onnx``). This module never imports jax or spu: it starts two
 processes of that interpreter (server and client, SPU's brpc link on loopback), each reads back
-its own SPU profile, and the two reports are combined here.
+its own SPU profile, and the two reports are combined here. With ``SNL_FX_SPU_REPORTS=FILE`` set,
+both parties' raw reports (every inference, every executable's bytes and send actions) are also
+written to FILE as JSON: ``benchmarks/pi_calibrate.py`` reads CHEETAH's silent-OT refills there.
 """
 
 from __future__ import annotations
@@ -74,6 +76,8 @@ def run_spu(
                                           stderr=subprocess.DEVNULL))
         reports = _wait(procs, tmp, timeout)
         output = np.load(f"{tmp}/output.npy")
+    if os.environ.get("SNL_FX_SPU_REPORTS"):
+        Path(os.environ["SNL_FX_SPU_REPORTS"]).write_text(json.dumps(reports))
     return output, combine(reports)
 
 
