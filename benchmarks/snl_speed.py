@@ -78,7 +78,7 @@ def step_time(repeats: int, batch: int) -> dict[str, float]:
     def plain_step() -> None:
         with torch.no_grad():
             t = teacher(x)
-        loss = snl_fx.kd_loss(plain(x), t, y, cfg)
+        loss = snl_fx.kd_loss(plain(x), t, y, temperature=cfg.temperature, weight=cfg.kd_weight)
         opt_plain.zero_grad(set_to_none=True)
         loss.backward()
         opt_plain.step()
@@ -86,7 +86,7 @@ def step_time(repeats: int, batch: int) -> dict[str, float]:
     def gated_step() -> None:
         with torch.no_grad():
             t = teacher(x)
-        loss = snl_fx.kd_loss(gated(x), t, y, cfg) + 1e-5 * snl_fx.lasso_penalty(gated)
+        loss = snl_fx.kd_loss(gated(x), t, y, temperature=cfg.temperature, weight=cfg.kd_weight) + 1e-5 * snl_fx.lasso_penalty(gated)
         opt_gated.zero_grad(set_to_none=True)
         loss.backward()
         opt_gated.step()

@@ -51,13 +51,13 @@ def main(argv: list[str] | None = None) -> None:
     weights = [p for p in gm.parameters() if id(p) not in gate_ids]
     opt = torch.optim.Adam([{"params": weights}, {"params": snl_fx.gate_parameters(gm), "lr": 3 / len(loader) / args.epochs}],
                            lr=1e-3)  # gate lr: a gate can cross 0..1 in a third of the steps
-    cfg = snl_fx.TrainConfig()  # KD temperature and weight
+    cfg = snl_fx.TrainConfig()  # evaluate's device and batch size
     for epoch in range(1, args.epochs + 1):
         gm.train()
         for x, y in loader:
             with torch.no_grad():
                 target = teacher(x)
-            loss = snl_fx.kd_loss(gm(x), target, y, cfg) + schedule.lam * snl_fx.lasso_penalty(gm)
+            loss = snl_fx.kd_loss(gm(x), target, y, temperature=4.0, weight=0.5) + schedule.lam * snl_fx.lasso_penalty(gm)
             opt.zero_grad(); loss.backward(); opt.step()
             snl_fx.clamp_gates(gm)
             count = snl_fx.relu_count_gated(gm, eps=0.01)

@@ -7,7 +7,7 @@ This package never imports snl_fx.
 
 from .errors import PassError
 from .find import find_relus
-from .gate import Gate, gate_shape, gates, insert_gates, make_out_of_place, site_counts, site_key
+from .gate import Gate, Granularity, gate_shape, gates, insert_gates, make_out_of_place, site_counts, site_key
 from .lower import PartialReLU, binary_mask, kept_counts, lower_gates
 from .merge import MergeCandidate, default_should_merge, merge_linear
 from .meta import Nonlinearity, Site, SNLMeta, Ungateable, get_meta
@@ -15,6 +15,7 @@ from .trace import as_args, count_aten_relus, trace
 
 __all__ = [
     "Gate",
+    "Granularity",
     "MergeCandidate",
     "Nonlinearity",
     "PartialReLU",

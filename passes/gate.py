@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,8 @@ from .errors import PassError
 from .meta import Site, get_meta
 
 GATES_PREFIX = "snl_gates"
-GRANULARITIES = ("pixel", "channel")
+Granularity = Literal["pixel", "channel"]  # one gate per activation element, or per channel
+GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
 
 
 class _GateFunction(torch.autograd.Function):
@@ -75,7 +76,7 @@ def site_key(site: Site) -> str:
     return site.name.replace(".", "_")
 
 
-def gate_shape(site: Site, granularity: str) -> tuple[int, ...]:
+def gate_shape(site: Site, granularity: Granularity) -> tuple[int, ...]:
     """Gate shape: the sample shape (pixel) or one entry per channel, broadcastable (channel)."""
     if granularity == "pixel":
         return site.shape
@@ -110,7 +111,7 @@ def make_out_of_place(gm: GraphModule) -> GraphModule:
     return gm
 
 
-def insert_gates(gm: GraphModule, granularity: str = "pixel", skip: Sequence[str] = ()) -> GraphModule:
+def insert_gates(gm: GraphModule, granularity: Granularity = "pixel", skip: Sequence[str] = ()) -> GraphModule:
     """Replace every ReLU site with a call to its own :class:`Gate` submodule.
 
     ``skip`` holds fnmatch patterns of site names left as plain ReLUs (e.g. ``"relu"`` for a

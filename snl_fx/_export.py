@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import onnx
@@ -22,7 +22,8 @@ import passes
 
 from ._errors import SnlFxError
 
-PROFILES = ("default", "pi")
+Profile = Literal["default", "pi"]  # "pi": BN folded, integer constants as Constant nodes, for PI backends
+PROFILES: tuple[Profile, ...] = get_args(Profile)
 INSTALL_HINT = (
     "install the pi extra: bash scripts/setup.sh, or pip install -e '.[pi]' && "
     "pip install --no-deps crypten==0.4.1"
@@ -39,7 +40,7 @@ class ExportResult:
 
 
 def export_onnx(
-    model: nn.Module, example_input: Any, path: str | os.PathLike, profile: str = "default", opset: int = 17
+    model: nn.Module, example_input: Any, path: str | os.PathLike, profile: Profile = "default", opset: int = 17
 ) -> ExportResult:
     """Export ``model`` to ONNX, check it fully, run it under ONNX Runtime, and count its ReLUs.
 
@@ -106,7 +107,7 @@ def export_onnx(
     return ExportResult(path, error, counted)
 
 
-def check_exports(gm: torch.fx.GraphModule, example_input: Any, profiles: tuple[str, ...] = ("default",)) -> None:
+def check_exports(gm: torch.fx.GraphModule, example_input: Any, profiles: tuple[Profile, ...] = ("default",)) -> None:
     """Raise SnlFxError now, before training, if the lowered model will not export (or load).
 
     ``gm`` comes from :func:`snl_fx.prepare`. A copy is binarized with every other element (or

@@ -50,7 +50,7 @@ class LinearizeResult:
     relu_count: int
     relu_count_before: int
     budget: int
-    granularity: str
+    granularity: passes.Granularity
     method: str  # "snl" (trained gates), "one-shot" (training-free), or "unchanged"
     sites: dict[str, dict[str, int]] = field(default_factory=dict)  # name -> {"before", "after"}
     history: list[EpochRecord] = field(default_factory=list)
@@ -72,7 +72,7 @@ def linearize(
     data: Dataset | DataLoader | None = None,
     *,
     val_data: Dataset | DataLoader | None = None,
-    granularity: str = "pixel",
+    granularity: passes.Granularity = "pixel",
     skip: Sequence[str] = (),
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
@@ -203,7 +203,7 @@ def _to(example_input: Any, device: torch.device) -> Any:
     return tuple(a.to(device) for a in passes.as_args(example_input))
 
 
-def _check_resumable(state: dict[str, Any], budget: int, granularity: str) -> None:
+def _check_resumable(state: dict[str, Any], budget: int, granularity: passes.Granularity) -> None:
     if state.get("budget") != budget or state.get("granularity") != granularity:
         raise SnlFxError(
             f"the checkpoint is for budget {state.get('budget')} ({state.get('granularity')}), not {budget} "
@@ -234,7 +234,7 @@ def _verify(gm: GraphModule, lowered: nn.Module, example_input: Any, final: int,
 
 
 def load_linearized(model: nn.Module, example_input: Any, state_dict_path: str | os.PathLike,
-                    granularity: str = "pixel", skip: Sequence[str] = ()) -> GraphModule:
+                    granularity: passes.Granularity = "pixel", skip: Sequence[str] = ()) -> GraphModule:
     """Rebuild a lowered model from the original model and a saved binarized gated state_dict."""
     gm = prepare(model, example_input, granularity, skip=skip)
     gm.load_state_dict(torch.load(state_dict_path, map_location="cpu", weights_only=True))

@@ -34,6 +34,7 @@ from ._snl import (
 )
 from ._train import (
     Checkpoint,
+    FinetuneSchedule,
     TrainConfig,
     announce,
     epoch_line,
@@ -179,7 +180,7 @@ def _starting_lambda(gm: GraphModule, teacher: nn.Module | None, data: Dataset |
     try:
         with torch.no_grad():
             target = teacher(x) if teacher is not None and cfg.kd else None
-        scale = gradient_scale(gm, kd_loss(gm(x), target, y, cfg))
+        scale = gradient_scale(gm, kd_loss(gm(x), target, y, temperature=cfg.temperature, weight=cfg.kd_weight))
     finally:
         gm.train(was_training)
     return distributed.from_rank0(scale)
@@ -279,7 +280,7 @@ def _resume_state(store: Checkpoint, resume: bool, phase: str) -> dict[str, Any]
     return None  # a gate-phase checkpoint: the fine-tune starts afresh
 
 
-def _lr_factor(epoch: int, epochs: int, schedule: str) -> float:
+def _lr_factor(epoch: int, epochs: int, schedule: FinetuneSchedule) -> float:
     """Fine-tune lr factor of 0-based ``epoch``: 1 throughout (``constant``) or a cosine from 1 to 0."""
     if schedule == "constant":
         return 1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -15,13 +15,14 @@ import passes
 
 from ._errors import SnlFxError
 
-SCHEDULES = ("target", "budget", "paper")
+Schedule = Literal["target", "budget", "paper"]  # see LambdaSchedule
+SCHEDULES: tuple[Schedule, ...] = get_args(Schedule)
 
 
 def prepare(
     model: nn.Module,
     example_input: Any,
-    granularity: str = "pixel",
+    granularity: passes.Granularity = "pixel",
     *,
     skip: Sequence[str] = (),
     concrete_args: dict[str, Any] | None = None,
@@ -149,7 +150,7 @@ class LambdaSchedule:
 
     lam: float = 1e-5
     kappa: float = 1.1
-    mode: str = "target"
+    mode: Schedule = "target"
     budget: int = 0
     max_epochs: int = 100
     lowest: int | None = None  # set it to the model's ReLU count before training

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn as nn
@@ -20,10 +20,12 @@ from tqdm.auto import tqdm
 from . import distributed
 from ._errors import SnlFxError
 from ._files import load_checked, save_atomic
+from ._snl import SCHEDULES, Schedule
 
 log = logging.getLogger("snl_fx")
 
-FINETUNE_SCHEDULES = ("cosine", "constant")
+FinetuneSchedule = Literal["cosine", "constant"]
+FINETUNE_SCHEDULES: tuple[FinetuneSchedule, ...] = get_args(FinetuneSchedule)
 
 
 @dataclass
@@ -37,9 +39,9 @@ class TrainConfig:
     lambda0: float | None = None  # None: the target schedule starts at the gates' gradient scale, the others at 1e-5
     kappa: float = 1.1  # budget and paper schedules only
     eps: float = 0.01
-    schedule: str = "target"  # "target" (per-step control), "budget" or "paper" (per epoch): see LambdaSchedule
+    schedule: Schedule = "target"  # "target" (per-step control), "budget" or "paper" (per epoch): see LambdaSchedule
     finetune_lr: float = 1e-2  # SGD; paper: 1e-3 constant for 100 epochs
-    finetune_schedule: str = "cosine"  # "cosine" over finetune_epochs, or "constant" (the paper's)
+    finetune_schedule: FinetuneSchedule = "cosine"  # "cosine" over finetune_epochs, or "constant" (the paper's)
     momentum: float = 0.9
     weight_decay: float = 0.0
     kd: bool = True
@@ -64,8 +66,6 @@ class TrainConfig:
         Every float field must be finite; a field without a rule below is only checked for that.
         A rule is (kind, low, high, text): ``kind`` int/float/bool/choice, bounds inclusive.
         """
-        from ._snl import SCHEDULES  # lazily: _snl is above this module
-
         rules: dict[str, tuple[str, Any, Any, str]] = {
             "epochs": ("int", 0, None, "an integer >= 0"),
             "finetune_epochs": ("int", 0, None, "an integer >= 0"),
@@ -116,14 +116,28 @@ class TrainConfig:
                 raise SnlFxError(f"device {self.device!r} is not supported: use cpu, cuda or cuda:N")
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, target: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """Cross-entropy, mixed with temperature-scaled KL to the teacher when there is one."""
-    ce = F.cross_entropy(student, target)
-    if teacher is None or not cfg.kd:
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    weight: float,
+) -> torch.Tensor:
+    """Cross-entropy to ``labels``; with ``teacher_logits``, ``(1 - weight) * CE + weight * T^2 * KL``.
+
+    KL is KL(teacher || student) of the outputs softened by ``T = temperature`` (Hinton et al.);
+    ``T^2`` keeps its gradients at the scale of the cross-entropy's.
+    ``TrainConfig.temperature`` and ``kd_weight`` are what the phases pass.
+    """
+    ce = F.cross_entropy(student_logits, labels)
+    if teacher_logits is None:
         return ce
-    t = cfg.temperature
-    kl = F.kl_div(F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True)
-    return (1 - cfg.kd_weight) * ce + cfg.kd_weight * kl * t * t
+    t = temperature
+    kl = F.kl_div(
+        F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="batchmean", log_target=True
+    )
+    return (1 - weight) * ce + weight * kl * t * t
 
 
 def make_loader(
@@ -191,7 +205,7 @@ def train_epoch(
         out = model(x)
         with torch.no_grad():
             target_logits = teacher(x) if teacher is not None and cfg.kd else None
-        loss = kd_loss(out, target_logits, y, cfg)
+        loss = kd_loss(out, target_logits, y, temperature=cfg.temperature, weight=cfg.kd_weight)
         if penalty is not None:
             loss = loss + penalty()
         if not torch.isfinite(loss):

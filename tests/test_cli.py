@@ -223,3 +223,20 @@ def test_console_script_entry_point(tmp_path):
     done = subprocess.run([str(script), str(path), "--json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["total"] == 16 * 8 * 8
+
+
+def test_train_options_come_from_the_trainconfig_fields():
+    import argparse
+    import typing
+
+    import snl_fx
+    from snl_fx.app.cli import _add_train_options
+
+    parser = argparse.ArgumentParser()
+    _add_train_options(parser)
+    args = parser.parse_args(["--lambda0", "1e-4", "--gate-lr", "0.01", "--schedule", "paper", "--device", "cpu"])
+    assert (args.lambda0, args.gate_lr, args.schedule, args.device) == (1e-4, 0.01, "paper", "cpu")
+    assert args.epochs == snl_fx.TrainConfig().epochs
+    choices = {a.dest: a.choices for a in parser._actions if a.choices}
+    hints = typing.get_type_hints(snl_fx.TrainConfig)
+    assert choices == {name: typing.get_args(hints[name]) for name in ("schedule", "finetune_schedule")}

@@ -166,6 +166,20 @@ def test_training_reaches_budget_and_exports(tmp_path, granularity):
     assert snl_fx.relu_count(str(tmp_path / "m.onnx")).total == result.relu_count
 
 
+def test_kd_loss_takes_the_values_it_uses():
+    g = torch.Generator().manual_seed(0)
+    student, teacher, labels = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g), torch.arange(8) % 5
+    ce = nn.functional.cross_entropy(student, labels)
+    assert torch.equal(snl_fx.kd_loss(student, None, labels, temperature=4.0, weight=0.5), ce)
+    t = 2.0
+    p, q = (teacher / t).softmax(1), (student / t).softmax(1)
+    kl = (p * (p.log() - q.log())).sum(1).mean()  # KL(teacher || student), batch mean
+    got = snl_fx.kd_loss(student, teacher, labels, temperature=t, weight=0.75)
+    assert torch.allclose(got, 0.25 * ce + 0.75 * t * t * kl)
+    with pytest.raises(TypeError):
+        snl_fx.kd_loss(student, teacher, labels, 4.0, 0.5)  # temperature and weight are keywords
+
+
 def test_resume_gives_the_same_model(tmp_path):
     x = torch.randn(4, 1, 8, 8)
     opts = dict(FAST, epochs=4, finetune_epochs=2, lambda0=1e-4, kappa=1.5)

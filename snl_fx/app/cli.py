@@ -6,11 +6,13 @@ import argparse
 import json
 import os
 import sys
+import typing
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from passes import PassError
+from passes.gate import GRANULARITIES
 
 from .._errors import SnlFxError
 from ._spec import example_inputs, load_model_spec, parse_budget, parse_shape
@@ -276,20 +278,18 @@ TRAIN_OPTIONS = {
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One option per :data:`TRAIN_OPTIONS` field, its default and choices taken from TrainConfig."""
-    from .._snl import SCHEDULES
-    from .._train import FINETUNE_SCHEDULES, TrainConfig
+    """One option per :data:`TRAIN_OPTIONS` field, its default, type and choices (a Literal's
+    values) taken from TrainConfig."""
+    from .._train import TrainConfig
 
-    choices = {"schedule": SCHEDULES, "finetune_schedule": FINETUNE_SCHEDULES}
-    types = {"gate_lr": float, "device": str}
-    defaults = TrainConfig()
+    hints, defaults = typing.get_type_hints(TrainConfig), TrainConfig()
     for name, text in TRAIN_OPTIONS.items():
         default = getattr(defaults, name)
         kwargs: dict[str, Any] = {"default": default, "help": f"{text} (default: {default})"}
-        if name in choices:
-            kwargs["choices"] = choices[name]
-        else:
-            kwargs["type"] = types.get(name, type(default))
+        if typing.get_origin(hints[name]) is Literal:
+            kwargs["choices"] = typing.get_args(hints[name])
+        else:  # int, float, or X | None: X
+            kwargs["type"] = next(t for t in typing.get_args(hints[name]) or (hints[name],) if t is not type(None))
         parser.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
@@ -298,6 +298,9 @@ def snl_fx_main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["count"]:  # forwarded before parsing: argparse would claim relu-count's options
         return relu_count_main(argv[1:])
+    from .._export import PROFILES
+    from .pi import BACKENDS
+
     parser = argparse.ArgumentParser(prog="snl-fx", description="Selective Network Linearization for torch models")
     sub = parser.add_subparsers(dest="command", required=True)
     lin = sub.add_parser("linearize", help="pretrain (optional), linearize to a ReLU budget, fine-tune, export")
@@ -308,7 +311,7 @@ def snl_fx_main(argv: Sequence[str] | None = None) -> int:
                      "or a predicted private-inference cost: 1.5s, 800ms, 200MB, 1.5GB, 150rounds (see --protocol)")
     lin.add_argument("--protocol", default="crypten", help="for a cost --budget: the protocol priced (default crypten)")
     lin.add_argument("--network", default="wan", help="for a cost --budget: lan, wan (default) or MBPS,RTT_MS")
-    lin.add_argument("--granularity", choices=["pixel", "channel"], default="pixel")
+    lin.add_argument("--granularity", choices=GRANULARITIES, default="pixel")
     lin.add_argument("--out", default="runs/snl", help="output dir: checkpoints, model, ONNX, report.json")
     lin.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     lin.add_argument("--weights", help="pretrained state_dict of the model (else --pretrain-epochs)")
@@ -318,14 +321,14 @@ def snl_fx_main(argv: Sequence[str] | None = None) -> int:
     lin.add_argument("--no-kd", action="store_true", help="plain cross-entropy, no distillation")
     lin.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="site names left as ReLUs")
     lin.add_argument("--subset", type=int, help="use a fixed random sample of N training images (quick runs)")
-    lin.add_argument("--profile", choices=["default", "pi"], default="default", help="ONNX export profile")
+    lin.add_argument("--profile", choices=PROFILES, default="default", help="ONNX export profile")
     lin.add_argument("--threads", type=int, help="torch threads (default: OMP_NUM_THREADS if set, else cores - 1)")
     lin.add_argument("--json", action="store_true", help="print report.json's content as one JSON object")
     lin.add_argument("--quiet", action="store_true", help="no progress bars")
     lin.add_argument("--debug", action="store_true", help="show tracebacks and warnings")
     pib = sub.add_parser("pi-bench", help="run an ONNX file (export profile 'pi') under 2PC: CrypTen or SPU")
     pib.add_argument("model", help="an .onnx file with a static input shape")
-    pib.add_argument("--backend", choices=["crypten", "spu-cheetah", "spu-semi2k"], default="crypten",
+    pib.add_argument("--backend", choices=BACKENDS, default="crypten",
                      help="CrypTen 2PC (default), or SPU's CHEETAH / SEMI2K (in .venv-spu)")
     pib.add_argument("--runs", type=int, default=3, help="timed inferences; the median is reported")
     pib.add_argument("--seed", type=int, default=0, help="seed of the random client input")

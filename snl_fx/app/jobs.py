@@ -20,6 +20,7 @@ import passes
 
 from .. import distributed
 from .._errors import SnlFxError
+from .._export import Profile, export_onnx
 from .._files import load_checked, save_atomic, write_text_atomic
 from .._linearize import LinearizeResult
 from .._report import ReluReport
@@ -131,7 +132,7 @@ def check_checkpoint_matches(out_dir: str | os.PathLike, model: nn.Module) -> No
 
 def write_outputs(
     result: LinearizeResult, example_input: torch.Tensor, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None,
-    profile: str = "default",
+    profile: Profile = "default",
 ) -> dict[str, Any]:
     """Write the lowered model (state_dict), the gated state_dict, the ONNX file and report.json.
 
@@ -142,10 +143,8 @@ def write_outputs(
 
 def _write_outputs(
     result: LinearizeResult, example_input: torch.Tensor, out_dir: str | os.PathLike, extra: dict[str, Any] | None,
-    profile: str,
+    profile: Profile,
 ) -> dict[str, Any]:
-    from .._export import export_onnx
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(result.model.state_dict(), out / "model_state_dict.pt")

@@ -20,7 +20,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -28,9 +28,10 @@ import torch
 from .._errors import SnlFxError
 from .._export import import_crypten
 
-__all__ = ["BACKENDS", "PiBenchResult", "import_crypten", "pi_bench"]
+__all__ = ["BACKENDS", "Backend", "PiBenchResult", "import_crypten", "pi_bench"]
 
-BACKENDS = ("crypten", "spu-cheetah", "spu-semi2k")
+Backend = Literal["crypten", "spu-cheetah", "spu-semi2k"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class PiBenchResult:
     comparisons: int
     runs: int
     times: tuple[float, ...]
-    backend: str = "crypten"
+    backend: Backend = "crypten"
     setup_bytes: int | None = None
     setup_rounds: int | None = None
     weight_bytes: int | None = None
@@ -97,7 +98,7 @@ def pi_bench(
     input: torch.Tensor | None = None,
     seed: int = 0,
     timeout: float = 600.0,
-    backend: str = "crypten",
+    backend: Backend = "crypten",
 ) -> PiBenchResult:
     """Run ``onnx_path`` under 2PC ``runs`` times and compare it with ONNX Runtime.
 
