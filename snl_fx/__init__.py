@@ -19,7 +19,7 @@ from ._count import relu_count
 from ._errors import SnlFxError
 from ._export import ExportResult, export_onnx
 from ._linearize import LinearizeResult, linearize, load_linearized
-from ._phases import EpochRecord, finetune, train_gates
+from ._phases import EpochRecord, finetune, refine_selection, train_gates
 from ._report import PROTOCOLS, OtherCount, ReluReport, SiteCount
 from ._snl import (
     LambdaSchedule,
@@ -65,6 +65,7 @@ __all__ = [
     "load_linearized",
     "prepare",
     "binarize",
+    "refine_selection",
     "convert",
     "TrainConfig",
     # phases: the training steps, and the pieces for your own loop

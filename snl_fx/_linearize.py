@@ -23,7 +23,7 @@ from ._cost_budget import Cost, cost_summary, merge_for_cost, plan_cost
 from ._count import relu_count
 from ._errors import SnlFxError
 from ._export import check_exports
-from ._phases import EpochRecord, finetune, train_gates
+from ._phases import EpochRecord, finetune, refine_selection, train_gates
 from ._snl import (
     binarize,
     convert,
@@ -164,7 +164,14 @@ def linearize(
                                   resume=resume, objective=None if plan is None else plan.objective(gm))
             # gates at 0 tie: among them, keep the ReLUs whose removal changes the activations most
             ties = _scores(gm, example_input, device)
-            final = binarize(gm, budget, tie_break=ties) if plan is None else plan.select(gm, tie_break=ties)
+            if plan is None:
+                final = binarize(gm, budget, tie_break=ties)
+                if cfg.refine:
+                    refined = refine_selection(gm, data, cfg, teacher=teacher)
+                    log.info("refined the selection: %d swaps, probe loss %.4g -> %.4g",
+                             refined["swaps"], refined["loss_before"], refined["loss_after"])
+            else:
+                final = plan.select(gm, tie_break=ties)  # a swap across sites could change the cost: none
         else:
             history = [r for r in state["history"] if r["phase"] == "gates"]
             final = state["relu_count"]

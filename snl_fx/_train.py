@@ -42,6 +42,7 @@ class TrainConfig:
     schedule: Schedule = "target"  # "target" (per-step control), "budget" or "paper" (per epoch): see LambdaSchedule
     finetune_lr: float = 1e-2  # SGD; paper: 1e-3 constant for 100 epochs
     finetune_schedule: FinetuneSchedule = "cosine"  # "cosine" over finetune_epochs, or "constant" (the paper's)
+    refine: bool = True  # linearize: after binarize, swap kept and removed ReLUs while the loss falls (refine_selection)
     momentum: float = 0.9
     weight_decay: float = 0.0
     kd: bool = True
@@ -77,6 +78,7 @@ class TrainConfig:
             "schedule": ("choice", SCHEDULES, None, f"one of {', '.join(SCHEDULES)}"),
             "finetune_lr": ("float", 1e-12, None, "a number > 0"),
             "finetune_schedule": ("choice", FINETUNE_SCHEDULES, None, f"one of {', '.join(FINETUNE_SCHEDULES)}"),
+            "refine": ("bool", None, None, "True or False"),
             "momentum": ("float", 0.0, 1.0 - 1e-12, "a number in [0, 1)"),
             "weight_decay": ("float", 0.0, None, "a number >= 0"),
             "kd": ("bool", None, None, "True or False"),

@@ -251,3 +251,30 @@ def test_relu_count_refuses_a_gated_model_and_counts_the_lowered_one(tiny_cnn):
         snl_fx.relu_count(gm, x)
     snl_fx.binarize(gm, 37)
     assert snl_fx.relu_count(snl_fx.convert(gm), x).total == snl_fx.relu_count_gated(gm) == 37
+
+
+@pytest.mark.parametrize("granularity", ["pixel", "channel"])
+def test_refine_selection_swaps_to_a_lower_loss_and_keeps_the_count(tiny_cnn, granularity):
+    data = toy_data(512)
+    gm = snl_fx.prepare(tiny_cnn, torch.randn(2, 1, 8, 8), granularity)
+    cfg = snl_fx.TrainConfig(batch_size=64, progress=False)
+    for w in snl_fx.gate_parameters(gm):
+        w.data.fill_(0.0)
+    first = snl_fx.gate_parameters(gm)[0]
+    first.data.view(-1)[: first.numel() // 2] = 1.0  # a poor selection: the first half of site 1 only
+    before = snl_fx.relu_count_gated(gm, 0.5)
+    masks = [w.detach().clone() for w in snl_fx.gate_parameters(gm)]
+    info = snl_fx.refine_selection(gm, data, cfg)
+    assert snl_fx.relu_count_gated(gm, 0.5) == before
+    assert all(bool(((w == 0) | (w == 1)).all()) and not w.requires_grad for w in snl_fx.gate_parameters(gm))
+    changed = sum(int((m != w).sum()) for m, w in zip(masks, snl_fx.gate_parameters(gm)))
+    assert 0 < changed <= 2 * info["swaps"] or granularity == "channel"  # a later round may swap one back
+    assert changed <= 2 * info["swaps"]
+    assert info["loss_after"] < info["loss_before"] or (info["swaps"] == 0 and info["loss_after"] == info["loss_before"])
+
+
+def test_refine_selection_needs_binary_gates(tiny_cnn):
+    gm = snl_fx.prepare(tiny_cnn, torch.randn(2, 1, 8, 8))
+    snl_fx.gate_parameters(gm)[0].data.fill_(0.5)
+    with pytest.raises(snl_fx.SnlFxError, match="binarize first"):
+        snl_fx.refine_selection(gm, toy_data(64))
