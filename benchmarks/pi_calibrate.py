@@ -130,9 +130,10 @@ CHEETAH_FEATURES = ("fixed", "output", "relu", "relu_layer", "relu_ot_workers", 
 CHEETAH_BYTES = ("fixed", "output", "relu", "linear_output", "he_ct_in", "he_ct_out", "he_ct_out_packed",
                  "avgpool_output", "maxpool4_output", "maxpool9_output")
 # A silent-OT refill (SPU's Ferret bootstrap, 10,485,760 OTs for one instance and direction): one
-# party sends 1,281 messages, ~266,200 B. No op of these models sends 1,281 messages itself, so a
-# profiled segment with A actions holds A // 1281 refills.
-REFILL_ACTIONS, REFILL_BYTES = 1281, 266_200
+# party sends 1,281 messages, 266,259 B (measured: a 65,536-ReLU layer of cifar_resnet18 with two
+# refills sent 532,518 B and 2,562 messages more than without). No op of these models sends 1,281
+# messages itself, so a profiled segment with A actions holds A // 1281 refills.
+REFILL_ACTIONS, REFILL_BYTES = 1281, 266_259
 
 
 def steady(reports: list[dict]) -> dict:
@@ -295,6 +296,11 @@ def calibrate(backend: str, runs: int, workdir: Path, only: list[str] | None = N
         messages = int(np.median([r["first_rounds"] - r["rounds"] for r in rows if r["graph"].startswith("gap_")]))
         entry["setup"] = {"he_keys": round(he_keys), "ot_instance": round(ot_setup), "ot_instance_messages": messages,
                           "first_refills_per_instance": 2}
+        entry["note"] = ("bytes: relative least squares over CHEETAH_BYTES (per-layer and per-instance byte terms are 0: "
+                         "an absolute fit made them negative); rounds: exact. seconds: fitted on the two small_resnet runs "
+                         "alone, rough. ot_instances: SPU's OT instances on the calibration machine (2 cores). setup: "
+                         "one-time, first inference only, not in pi_cost's totals. --from-log rows: each graph run in a "
+                         "fresh SPU session for 4 inferences, reduced by steady()")
         entry["quantity"] = ("steady state: one inference after the first in the same SPU session, silent-OT "
                              "refills taken out (they come every 10,485,760 OTs per instance and direction)")
     return entry, rows

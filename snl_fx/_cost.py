@@ -130,7 +130,7 @@ def _load_constants() -> dict[str, dict[str, Any]]:
 #   each instance's first use costs a one-time set-up, and each instance refills its silent-OT
 #   buffer (10,485,760 correlated OTs) when it runs out -- which is why one inference's traffic
 #   depended on what ran before it in the same process. The model prices the steady state
-#   without refills (a refill: ~266 kB in 1,281 one-way messages; "refill" and "quantity" in
+#   without refills (a refill: 266 kB in 1,281 one-way messages; "refill" and "quantity" in
 #   pi_constants.json, and a note on every CHEETAH PiCost).
 CHEETAH_POLY_DEGREE = 8192
 CHEETAH_OT_GRAIN = 2048
