@@ -278,3 +278,10 @@ def test_refine_selection_needs_binary_gates(tiny_cnn):
     snl_fx.gate_parameters(gm)[0].data.fill_(0.5)
     with pytest.raises(snl_fx.SnlFxError, match="binarize first"):
         snl_fx.refine_selection(gm, toy_data(64))
+
+
+def test_linearize_with_refine_keeps_the_exact_budget(tiny_cnn):
+    x = torch.randn(4, 1, 8, 8)
+    result = snl_fx.linearize(tiny_cnn, x, 40, toy_data(256), refine=True, **{**FAST, "epochs": 3})
+    assert result.relu_count == 40 == dispatch_relus_per_sample(result.model, x)
+    assert (result.model(x) - result.gated.eval()(x)).abs().max() <= 1e-5
