@@ -1,35 +1,55 @@
-"""Cost-aware SNL vs count-only SNL, layer culling and the original, under CrypTen.
+"""Cost-aware SNL vs count-only SNL, layer culling and the original, under CrypTen and SPU CHEETAH.
 
-small_resnet / Fashion-MNIST (one pretrained model and one data split for every method, best
-fine-tune epoch on the validation split): test accuracy against the predicted CrypTen latency
-(``snl_fx.pi_cost``) at WAN and LAN, and against the measured one (``snl_fx.pi_bench`` on the
-``pi`` export: measured bytes, rounds and local seconds; latency = local seconds + the network
-model). Rows:
+small_resnet / Fashion-MNIST: one pretrained model, one data split (``--subset`` training images,
+10% of them held out for validation; the full 10,000-image test set) and the same number of
+training epochs for every method; each fine-tune keeps its best epoch on the validation split.
+Test accuracy against the predicted CrypTen latency (``snl_fx.pi_cost``) at WAN and LAN, the
+measured one (``snl_fx.pi_bench`` on the ``pi`` export: measured bytes, rounds and local seconds;
+latency = local seconds + the network model) and the measured SPU CHEETAH cost. Rows (a curve
+per method):
 
 * ``original``;
-* ``snl-count``: ``linearize`` to ``--fraction`` of the ReLUs (count-only SNL); its predicted
-  WAN latency L sets the cost budget of the others: ``Cost(seconds=L / --speedup)``;
-* ``cost-group`` / ``cost-drop``: ``linearize`` with that Cost (the two gate-phase
-  formulations); ``cost-*-unmerged`` is the same model before ``merge_linear``;
-* ``culling``: DeepReDuce-style whole layers, most critical first (``pareto.stage_culling_scores``),
-  selected to the same Cost by ``CostPlan.select``, fine-tuned for gate + fine-tune epochs.
+* ``snl-count@F``: count-only SNL to a fraction F of the ReLUs (``--fractions``). The predicted WAN
+  latency L of ``snl-count@5%`` sets the cost levels of the others: ``Cost(seconds=L / S)`` for
+  each speedup S of ``--speedups``;
+* ``cost-group@S`` / ``cost-drop@S``: SNL with that Cost (the two gate-phase formulations), merged
+  with ``CostPlan.merge``; ``cost-*-unmerged@S`` is the same model before merging;
+* ``culling@S``: DeepReDuce-style whole layers, most critical first (``pareto.stage_culling_scores``),
+  selected to the same Cost by ``CostPlan.select``, fine-tuned for gate + fine-tune epochs;
+* ``cost-group-linearize@1.5x``: ``snl_fx.linearize`` with the Cost as it is (its gate phase
+  stops when the gates reach the Cost; the epochs left are not used).
+
+Same epochs for every method: the SNL rows run the public phases (prepare, train_gates, binarize
+or ``CostPlan.select``, finetune, convert) and the fine-tune gets the gate epochs the gate phase
+did not need (it stops once the gates meet the budget), so every method trains gate + fine-tune
+epochs in all (counting a gate phase's last, partial epoch as a whole one).
+
+Resumable: every finished row, and every measurement of it, is written to
+``<out>/results.json`` at once and skipped on a rerun; the ``pi`` exports are kept under
+``--work`` (default ``runs/cost-aware``) for the measurements. ``--deadline HH:MM`` (UTC) starts
+no task that would end after it (judged by the longest task of its kind so far in this process).
+``--remeasure crypten --runs 5`` measures every row again (median of 5 inferences). ``--table`` prints the Markdown tables of ``results.json``; ``--plot``
+redraws ``accuracy_vs_latency.png``.
 
 cifar_resnet18 (random weights, cost only): bytes and rounds of count-only (one-shot scores) at
 15K and 50K ReLUs, and of cost-aware (same scores) and culling selections to a Cost whose part
-above the linear layers' cost is the count-only one's / speedup (the linear layers alone cost more
+above the linear layers' cost is the count-only one's / 1.5 (the linear layers alone cost more
 than count-only / 1.5 on a WAN).
 
-    OMP_NUM_THREADS=1 nice -n 15 python benchmarks/cost_aware.py --quick --out benchmarks/results/cost-aware-quick
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/cost_aware.py --subset 10000 --pretrain-epochs 6 --epochs 6 \\
+        --finetune-epochs 4 --measure crypten,spu-cheetah --out benchmarks/results/cost-aware
+    python benchmarks/cost_aware.py --quick --measure crypten --out runs/cost-aware-quick   # ~10 min smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import datetime as dt
 import json
 import logging
+import os
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -44,76 +64,189 @@ from snl_fx.app.data import split_train_val
 sys.path.insert(0, str(Path(__file__).parent))
 from pareto import site_criticality, stage_culling_scores  # noqa: E402
 
+log = logging.getLogger("cost_aware")
+MAIN = 1.5  # the issue's target speedup: the rows every other row is compared with
+
+
+# ---------------------------------------------------------------- results file, resumable
+
+
+class Results:
+    """``results.json``: rows by key, written (atomically) after every change."""
+
+    def __init__(self, path: Path, args: dict[str, Any]) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(self.data.get("small_resnet", {}), dict):
+            raise SystemExit(f"{path} is from an older version of this benchmark: use another --out")
+        old = self.data.get("args", {})
+        for key in ("subset", "pretrain_epochs", "epochs", "finetune_epochs"):
+            if key in old and old[key] != args[key]:
+                raise SystemExit(f"{path} holds a run with {key}={old[key]}, not {args[key]}: use another --out")
+        self.data["args"] = {**old, **args}
+        self.data.setdefault("small_resnet", {})
+
+    @property
+    def rows(self) -> dict[str, dict[str, Any]]:
+        return self.data["small_resnet"]
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+
+# ---------------------------------------------------------------- costs and measurements
+
 
 def costs(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
-    """Predicted CrypTen bytes, rounds, WAN and LAN seconds of one sample."""
+    """Predicted CrypTen bytes, rounds, WAN and LAN seconds of one sample, ReLUs, ReLU sites kept."""
     wan, lan = (snl_fx.pi_cost(model, x[:1], "crypten", n) for n in ("wan", "lan"))
+    report = snl_fx.relu_count(model, x[:1])
     return {"bytes": wan.bytes, "rounds": wan.rounds, "wan_s": wan.seconds, "lan_s": lan.seconds,
-            "relus": snl_fx.relu_count(model, x[:1]).total}
+            "relus": report.total, "relu_layers": sum(1 for s in report.sites if s.relus)}
 
 
-def measured(model: torch.nn.Module, x: torch.Tensor, runs: int) -> dict[str, Any]:
-    """CrypTen 2PC on loopback: measured bytes, rounds, local seconds; latency with the network model."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "m.onnx"
-        snl_fx.export_onnx(model.cpu().eval(), x[:1].cpu(), path, profile="pi")
-        r = snl_fx.pi_bench(str(path), runs=runs)
-    out = {"m_bytes": r.bytes, "m_rounds": r.rounds, "m_local_s": r.seconds, "m_relus": r.relus}
-    for name in ("wan", "lan"):
-        network = snl_fx.pi_cost(model, x[:1], "crypten", name).network
-        out[f"m_{name}_s"] = r.seconds + network.seconds(r.bytes, r.rounds)
+def networks(model: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    return {n: snl_fx.pi_cost(model, x[:1], "crypten", n).network for n in ("wan", "lan")}
+
+
+def measure(path: Path, backend: str, nets: dict[str, Any], runs: int) -> dict[str, Any]:
+    """One backend on one ``pi`` export: measured bytes, rounds, local seconds; WAN/LAN latency."""
+    prefix = {"crypten": "m", "spu-cheetah": "cheetah"}[backend]
+    start = time.perf_counter()
+    r = snl_fx.pi_bench(str(path), runs=runs, backend=backend, timeout=1800.0)
+    out = {f"{prefix}_runs": runs, f"{prefix}_bytes": r.bytes, f"{prefix}_rounds": r.rounds, f"{prefix}_local_s": r.seconds,
+           f"{prefix}_relus": r.relus, f"{prefix}_error": r.max_abs_error, f"{prefix}_wall_s": time.perf_counter() - start}
+    if backend != "crypten":
+        out[f"{prefix}_setup_bytes"] = getattr(r, "setup_bytes", None)
+    for name, network in nets.items():
+        out[f"{prefix}_{name}_s"] = r.seconds + network.seconds(r.bytes, r.rounds)
     return out
 
 
-def small_resnet_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    cfg = snl_fx.TrainConfig(epochs=args.epochs, finetune_epochs=args.finetune_epochs, seed=0, progress=False)
-    torch.manual_seed(0)
-    train, test = jobs.load_datasets("fashion-mnist", subset=args.subset, seed=0)
-    fit, val = split_train_val(train, 0.1, seed=0)
-    model = jobs.build_model("small_resnet", "fashion-mnist")
-    jobs.pretrain(model, fit, val, cfg, args.pretrain_epochs, cache_dir=args.out,
-                  cache_key={"model": "small_resnet", "subset": args.subset, "epochs": args.pretrain_epochs})
-    model.cpu().eval()
-    x = next(iter(torch.utils.data.DataLoader(fit, batch_size=32)))[0]
-    rows = []
+# ---------------------------------------------------------------- the methods
 
-    def add(method: str, m: torch.nn.Module, val_acc: float | None, seconds: float, **extra: Any) -> None:
-        row = {"method": method, "test_acc": snl_fx.evaluate(m, test, cfg), "val_acc": val_acc, **costs(m, x),
-               "seconds": seconds, **extra}
-        if args.measure:
-            row.update(measured(m, x, args.runs))
-        logging.info("%s", json.dumps(row))
-        rows.append(row)
 
-    add("original", model, snl_fx.evaluate(model, val, cfg), 0.0)
-    start = time.perf_counter()
-    count = snl_fx.linearize(model, x, args.fraction, fit, val_data=val, config=cfg)
-    add("snl-count", count.model, count.accuracy_after, time.perf_counter() - start)
-    target = snl_fx.Cost(seconds=rows[-1]["wan_s"] / args.speedup)
-    for penalty in ("group", "drop"):
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.cfg = snl_fx.TrainConfig(epochs=args.epochs, finetune_epochs=args.finetune_epochs, seed=0, progress=False)
+        torch.manual_seed(0)
+        train, _ = jobs.load_datasets("fashion-mnist", subset=args.subset, seed=0)
+        _, self.test = jobs.load_datasets("fashion-mnist")  # the full test set
+        self.fit, self.val = split_train_val(train, 0.1, seed=0)
+        self.model = jobs.build_model("small_resnet", "fashion-mnist")
+        jobs.pretrain(self.model, self.fit, self.val, self.cfg, args.pretrain_epochs, cache_dir=args.out,
+                      cache_key={"model": "small_resnet", "subset": args.subset, "epochs": args.pretrain_epochs})
+        self.model.cpu().eval()
+        self.x = next(iter(torch.utils.data.DataLoader(self.fit, batch_size=32)))[0]
+        self.nets = networks(self.model, self.x)
+        self.work = Path(args.work)
+        (self.work / "onnx").mkdir(parents=True, exist_ok=True)
+
+    def target(self, results: Results, speedup: float, penalty: str = "group") -> snl_fx.Cost:
+        ref = results.rows["snl-count@5%"]["wan_s"]
+        return snl_fx.Cost(seconds=ref / speedup, penalty=penalty)
+
+    def finish(self, key: str, m: torch.nn.Module, val_acc: float | None, seconds: float, **extra: Any) -> dict[str, Any]:
+        m = m.cpu().eval()
+        snl_fx.export_onnx(m, self.x[:1], self.work / "onnx" / f"{key}.onnx", profile="pi")
+        row = {"method": key, "test_acc": snl_fx.evaluate(m, self.test, self.cfg), "val_acc": val_acc,
+               **costs(m, self.x), "train_s": seconds, **extra}
+        return row
+
+    def snl(self, budget: int | float | snl_fx.Cost) -> tuple[torch.nn.Module, torch.nn.Module | None, dict[str, Any]]:
+        """SNL through the public phases; the fine-tune gets the gate epochs the gate phase left.
+
+        Returns the lowered (merged, for a Cost) model, the unmerged one (Cost only) and facts.
+        """
+        cfg, model, x = self.cfg, self.model, self.x
+        gm = snl_fx.prepare(model, x)
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        plan = snl_fx.plan_cost(budget, model, x, gm) if isinstance(budget, snl_fx.Cost) else None
+        relus = plan.relu_ceiling() if plan is not None else snl_fx.resolve_budget(budget, sum(snl_fx.site_relu_counts(gm).values()))
+        gates = snl_fx.train_gates(gm, self.fit, relus, cfg, teacher=teacher, val_data=self.val,
+                                   objective=None if plan is None else plan.objective(gm))
+        soft = {"gate_relus": gates[-1]["relu_count"] if gates else None, "gate_epochs": len(gates)}
+        ties = snl_fx.linearization_scores(gm, x)
+        if plan is None:
+            snl_fx.binarize(gm, relus, tie_break=ties)
+        else:
+            plan.select(gm, tie_break=ties)
+        epochs = cfg.finetune_epochs + (cfg.epochs - len(gates) if self.args.equal_epochs else 0)
+        tuned = snl_fx.finetune(gm, teacher, self.fit, replace(cfg, finetune_epochs=epochs), val_data=self.val)
+        lowered = snl_fx.convert(gm.eval()).eval()
+        facts = {**soft, "finetune_epochs": epochs, "best_epoch": _best_epoch(tuned),
+                 "sites": {n: int(v) for n, v in snl_fx.site_relu_counts(gm, 0.5).items()}}
+        if plan is None:
+            return lowered, None, facts
+        unmerged = copy.deepcopy(lowered)
+        merged, n = plan.merge(lowered, x)
+        return merged, unmerged, {**facts, "merged_ops": n, "cost_budget_wan_s": plan.budget.limit}
+
+    # one task per row; each returns the rows it made
+
+    def original(self, results: Results) -> dict[str, dict[str, Any]]:
+        row = self.finish("original", self.model, snl_fx.evaluate(self.model, self.val, self.cfg), 0.0)
+        return {"original": row}
+
+    def count(self, results: Results, fraction: float) -> dict[str, dict[str, Any]]:
+        key = f"snl-count@{fraction:.0%}"
         start = time.perf_counter()
-        r = snl_fx.linearize(model, x, replace(target, penalty=penalty), fit, val_data=val, config=cfg)
-        add(f"cost-{penalty}", r.model, r.accuracy_after, time.perf_counter() - start, merged_ops=r.cost["merged_ops"],
-            sites_kept=sum(1 for s in r.sites.values() if s["after"]))
-        add(f"cost-{penalty}-unmerged", snl_fx.convert(r.gated).eval(), None, 0.0)
-    start = time.perf_counter()
-    gm = snl_fx.prepare(model, x)
-    plan = snl_fx.plan_cost(target, model, x, gm)
-    plan.select(gm, scores=stage_culling_scores(gm, site_criticality(gm, val, cfg), plan.relu_ceiling()))
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    snl_fx.finetune(gm, teacher, fit, replace(cfg, finetune_epochs=cfg.epochs + cfg.finetune_epochs), val_data=val)
-    culled = snl_fx.convert(gm.eval()).eval()
-    add("culling", culled, snl_fx.evaluate(culled, val, cfg), time.perf_counter() - start,
-        sites_kept=sum(1 for v in snl_fx.site_relu_counts(gm, 0.5).values() if v))
-    return rows
+        m, _, facts = self.snl(fraction)
+        return {key: self.finish(key, m, snl_fx.evaluate(m, self.val, self.cfg), time.perf_counter() - start, **facts)}
+
+    def cost(self, results: Results, penalty: str, speedup: float) -> dict[str, dict[str, Any]]:
+        key = f"cost-{penalty}@{speedup:g}x"
+        start = time.perf_counter()
+        m, unmerged, facts = self.snl(self.target(results, speedup, penalty))
+        seconds = time.perf_counter() - start
+        row = self.finish(key, m, snl_fx.evaluate(m, self.val, self.cfg), seconds, **facts)
+        key2 = f"cost-{penalty}-unmerged@{speedup:g}x"
+        return {key: row, key2: self.finish(key2, unmerged, None, 0.0)}
+
+    def linearize(self, results: Results, speedup: float) -> dict[str, dict[str, Any]]:
+        key = f"cost-group-linearize@{speedup:g}x"
+        start = time.perf_counter()
+        r = snl_fx.linearize(self.model, self.x, self.target(results, speedup), self.fit, val_data=self.val, config=self.cfg)
+        gates = [h for h in r.history if h["phase"] == "gates"]
+        facts = {"gate_epochs": len(gates), "finetune_epochs": self.cfg.finetune_epochs, "merged_ops": r.cost["merged_ops"],
+                 "sites": {n: s["after"] for n, s in r.sites.items()}, "cost_budget_wan_s": r.cost["budget"]["limit"]}
+        return {key: self.finish(key, r.model, r.accuracy_after, time.perf_counter() - start, **facts)}
+
+    def culling(self, results: Results, speedup: float) -> dict[str, dict[str, Any]]:
+        key = f"culling@{speedup:g}x"
+        cfg, target = self.cfg, self.target(results, speedup)
+        start = time.perf_counter()
+        gm = snl_fx.prepare(self.model, self.x)
+        plan = snl_fx.plan_cost(target, self.model, self.x, gm)
+        plan.select(gm, scores=stage_culling_scores(gm, site_criticality(gm, self.val, cfg), plan.relu_ceiling()))
+        teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        tuned = snl_fx.finetune(gm, teacher, self.fit, replace(cfg, finetune_epochs=cfg.epochs + cfg.finetune_epochs),
+                                val_data=self.val)
+        culled = snl_fx.convert(gm.eval()).eval()
+        facts = {"finetune_epochs": cfg.epochs + cfg.finetune_epochs, "best_epoch": _best_epoch(tuned),
+                 "sites": {n: int(v) for n, v in snl_fx.site_relu_counts(gm, 0.5).items()}, "cost_budget_wan_s": target.limit}
+        return {key: self.finish(key, culled, snl_fx.evaluate(culled, self.val, cfg), time.perf_counter() - start, **facts)}
+
+
+def _best_epoch(records: list[dict[str, Any]]) -> int:
+    """The fine-tune epoch kept (0: the selection before any fine-tune epoch), as ``finetune`` picks it."""
+    best, acc = 0, None
+    for r in records:
+        if r.get("val_acc") is not None and (acc is None or r["val_acc"] >= acc):
+            best, acc = r["epoch"], r["val_acc"]
+    return best
+
+
+# ---------------------------------------------------------------- cifar_resnet18, cost only
 
 
 def cifar_rows(speedup: float) -> list[dict[str, Any]]:
     """cifar_resnet18, random weights: cost of each selection at 15K and 50K ReLUs (no training)."""
-    from snl_fx.app.models import cifar_resnet18
-
     torch.manual_seed(0)
-    model = cifar_resnet18(num_classes=100).eval()
+    model = jobs.build_model("cifar_resnet18", "cifar100").eval()
     x = torch.randn(8, 3, 32, 32)
     rows = []
     for budget in (15000, 50000):
@@ -135,29 +268,233 @@ def cifar_rows(speedup: float) -> list[dict[str, Any]]:
                 plan.select(gm, scores=scores)
             rows.append({"model": "cifar_resnet18", "budget": budget, "method": method, "cost_budget_wan_s": target.limit,
                          **costs(snl_fx.convert(gm).eval(), x)})
-        logging.info("%s", json.dumps(rows[-3:]))
+        log.info("%s", json.dumps(rows[-3:]))
     return rows
+
+
+# ---------------------------------------------------------------- tasks in priority order
+
+
+def tasks(args: argparse.Namespace) -> list[tuple[str, str, tuple[Any, ...]]]:
+    """(row key, Bench method, arguments), most important first: the 1.5x comparison, then a second
+    point of every curve (the lowest fraction, the highest speedup), then the rest."""
+    main = [("original", "original", ()), ("snl-count@5%", "count", (0.05,)),
+            (f"cost-group@{MAIN:g}x", "cost", ("group", MAIN)), (f"culling@{MAIN:g}x", "culling", (MAIN,))]
+    fractions = sorted(f for f in args.fractions if f != 0.05)
+    speedups = sorted((s for s in args.speedups if s != MAIN), reverse=True)
+    curve = []
+    for i in range(max(len(fractions), len(speedups))):
+        if i < len(fractions):
+            curve.append((f"snl-count@{fractions[i]:.0%}", "count", (fractions[i],)))
+        if i < len(speedups):
+            curve += [(f"cost-group@{speedups[i]:g}x", "cost", ("group", speedups[i])),
+                      (f"culling@{speedups[i]:g}x", "culling", (speedups[i],))]
+        if i == 0:
+            curve.append((f"cost-drop@{MAIN:g}x", "cost", ("drop", MAIN)))
+    extra = [(f"cost-group-linearize@{MAIN:g}x", "linearize", (MAIN,))] if args.linearize_row else []
+    extra += [(f"cost-drop@{s:g}x", "cost", ("drop", s)) for s in speedups if args.drop_curve]
+    return main + curve + extra
+
+
+def past(deadline: str | None, needs: float = 0.0) -> bool:
+    """Whether ``needs`` seconds from now end after ``deadline`` (HH:MM UTC, today)."""
+    if not deadline:
+        return False
+    hh, mm = map(int, deadline.split(":"))
+    now = dt.datetime.now(dt.timezone.utc)
+    return now + dt.timedelta(seconds=needs) > now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = ("subset", "pretrain_epochs", "epochs", "finetune_epochs", "fractions", "speedups", "equal_epochs")
+    results = Results(out / "results.json", {k: getattr(args, k) for k in keys})
+    results.save()
+    if args.cifar and "cifar_resnet18" not in results.data:
+        results.data["cifar_resnet18"] = cifar_rows(MAIN)
+        results.save()
+    bench = Bench(args)
+    backends = [b for b in args.measure.split(",") if b]
+    prefix = {"crypten": "m", "spu-cheetah": "cheetah"}
+    skipped: list[str] = []
+    longest = {"train": 0.0, **{b: 0.0 for b in backends}}  # the longest task of each kind so far
+
+    def measure_row(k: str, backend: str) -> None:
+        row = results.rows.get(k)
+        if row is None or f"{prefix[backend]}_bytes" in row or row.get(f"{prefix[backend]}_failed"):
+            return
+        if past(args.deadline, longest[backend]):
+            skipped.append(f"{k} {backend}")
+            return
+        log.info("measure %s under %s", k, backend)
+        start = time.perf_counter()
+        try:
+            runs = args.runs if backend == "crypten" else args.cheetah_runs
+            row.update(measure(bench.work / "onnx" / f"{k}.onnx", backend, bench.nets, runs))
+        except Exception as exc:  # noqa: BLE001 - a failed measurement is recorded, the run goes on
+            log.warning("measuring %s under %s failed: %s", k, backend, exc)
+            row[f"{prefix[backend]}_failed"] = str(exc)[:300]
+        longest[backend] = max(longest[backend], time.perf_counter() - start)
+        results.save()
+        log.info("%s %s", k, json.dumps({a: b for a, b in row.items() if a.startswith(prefix[backend] + "_")}))
+
+    for backend in args.remeasure.split(","):  # measure again (e.g. with more --runs): drop the old figures
+        for row in results.rows.values() if backend else ():
+            for k in [k for k in row if k.startswith(prefix[backend] + "_")]:
+                del row[k]
+    todo = tasks(args)
+    for i, (key, method, params) in enumerate(todo):
+        if key not in results.rows:
+            if past(args.deadline, longest["train"]):
+                skipped.append(key)
+                continue
+            log.info("row %s: %s%s", key, method, params)
+            start = time.perf_counter()
+            made = getattr(bench, method)(results, *params)
+            for k, row in made.items():
+                results.rows[k] = row
+                log.info("%s", json.dumps({k: v for k, v in row.items() if k != "sites"}))
+            results.save()
+            longest["train"] = max(longest["train"], time.perf_counter() - start)
+            log.info("row %s done in %.0f s", key, time.perf_counter() - start)
+        # CrypTen (1 s) right after every row; CHEETAH (about a minute) right after the main rows, the rest at the end
+        if "crypten" in backends:
+            for k in (key, key.replace("@", "-unmerged@")):
+                measure_row(k, "crypten")
+        if "spu-cheetah" in backends and i < 4:
+            measure_row(key, "spu-cheetah")
+    if "spu-cheetah" in backends:
+        for key, _, _ in todo:
+            measure_row(key, "spu-cheetah")
+    results.data["not_run"] = skipped
+    results.save()
+    plot(results.data, out / "accuracy_vs_latency.png")
+    print(table(results.data))
+
+
+# ---------------------------------------------------------------- table and plot
+
+
+def _family(key: str) -> str:
+    return key.split("@")[0]
+
+
+def _wire(r: dict[str, Any], prefix: str, net: str) -> float | None:
+    """Seconds on the wire of the measured bytes and rounds (the measured latency less local seconds)."""
+    total = r.get(f"{prefix}_{net}_s")
+    return None if total is None else total - r[f"{prefix}_local_s"]
+
+
+def table(data: dict[str, Any]) -> str:
+    rows = data.get("small_resnet", {})
+    lines = ["| method | test % | val % | ReLUs | ReLU layers | rounds | MB | CrypTen WAN s: pred / meas (wire) "
+             "| CrypTen LAN s: pred / meas | CHEETAH MB | CHEETAH rounds | CHEETAH WAN s: wire + local | gate + ft epochs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for key, r in rows.items():
+        mb = r.get("cheetah_bytes")
+        lines.append(
+            f"| {key} | {f(r['test_acc'], '.2f')} | {f(r.get('val_acc'), '.1f')} | {r['relus']:,} | {r['relu_layers']} "
+            f"| {r['rounds']} | {r['bytes'] / 1e6:.2f} | {r['wan_s']:.2f} / {f(r.get('m_wan_s'), '.2f')} ({f(_wire(r, 'm', 'wan'), '.2f')}) "
+            f"| {r['lan_s']:.3f} / {f(r.get('m_lan_s'), '.3f')} | {f(mb and mb / 1e6, '.2f')} | {f(r.get('cheetah_rounds'), 'd')} "
+            f"| {f(_wire(r, 'cheetah', 'wan'), '.2f')} + {f(r.get('cheetah_local_s'), '.1f')} "
+            f"| {r.get('gate_epochs', 0)} + {r.get('finetune_epochs', 0)} |")
+    if data.get("cifar_resnet18"):
+        lines += ["", "| ReLU budget | method | ReLUs | rounds | MB | WAN s | LAN s |", "|---|---|---|---|---|---|---|"]
+        for r in data["cifar_resnet18"]:
+            name = r["method"] + (f" (Cost {r['cost_budget_wan_s']:.2f} s)" if "cost_budget_wan_s" in r else "")
+            lines.append(f"| {r['budget'] // 1000}K | {name} | {r['relus']:,} | {r['rounds']} | {r['bytes'] / 1e6:.1f} "
+                         f"| {r['wan_s']:.2f} | {r['lan_s']:.3f} |")
+    if data.get("not_run"):
+        lines += ["", "Not run (deadline): " + ", ".join(data["not_run"])]
+    return "\n".join(lines)
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    """Test accuracy against CrypTen WAN and LAN latency (measured where measured, else predicted)
+    and against CHEETAH's WAN time on the wire (measured bytes and rounds; its local seconds are
+    in the table)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = data.get("small_resnet", {})
+    panels = [(lambda r: r.get("m_wan_s", r["wan_s"]), "CrypTen, WAN (100 Mbit/s, 40 ms): s per image"),
+              (lambda r: r.get("m_lan_s", r["lan_s"]), "CrypTen, LAN (1 Gbit/s, 0.5 ms): s per image"),
+              (lambda r: _wire(r, "cheetah", "wan"), "SPU CHEETAH, WAN: s on the wire per image")]
+    families = {"snl-count": ("count-only SNL (2/5/10%)", "o", "-"), "cost-group": ("cost-aware SNL, group", "s", "-"),
+                "cost-drop": ("cost-aware SNL, drop", "D", "-"), "culling": ("layer culling (same Cost)", "^", "-"),
+                "cost-group-linearize": ("linearize(Cost), gate epochs left unused", "x", "none")}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    for ax, (xof, title) in zip(axes, panels):
+        for fam, (label, marker, line) in families.items():
+            pts = sorted((xof(r), r["test_acc"]) for k, r in rows.items() if _family(k) == fam and xof(r) is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=line, label=label)
+                for k, r in rows.items():
+                    if _family(k) == fam and xof(r) is not None:
+                        ax.annotate(k.split("@")[1], (xof(r), r["test_acc"]), fontsize=7, xytext=(3, 3),
+                                    textcoords="offset points")
+        orig = rows.get("original")
+        if orig is not None and xof(orig) is not None:
+            ax.scatter([xof(orig)], [orig["test_acc"]], marker="*", s=140, color="black", label="original", zorder=5)
+        ax.set_xlabel(title)
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    args = data.get("args", {})
+    fig.suptitle(f"small_resnet / Fashion-MNIST ({args.get('subset')} training images, {args.get('epochs')} gate + "
+                 f"{args.get('finetune_epochs')} fine-tune epochs; CrypTen latency = measured local s + measured bytes "
+                 "and rounds on the network model)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="5,000 images, 4 pretrain, 3 gate, 2 fine-tune epochs")
+    p.add_argument("--quick", action="store_true", help="5,000 images, 4 pretrain, 3 gate, 2 fine-tune epochs, 1.5x only")
+    p.add_argument("--subset", type=int, default=10000, help="training images (10%% of them for validation)")
+    p.add_argument("--pretrain-epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=6, help="gate epochs (culling: fine-tune epochs + these)")
+    p.add_argument("--finetune-epochs", type=int, default=4)
+    p.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=[0.02, 0.05, 0.10],
+                   help="count-only SNL budgets (fractions of the ReLUs); 0.05 sets the cost levels")
+    p.add_argument("--speedups", type=lambda s: [float(v) for v in s.split(",")], default=[1.25, 1.5, 2.0],
+                   help="cost levels: count-only 5%%'s predicted WAN latency / these")
+    p.add_argument("--drop-curve", action="store_true", help="also the drop formulation at every cost level")
+    p.add_argument("--no-linearize-row", dest="linearize_row", action="store_false",
+                   help="skip the row of linearize(Cost) as it is")
+    p.add_argument("--no-equal-epochs", dest="equal_epochs", action="store_false",
+                   help="do not give the fine-tune the gate epochs the gate phase left")
+    p.add_argument("--measure", default="", help="comma-separated: crypten, spu-cheetah")
+    p.add_argument("--runs", type=int, default=1, help="inferences per measurement (the median is kept)")
+    p.add_argument("--cheetah-runs", type=int, default=1, help="--runs of the CHEETAH measurements (about a minute each)")
+    p.add_argument("--remeasure", default="", help="comma-separated backends to measure again on every row")
+    p.add_argument("--no-cifar", dest="cifar", action="store_false", help="skip the cifar_resnet18 cost rows")
+    p.add_argument("--deadline", default=None, help="HH:MM UTC: start no task after it")
     p.add_argument("--out", default="benchmarks/results/cost-aware")
-    p.add_argument("--fraction", type=float, default=0.05, help="count-only SNL budget (fraction of the ReLUs)")
-    p.add_argument("--speedup", type=float, default=1.5, help="cost budget = count-only WAN latency / speedup")
-    p.add_argument("--measure", action="store_true", help="also run each model under CrypTen (pi_bench)")
-    p.add_argument("--runs", type=int, default=1)
-    p.add_argument("--cifar-only", action="store_true", help="only the cifar_resnet18 cost rows")
+    p.add_argument("--work", default="runs/cost-aware", help="pi exports for the measurements")
+    p.add_argument("--table", action="store_true", help="print the tables of <out>/results.json and exit")
+    p.add_argument("--plot", action="store_true", help="redraw <out>/accuracy_vs_latency.png and exit")
     args = p.parse_args(argv)
-    args.subset, args.pretrain_epochs, args.epochs, args.finetune_epochs = (5000, 4, 3, 2) if args.quick else (None, 8, 8, 8)
+    if args.quick:
+        args.subset, args.pretrain_epochs, args.epochs, args.finetune_epochs = 5000, 4, 3, 2
+        args.speedups, args.fractions = [MAIN], [0.05]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.table or args.plot:
+        data = json.loads((Path(args.out) / "results.json").read_text())
+        if args.plot:
+            plot(data, Path(args.out) / "accuracy_vs_latency.png")
+        print(table(data))
+        return
     torch.set_num_threads(1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = {"small_resnet": [] if args.cifar_only else small_resnet_rows(args), "cifar_resnet18": cifar_rows(args.speedup),
-            "args": vars(args)}
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(json.dumps(rows, indent=1))
+    run(args)
 
 
 if __name__ == "__main__":

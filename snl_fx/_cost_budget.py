@@ -219,6 +219,11 @@ class CostPlan:
 
         return GateObjective(penalty, hard, soft, start / norm, self.room / norm, f"ReLU equivalents of {self.budget.unit}")
 
+    def merge(self, lowered: GraphModule, example_input: Any) -> tuple[GraphModule, int]:
+        """:func:`merge_for_cost` under this plan's budget: merge ``lowered``'s linear ops (in place)
+        where the merged op is predicted cheaper; returns the model and the number of merges."""
+        return merge_for_cost(lowered, self.budget, example_input)
+
     def select(self, gm: GraphModule, scores: dict[str, torch.Tensor] | None = None,
                tie_break: dict[str, torch.Tensor] | None = None) -> int:
         """Binarize ``gm`` to the kept set that meets the budget; returns the final ReLUs per sample.
