@@ -226,14 +226,15 @@ def refine_selection(
 
     Example:
         >>> snl_fx.binarize(gm, 2000)
-        >>> snl_fx.refine_selection(gm, train_set, teacher=model)["swaps"]
-        118
+        >>> info = snl_fx.refine_selection(gm, train_set, teacher=model)  # still 2,000 ReLUs
+        >>> info["loss_after"] <= info["loss_before"]
+        True
     """
     cfg = config or TrainConfig()
     device = cfg.resolved_device()
     meta = passes.get_meta(gm)
     gate_modules = passes.gates(gm)
-    weights = [w for w in gate_parameters(gm)]
+    weights = gate_parameters(gm)
     if any(not bool(((w == 0) | (w == 1)).all()) for w in weights):
         raise SnlFxError("refine_selection needs binary gates: call snl_fx.binarize first")
     loader = make_loader(data, cfg, shuffle=True, epoch_seed=cfg.seed * 1_000_003 + 30_013)
@@ -256,7 +257,8 @@ def refine_selection(
             for x, y in grad_batches:
                 with torch.no_grad():
                     target = teacher(x) if teacher is not None and cfg.kd else None
-                for acc, g in zip(grads, torch.autograd.grad(kd_loss(gm(x), target, y, temperature=cfg.temperature, weight=cfg.kd_weight), weights)):
+                loss = kd_loss(gm(x), target, y, temperature=cfg.temperature, weight=cfg.kd_weight)
+                for acc, g in zip(grads, torch.autograd.grad(loss, weights)):
                     acc += g
             for w in weights:
                 w.requires_grad_(False)
