@@ -171,7 +171,9 @@ def linearize(
                     log.info("refined the selection: %d swaps, probe loss %.4g -> %.4g",
                              refined["swaps"], refined["loss_before"], refined["loss_after"])
             else:
-                final = plan.select(gm, tie_break=ties)  # a swap across sites could change the cost: none
+                final = plan.select(gm, tie_break=ties)
+                if cfg.refine:  # a swap across sites could change the cost
+                    warnings.warn("refine=True is not applied under a Cost budget", stacklevel=2)
         else:
             history = [r for r in state["history"] if r["phase"] == "gates"]
             final = state["relu_count"]

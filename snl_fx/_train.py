@@ -42,7 +42,7 @@ class TrainConfig:
     schedule: Schedule = "target"  # "target" (per-step control), "budget" or "paper" (per epoch): see LambdaSchedule
     finetune_lr: float = 1e-2  # SGD; paper: 1e-3 constant for 100 epochs
     finetune_schedule: FinetuneSchedule = "cosine"  # "cosine" over finetune_epochs, or "constant" (the paper's)
-    refine: bool = False  # linearize: after binarize, swap kept and removed ReLUs while the loss falls (refine_selection)
+    refine: bool = False  # linearize, ReLU budgets: after binarize, swap kept and removed ReLUs while the loss falls
     momentum: float = 0.9
     weight_decay: float = 0.0
     kd: bool = True
