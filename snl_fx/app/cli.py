@@ -155,7 +155,7 @@ def _linearize(args: argparse.Namespace) -> int:
 
     budget = _check_linearize_args(args)
     cfg = TrainConfig(**{name: getattr(args, name) for name in TRAIN_OPTIONS}, kd=not args.no_kd,
-                      progress=not args.quiet)
+                      refine=args.refine, progress=not args.quiet)
     torch.manual_seed(args.seed)
     train, test = jobs.load_datasets(args.data, args.data_root, args.subset, args.seed)
     fit, val = split_train_val(train, 0.1, seed=args.seed)
@@ -319,6 +319,9 @@ def snl_fx_main(argv: Sequence[str] | None = None) -> int:
     lin.add_argument("--one-shot", action="store_true", help="training-free selection on a calibration batch")
     _add_train_options(lin)
     lin.add_argument("--no-kd", action="store_true", help="plain cross-entropy, no distillation")
+    lin.add_argument("--refine", action="store_true",
+                     help="after binarizing, swap kept and removed ReLUs while the loss falls (ReLU budgets; "
+                          "helps short fine-tunes, not measurably longer ones)")
     lin.add_argument("--skip", action="append", default=[], metavar="PATTERN", help="site names left as ReLUs")
     lin.add_argument("--subset", type=int, help="use a fixed random sample of N training images (quick runs)")
     lin.add_argument("--profile", choices=PROFILES, default="default", help="ONNX export profile")
