@@ -152,7 +152,7 @@ class Bench:
     def finish(self, key: str, m: torch.nn.Module, val_acc: float | None, seconds: float, **extra: Any) -> dict[str, Any]:
         m = m.cpu().eval()
         snl_fx.export_onnx(m, self.x[:1], self.work / "onnx" / f"{key}.onnx", profile="pi")
-        row = {"method": key, "test_acc": snl_fx.evaluate(m, self.test, self.cfg), "val_acc": val_acc,
+        row = {"method": key, "test_acc": snl_fx.train.evaluate(m, self.test, self.cfg), "val_acc": val_acc,
                **costs(m, self.x), "train_s": seconds, **extra}
         return row
 
@@ -164,45 +164,39 @@ class Bench:
         cfg, model, x = self.cfg, self.model, self.x
         gm = snl_fx.prepare(model, x)
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        plan = snl_fx.plan_cost(budget, model, x, gm) if isinstance(budget, snl_fx.Cost) else None
-        relus = plan.relu_ceiling() if plan is not None else snl_fx.resolve_budget(budget, sum(snl_fx.site_relu_counts(gm).values()))
-        gates = snl_fx.train_gates(gm, self.fit, relus, cfg, teacher=teacher, val_data=self.val,
-                                   objective=None if plan is None else plan.objective(gm))
+        plan = snl_fx.budget.bind(budget, gm)
+        gates = snl_fx.train_gates(gm, self.fit, plan, cfg, teacher=teacher, val_data=self.val)
         soft = {"gate_relus": gates[-1]["relu_count"] if gates else None, "gate_epochs": len(gates)}
-        ties = snl_fx.linearization_scores(gm, x)
-        if plan is None:
-            snl_fx.binarize(gm, relus, tie_break=ties)
-        else:
-            plan.select(gm, tie_break=ties)
+        plan.select(gm, tie_break=snl_fx.select.linearization_scores(gm, x))
         epochs = cfg.finetune_epochs + (cfg.epochs - len(gates) if self.args.equal_epochs else 0)
         tuned = snl_fx.finetune(gm, teacher, self.fit, replace(cfg, finetune_epochs=epochs), val_data=self.val)
         lowered = snl_fx.convert(gm.eval()).eval()
         facts = {**soft, "finetune_epochs": epochs, "best_epoch": _best_epoch(tuned),
-                 "sites": {n: int(v) for n, v in snl_fx.site_relu_counts(gm, 0.5).items()}}
-        if plan is None:
-            return lowered, None, facts
+                 "sites": {n: int(v) for n, v in snl_fx.train.site_relu_counts(gm).items()}}
         unmerged = copy.deepcopy(lowered)
-        merged, n = plan.merge(lowered, x)
-        return merged, unmerged, {**facts, "merged_ops": n, "cost_budget_wan_s": plan.budget.limit}
+        final, cost = plan.finish(lowered, x)  # a Cost: linear ops merged where cheaper, cost checked
+        if cost is None:
+            return final, None, facts
+        return final, unmerged, {**facts, "merged_ops": cost["merged_ops"], "cost_budget_wan_s": cost["budget"]["limit"]}
 
     # one task per row; each returns the rows it made
 
     def original(self, results: Results) -> dict[str, dict[str, Any]]:
-        row = self.finish("original", self.model, snl_fx.evaluate(self.model, self.val, self.cfg), 0.0)
+        row = self.finish("original", self.model, snl_fx.train.evaluate(self.model, self.val, self.cfg), 0.0)
         return {"original": row}
 
     def count(self, results: Results, fraction: float) -> dict[str, dict[str, Any]]:
         key = f"snl-count@{fraction:.0%}"
         start = time.perf_counter()
         m, _, facts = self.snl(fraction)
-        return {key: self.finish(key, m, snl_fx.evaluate(m, self.val, self.cfg), time.perf_counter() - start, **facts)}
+        return {key: self.finish(key, m, snl_fx.train.evaluate(m, self.val, self.cfg), time.perf_counter() - start, **facts)}
 
     def cost(self, results: Results, penalty: str, speedup: float) -> dict[str, dict[str, Any]]:
         key = f"cost-{penalty}@{speedup:g}x"
         start = time.perf_counter()
         m, unmerged, facts = self.snl(self.target(results, speedup, penalty))
         seconds = time.perf_counter() - start
-        row = self.finish(key, m, snl_fx.evaluate(m, self.val, self.cfg), seconds, **facts)
+        row = self.finish(key, m, snl_fx.train.evaluate(m, self.val, self.cfg), seconds, **facts)
         key2 = f"cost-{penalty}-unmerged@{speedup:g}x"
         return {key: row, key2: self.finish(key2, unmerged, None, 0.0)}
 
@@ -220,15 +214,15 @@ class Bench:
         cfg, target = self.cfg, self.target(results, speedup)
         start = time.perf_counter()
         gm = snl_fx.prepare(self.model, self.x)
-        plan = snl_fx.plan_cost(target, self.model, self.x, gm)
-        plan.select(gm, scores=stage_culling_scores(gm, site_criticality(gm, self.val, cfg), plan.relu_ceiling()))
+        plan = target.plan(gm)
+        plan.select(gm, scores=stage_culling_scores(gm, site_criticality(gm, self.val, cfg), plan.ceiling))
         teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         tuned = snl_fx.finetune(gm, teacher, self.fit, replace(cfg, finetune_epochs=cfg.epochs + cfg.finetune_epochs),
                                 val_data=self.val)
         culled = snl_fx.convert(gm.eval()).eval()
         facts = {"finetune_epochs": cfg.epochs + cfg.finetune_epochs, "best_epoch": _best_epoch(tuned),
-                 "sites": {n: int(v) for n, v in snl_fx.site_relu_counts(gm, 0.5).items()}, "cost_budget_wan_s": target.limit}
-        return {key: self.finish(key, culled, snl_fx.evaluate(culled, self.val, cfg), time.perf_counter() - start, **facts)}
+                 "sites": {n: int(v) for n, v in snl_fx.train.site_relu_counts(gm).items()}, "cost_budget_wan_s": target.limit}
+        return {key: self.finish(key, culled, snl_fx.train.evaluate(culled, self.val, cfg), time.perf_counter() - start, **facts)}
 
 
 def _best_epoch(records: list[dict[str, Any]]) -> int:
@@ -251,19 +245,19 @@ def cifar_rows(speedup: float) -> list[dict[str, Any]]:
     rows = []
     for budget in (15000, 50000):
         gm = snl_fx.prepare(model, x)
-        scores = snl_fx.linearization_scores(gm, x)
+        scores = snl_fx.select.linearization_scores(gm, x)
         snl_fx.binarize(gm, budget, scores=scores)
         base = costs(snl_fx.convert(gm).eval(), x)
         rows.append({"model": "cifar_resnet18", "budget": budget, "method": "count-only", **base})
         # the linear layers alone may cost more than count-only / speedup: cut the rest by speedup
-        fixed = snl_fx.plan_cost(snl_fx.Cost(seconds=base["wan_s"]), model, x, snl_fx.prepare(model, x)).base
+        fixed = snl_fx.Cost(seconds=base["wan_s"]).plan(snl_fx.prepare(model, x)).base
         target = snl_fx.Cost(seconds=fixed + (base["wan_s"] - fixed) / speedup)
         for method in ("cost-aware", "culling"):
             gm = snl_fx.prepare(model, x)
-            plan = snl_fx.plan_cost(target, model, x, gm)
+            plan = target.plan(gm)
             if method == "culling":
                 crit = {n: float(s.sum()) for n, s in scores.items()}
-                plan.select(gm, scores=stage_culling_scores(gm, crit, plan.relu_ceiling()))
+                plan.select(gm, scores=stage_culling_scores(gm, crit, plan.ceiling))
             else:
                 plan.select(gm, scores=scores)
             rows.append({"model": "cifar_resnet18", "budget": budget, "method": method, "cost_budget_wan_s": target.limit,

@@ -19,8 +19,8 @@ import math
 import torch
 import torch.nn as nn
 
-import passes
 import snl_fx
+from snl_fx import passes
 from snl_fx.app.models import MODELS
 
 INPUTS = {"small_resnet": (1, 1, 28, 28), "cifar_resnet18": (1, 3, 32, 32)}

@@ -16,7 +16,7 @@ Methods differ only in how the kept ReLUs are chosen:
   layer (greedily packed up to the budget); a pruned channel is zeroed after the site (so it
   needs no ReLU: relu(0) = 0) and stays zero while fine-tuning; count <= budget;
 * ``random``: a uniformly random set of pixels;
-* ``one-shot``: ``snl_fx.linearization_scores`` on a batch of training images (training-free).
+* ``one-shot``: ``snl_fx.select.linearization_scores`` on a batch of training images (training-free).
 
 Baselines have no gate phase, so they get the SNL gate-phase epochs as extra fine-tune epochs:
 every method trains for ``gate_epochs + finetune_epochs`` epochs. All training settings are
@@ -79,18 +79,18 @@ class Setup:
 def random_scores(gm: GraphModule, seed: int) -> dict[str, torch.Tensor]:
     """Uniform random score per gate element (keeps a random set of pixels)."""
     g = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(gate.weight.shape, generator=g) for n, gate in snl_fx.gates(gm).items()}
+    return {n: torch.rand(gate.weight.shape, generator=g) for n, gate in snl_fx.train.gates(gm).items()}
 
 
 def site_criticality(gm: GraphModule, val: Dataset, cfg: snl_fx.TrainConfig) -> dict[str, float]:
     """Validation accuracy drop when one site alone is linearized (all its gates 0), per site."""
-    base = snl_fx.evaluate(gm, val, cfg)
+    base = snl_fx.train.evaluate(gm, val, cfg)
     drops = {}
-    for name, gate in snl_fx.gates(gm).items():
+    for name, gate in snl_fx.train.gates(gm).items():
         saved = gate.weight.detach().clone()
         with torch.no_grad():
             gate.weight.zero_()
-        drops[name] = base - snl_fx.evaluate(gm, val, cfg)
+        drops[name] = base - snl_fx.train.evaluate(gm, val, cfg)
         with torch.no_grad():
             gate.weight.copy_(saved)
     return drops
@@ -103,7 +103,7 @@ def stage_culling_scores(gm: GraphModule, criticality: dict[str, float], budget:
     gives what is left of the budget to the most critical site that did not fit whole, as a
     prefix of its elements in (channel, row, column) order (its ties break by element index).
     """
-    gates = snl_fx.gates(gm)
+    gates = snl_fx.train.gates(gm)
     order = sorted(gates, key=lambda n: -criticality[n])  # stable: ties keep site order
     left, tier = budget, {}
     for name in order:
@@ -118,7 +118,7 @@ def stage_culling_scores(gm: GraphModule, criticality: dict[str, float], budget:
 def feeding_conv(gm: GraphModule, site: str) -> nn.Conv2d:
     """The convolution feeding a site: walk back along first inputs (through BN, add) to a Conv2d."""
     modules = dict(gm.named_modules())
-    gate = snl_fx.gates(gm)[site]
+    gate = snl_fx.train.gates(gm)[site]
     node = next(n for n in gm.graph.nodes if n.op == "call_module" and modules[n.target] is gate)
     while node.all_input_nodes:
         node = node.all_input_nodes[0]
@@ -133,7 +133,7 @@ def l1_filter_scores(gm: GraphModule) -> dict[str, torch.Tensor]:
     Sorting all channels by this quantile keeps about the same top fraction in every site.
     """
     scores = {}
-    for name, gate in snl_fx.gates(gm).items():
+    for name, gate in snl_fx.train.gates(gm).items():
         norms = feeding_conv(gm, name).weight.detach().abs().flatten(1).sum(1)
         if norms.numel() != gate.weight.numel():
             raise snl_fx.SnlFxError(f"site {name}: {gate.weight.numel()} channels, feeding conv has {norms.numel()}")
@@ -145,7 +145,7 @@ def l1_filter_scores(gm: GraphModule) -> dict[str, torch.Tensor]:
 
 def zero_pruned_channels(gm: GraphModule) -> None:
     """Multiply each binarized channel gate's output by the gate: a pruned channel is 0, no ReLU."""
-    for gate in snl_fx.gates(gm).values():
+    for gate in snl_fx.train.gates(gm).values():
         gate.register_forward_hook(lambda module, inputs, output: output * module.weight)
 
 
@@ -161,7 +161,7 @@ def run_snl(setup: Setup, granularity: str, budget: int) -> dict[str, Any]:
     result = snl_fx.linearize(setup.model, setup.example, budget, setup.fit, val_data=setup.val,
                               granularity=granularity, config=cfg)
     gate_hist = [h for h in result.history if h["phase"] == "gates"]
-    return {"relu_count": result.relu_count, "test_acc": snl_fx.evaluate(result.model, setup.test, cfg),
+    return {"relu_count": result.relu_count, "test_acc": snl_fx.train.evaluate(result.model, setup.test, cfg),
             "val_acc": result.accuracy_after, "gate_epochs": len(gate_hist),
             "gates_reached": bool(gate_hist) and gate_hist[-1]["relu_count"] <= budget,
             "finetune_epochs": cfg.finetune_epochs, "gate_counts": [h["relu_count"] for h in gate_hist]}
@@ -174,7 +174,7 @@ def choose_mask(setup: Setup, method: str, budget: int) -> tuple[GraphModule, in
     if method == "random":
         scores = random_scores(gm, setup.cfg.seed)
     elif method == "one-shot":
-        scores = snl_fx.linearization_scores(gm, setup.calib)
+        scores = snl_fx.select.linearization_scores(gm, setup.calib)
     elif method == "stage-culling":
         scores = stage_culling_scores(gm, site_criticality(gm, setup.val, setup.cfg), budget)
     elif method == "l1-prune":
@@ -196,14 +196,14 @@ def run_baseline(setup: Setup, method: str, budget: int) -> dict[str, Any]:
     snl_fx.finetune(gm, teacher, setup.fit, replace(cfg, finetune_epochs=epochs), val_data=setup.val)
     gm.eval()
     if method == "l1-prune":  # the zeroing hooks do not survive lowering: evaluate the gated model
-        final, model = snl_fx.relu_count_gated(gm, eps=0.5), gm
+        final, model = snl_fx.train.relu_count_gated(gm, eps=0.5), gm
     else:
         model = snl_fx.convert(gm).eval()
         final = snl_fx.relu_count(model, setup.example[:1]).total
     if final != count:
         raise snl_fx.SnlFxError(f"{method}: binarize kept {count} ReLUs but the model has {final}")
-    return {"relu_count": final, "test_acc": snl_fx.evaluate(model, setup.test, cfg),
-            "val_acc": snl_fx.evaluate(model, setup.val, cfg), "gate_epochs": 0, "gates_reached": None,
+    return {"relu_count": final, "test_acc": snl_fx.train.evaluate(model, setup.test, cfg),
+            "val_acc": snl_fx.train.evaluate(model, setup.val, cfg), "gate_epochs": 0, "gates_reached": None,
             "finetune_epochs": epochs}
 
 
@@ -345,8 +345,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     example = torch.stack([fit[i][0] for i in range(32)])
     calib = torch.stack([fit[i][0] for i in range(256)])
     total = snl_fx.relu_count(model, example[:1]).total
-    budgets = [snl_fx.resolve_budget(b if b < 1 else int(b), total) for b in args.budgets]
-    acc_before = snl_fx.evaluate(model, test, cfg)
+    budgets = [snl_fx.budget.resolve_budget(b if b < 1 else int(b), total) for b in args.budgets]
+    acc_before = snl_fx.train.evaluate(model, test, cfg)
     logging.info("pretrained small ResNet: %d ReLUs, test acc %.2f%%", total, acc_before)
 
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "budgets", "methods", "cache_dir", "threads")}

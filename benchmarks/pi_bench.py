@@ -1,10 +1,10 @@
-"""Private inference under CrypTen 2PC: original vs linearized models, measured, vs relu-count's estimate.
+"""Private inference under CrypTen 2PC: original vs linearized models, measured, vs the cost model's prediction.
 
 For each model (random weights: cost does not depend on them) and ReLU budget: training-free
 one-shot linearization (``snl_fx.linearize(model, x, budget)``), ``export_onnx(..., profile="pi")``,
 then ``snl_fx.pi_bench`` (2 parties on loopback, 1 thread each) and
-``snl_fx.relu_count(path).costs()["crypten"]`` for the estimate. Times: ``--rounds`` rounds, each
-running every file in turn (drifts of a shared machine hit all files alike) with
+``snl_fx.pi_cost(path, protocol="crypten", network="lan")`` for the calibrated prediction. Times:
+``--rounds`` rounds, each running every file in turn (drifts of a shared machine hit all files alike) with
 ``pi_bench(runs=3)`` (median of 3 inferences); then the median over rounds per file. Checks that
 ReLU traffic is the per-ReLU cost times the ReLU count and that the traffic outside ReLU ops does
 not change with the budget (the gather form adds 0 bytes). Usage:
@@ -39,9 +39,15 @@ def measure(name: str, model: torch.nn.Module, x: torch.Tensor, budget: int | fl
     report = snl_fx.relu_count(path)
     r = snl_fx.pi_bench(path, runs=3, input=x[:1])
     row = {"model": name, "budget": budget, "kept": report.total, "relu_layers_in_file": report.relu_layers,
-           "estimate": report.costs()["crypten"], "path": str(path), "input": x[:1],
+           "estimate": _estimate(path), "path": str(path), "input": x[:1],
            **r.to_dict(), "times": [r.seconds], "relu_times": [r.relu_seconds]}
     return row
+
+
+def _estimate(path: Path) -> dict:
+    """The calibrated model's prediction for the file under CrypTen on this machine's loopback (lan)."""
+    cost = snl_fx.pi_cost(path, protocol="crypten", network="lan")
+    return {"bytes": cost.bytes, "rounds": cost.rounds, "seconds": cost.seconds}
 
 
 def time_rounds(rows: list[dict], rounds: int) -> None:

@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 
 import snl_fx
-from snl_fx.calibration import CHEETAH_OT_INSTANCES, CONSTANTS_PATH, layer_features
 from snl_fx.app.models import small_resnet
+from snl_fx.cost.calibration import CHEETAH_OT_INSTANCES, CONSTANTS_PATH, layer_features
 
 SOURCES = {
     "crypten": "measured: CrypTen 0.4.1 2PC, 2 processes on loopback, TFP Beaver triples (online traffic)",
@@ -51,9 +51,9 @@ def partial(model: nn.Module, x: torch.Tensor, fraction: float, granularity: str
     gm = snl_fx.prepare(model, x, granularity=granularity)
     torch.manual_seed(seed)
     with torch.no_grad():
-        for p in snl_fx.gate_parameters(gm):
+        for p in snl_fx.train.gate_parameters(gm):
             p.uniform_()
-    total = sum(snl_fx.site_relu_counts(gm).values())
+    total = sum(snl_fx.train.site_relu_counts(gm).values())
     snl_fx.binarize(gm, max(1, int(total * fraction)))
     return snl_fx.convert(gm)
 
@@ -308,7 +308,7 @@ def calibrate(backend: str, runs: int, workdir: Path, only: list[str] | None = N
 
 def check(entry: dict, rows: list[dict], backend: str, workdir: Path) -> dict:
     """Predicted vs measured on every graph; small_resnet rows were not in the bytes/rounds fit."""
-    from snl_fx.calibration import CostTable, cost_from_report, parse_network
+    from snl_fx.cost.calibration import CostTable, cost_from_report, parse_network
 
     table = CostTable(backend, entry["bytes"], entry["rounds"], entry["seconds"], entry["source"], {})
     out = []

@@ -60,7 +60,7 @@ def main() -> None:
     jobs.pretrain(model, fit, val, base, 8, cache_dir=out, cosine=True,
                   cache_key={"model": "small_resnet", "data": "fashion-mnist", "split": "50k/10k", "subset": args.subset})
     model.cpu().eval()
-    acc_before = snl_fx.evaluate(model, test, base)
+    acc_before = snl_fx.train.evaluate(model, test, base)
     print(f"pretrained: test {acc_before:.2f}%", flush=True)
     if args.pretrain_only:
         return
@@ -80,7 +80,7 @@ def main() -> None:
             "gates_reached_budget": bool(gates) and gates[-1]["relu_count"] <= result.budget,
             "count_at_end_of_gates": gates[-1]["relu_count"] if gates else None,
             "val_acc": max((h["val_acc"] for h in result.history if h["phase"] == "finetune"), default=None),
-            "test_acc": snl_fx.evaluate(result.model, test, base), "test_acc_before": acc_before,
+            "test_acc": snl_fx.train.evaluate(result.model, test, base), "test_acc_before": acc_before,
             "reference_test_acc": ref_acc, "reference_note": ref_note, "target": TARGETS.get(round(fraction, 4)),
             "overrides": overrides, "seconds": time.perf_counter() - start, "history": result.history,
         }

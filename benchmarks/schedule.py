@@ -47,7 +47,7 @@ def main() -> None:
                   cache_key={"model": "small_resnet", "data": "fashion-mnist", "subset": args.subset})
     model.cpu().eval()
     example = torch.stack([fit[i][0] for i in range(32)])
-    acc_before = snl_fx.evaluate(model, test, base)
+    acc_before = snl_fx.train.evaluate(model, test, base)
     print(f"pretrained: test acc {acc_before:.2f}%")
 
     rows = []
@@ -61,7 +61,7 @@ def main() -> None:
             "schedule": schedule, "budget": result.budget, "epochs_to_budget": reached,
             "gate_epochs_run": len(gates), "count_at_end_of_gates": gates[-1]["relu_count"],
             "final_relus": result.relu_count, "final_lambda": gates[-1]["lambda"],
-            "test_acc": snl_fx.evaluate(result.model, test, base), "seconds": time.perf_counter() - start,
+            "test_acc": snl_fx.train.evaluate(result.model, test, base), "seconds": time.perf_counter() - start,
             "counts": [h["relu_count"] for h in gates], "lambdas": [h["lambda"] for h in gates],
         }
         rows.append(row)

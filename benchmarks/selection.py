@@ -5,7 +5,7 @@ are trained once with the library's defaults; then each selection is applied to 
 same trained gates:
 
 * ``threshold``: ``snl_fx.binarize`` (the top gate values; ties by linearization scores);
-* ``refine``: the same, then ``snl_fx.refine_selection`` (swaps kept and removed ReLUs while the
+* ``refine``: the same, then ``snl_fx.select.refine_selection`` (swaps kept and removed ReLUs while the
   measured loss falls);
 * ``ramp`` / ``refine-ramp``: the fine-tune's first epoch moves the gates from their soft values
   to the binary ones step by step (``finetune(..., ramp_from=...)``) instead of a jump;
@@ -60,30 +60,30 @@ def main() -> None:
     result_file = out / f"selection-{args.budget:g}-s{args.seed}-{args.granularity}-{args.tag}.json"
     for cfg in (base,):
         gm = snl_fx.prepare(copy.deepcopy(model), example, granularity=args.granularity)
-        budget = snl_fx.resolve_budget(args.budget, snl_fx.relu_count(model, example[:1]).total)
+        budget = snl_fx.budget.resolve_budget(args.budget, snl_fx.relu_count(model, example[:1]).total)
         start = time.perf_counter()
         history = snl_fx.train_gates(gm, fit, budget, cfg, teacher=teacher, val_data=val)
         gate_seconds = time.perf_counter() - start
-        values = torch.cat([w.detach().flatten() for w in snl_fx.gate_parameters(gm)])
+        values = torch.cat([w.detach().flatten() for w in snl_fx.train.gate_parameters(gm)])
         kept = values[values > cfg.eps]
-        soft = {"soft_val": snl_fx.evaluate(gm, val, cfg), "count": snl_fx.relu_count_gated(gm, cfg.eps),
+        soft = {"soft_val": snl_fx.train.evaluate(gm, val, cfg), "count": snl_fx.train.relu_count_gated(gm, cfg.eps),
                 "kept_mean": float(kept.mean()) if kept.numel() else None,
                 "kept_below_half": int((kept < 0.5).sum()), "gate_seconds": gate_seconds,
                 "gate_epochs_run": len(history)}
         for selection in args.selections.split(","):
             g = copy.deepcopy(gm)
-            soft_gates = {n: gate.weight.detach().clone() for n, gate in snl_fx.gates(g).items()}
-            final = snl_fx.binarize(g, budget, tie_break=snl_fx.linearization_scores(g, example))
+            soft_gates = {n: gate.weight.detach().clone() for n, gate in snl_fx.train.gates(g).items()}
+            final = snl_fx.binarize(g, budget, tie_break=snl_fx.select.linearization_scores(g, example))
             row = {"selection": selection, "budget": budget, "relu_count": final, **soft,
-                   "binarized_val": snl_fx.evaluate(g, val, cfg), "binarized_test": snl_fx.evaluate(g, test, cfg)}
+                   "binarized_val": snl_fx.train.evaluate(g, val, cfg), "binarized_test": snl_fx.train.evaluate(g, test, cfg)}
             if selection.startswith("refine"):
                 start = time.perf_counter()
-                row.update(snl_fx.refine_selection(g, fit, cfg, teacher=teacher), refine_seconds=time.perf_counter() - start)
-                row.update(refined_val=snl_fx.evaluate(g, val, cfg), refined_test=snl_fx.evaluate(g, test, cfg),
-                           relu_count=snl_fx.relu_count_gated(g, 0.5))
+                row.update(snl_fx.select.refine_selection(g, fit, cfg, teacher=teacher), refine_seconds=time.perf_counter() - start)
+                row.update(refined_val=snl_fx.train.evaluate(g, val, cfg), refined_test=snl_fx.train.evaluate(g, test, cfg),
+                           relu_count=snl_fx.train.relu_count_gated(g, 0.5))
             ramp = soft_gates if selection.endswith("ramp") else None
             records = snl_fx.finetune(g, teacher, fit, cfg, val_data=val, ramp_from=ramp)
-            row.update(val_acc=max(r["val_acc"] for r in records), test_acc=snl_fx.evaluate(g, test, cfg))
+            row.update(val_acc=max(r["val_acc"] for r in records), test_acc=snl_fx.train.evaluate(g, test, cfg))
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items()}), flush=True)
             result_file.write_text(json.dumps(rows, indent=2) + "\n")

@@ -32,8 +32,8 @@ import onnxruntime as ort
 import torch
 import torch.nn as nn
 
-import passes
 import snl_fx
+from snl_fx import passes
 from snl_fx.app.models import small_resnet
 
 
@@ -78,7 +78,7 @@ def step_time(repeats: int, batch: int) -> dict[str, float]:
     def plain_step() -> None:
         with torch.no_grad():
             t = teacher(x)
-        loss = snl_fx.kd_loss(plain(x), t, y, temperature=cfg.temperature, weight=cfg.kd_weight)
+        loss = snl_fx.train.kd_loss(plain(x), t, y, temperature=cfg.temperature, weight=cfg.kd_weight)
         opt_plain.zero_grad(set_to_none=True)
         loss.backward()
         opt_plain.step()
@@ -86,11 +86,11 @@ def step_time(repeats: int, batch: int) -> dict[str, float]:
     def gated_step() -> None:
         with torch.no_grad():
             t = teacher(x)
-        loss = snl_fx.kd_loss(gated(x), t, y, temperature=cfg.temperature, weight=cfg.kd_weight) + 1e-5 * snl_fx.lasso_penalty(gated)
+        loss = snl_fx.train.kd_loss(gated(x), t, y, temperature=cfg.temperature, weight=cfg.kd_weight) + 1e-5 * snl_fx.train.lasso_penalty(gated)
         opt_gated.zero_grad(set_to_none=True)
         loss.backward()
         opt_gated.step()
-        snl_fx.clamp_gates(gated)
+        snl_fx.train.clamp_gates(gated)
 
     r = _median_ratio(plain_step, gated_step, repeats, inner=3)
     return {"batch": batch, "plain_step_s": r["a_s"], "gate_step_s": r["b_s"], "ratio": r["ratio"],
@@ -102,18 +102,18 @@ def lowered_models(keep: float) -> tuple[nn.Module, dict[str, nn.Module]]:
     torch.manual_seed(0)
     model = small_resnet().eval()
     x = torch.randn(32, 1, 28, 28)
-    budget = snl_fx.resolve_budget(keep, snl_fx.relu_count(model, x[:1]).total)
+    budget = snl_fx.budget.resolve_budget(keep, snl_fx.relu_count(model, x[:1]).total)
     out = {}
     for granularity in ("pixel", "channel"):
         gm = snl_fx.prepare(model, x, granularity)
-        snl_fx.binarize(gm, budget, snl_fx.linearization_scores(gm, x))
+        snl_fx.binarize(gm, budget, snl_fx.select.linearization_scores(gm, x))
         out[granularity] = snl_fx.convert(gm).eval()
         if granularity == "pixel":
-            for w in snl_fx.gate_parameters(gm)[:-2]:  # first four sites linear: two partial sites left
+            for w in snl_fx.train.gate_parameters(gm)[:-2]:  # first four sites linear: two partial sites left
                 w.data.zero_()
             out["pixel, last 2 sites partial"] = snl_fx.convert(gm).eval()
     gather = copy.deepcopy(out["pixel"])
-    passes.lower.set_form(gather, "gather")
+    passes.set_form(gather, "gather")
     two = out["pixel, last 2 sites partial"]
     return model, {"pixel, scatter form": out["pixel"], "pixel, gather form": gather,
                    "channel, gather form": out["channel"], "pixel, last 2 sites partial": two}

@@ -37,7 +37,7 @@ def files(out: Path) -> dict[str, Path]:
     x = torch.randn(16, 1, 28, 28)
     gm = snl_fx.prepare(model, x, skip=KEPT_LAYERS)
     with torch.no_grad():
-        for gate in snl_fx.gate_parameters(gm):
+        for gate in snl_fx.train.gate_parameters(gm):
             gate.zero_()
     layers = snl_fx.convert(gm)
     budget = snl_fx.relu_count(layers, x[:1]).total

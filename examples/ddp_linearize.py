@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 import snl_fx
-from snl_fx import distributed
 from snl_fx.app import jobs
 from snl_fx.app.data import split_train_val
+from snl_fx.train import distributed
 
 
 def main() -> None:
@@ -55,7 +55,7 @@ def main() -> None:
 
     result = snl_fx.linearize(model, example, args.budget, fit, val_data=val, out_dir=args.out, resume=args.resume,
                               **vars(cfg))
-    test_acc = distributed.on_rank0(lambda: snl_fx.evaluate(result.model, test, cfg))
+    test_acc = distributed.on_rank0(lambda: snl_fx.train.evaluate(result.model, test, cfg))
     jobs.write_outputs(result, example, args.out, {"test_acc_after": test_acc, "world_size": distributed.world_size()})
 
     if distributed.is_main():

@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. gates at every ReLU site, then Algorithm 1 with your loss
     gm = snl_fx.prepare(model, example, granularity="pixel")
-    total = snl_fx.relu_count_gated(gm)
-    schedule = snl_fx.LambdaSchedule(lam=1e-5, budget=args.budget, lowest=total,
+    total = snl_fx.train.relu_count_gated(gm)
+    schedule = snl_fx.train.LambdaSchedule(lam=1e-5, budget=args.budget, lowest=total,
                                      total_steps=args.epochs * len(loader))  # "target": lambda steered every step
-    gate_ids = {id(p) for p in snl_fx.gate_parameters(gm)}
+    gate_ids = {id(p) for p in snl_fx.train.gate_parameters(gm)}
     weights = [p for p in gm.parameters() if id(p) not in gate_ids]
-    opt = torch.optim.Adam([{"params": weights}, {"params": snl_fx.gate_parameters(gm), "lr": 3 / len(loader) / args.epochs}],
+    opt = torch.optim.Adam([{"params": weights}, {"params": snl_fx.train.gate_parameters(gm), "lr": 3 / len(loader) / args.epochs}],
                            lr=1e-3)  # gate lr: a gate can cross 0..1 in a third of the steps
     cfg = snl_fx.TrainConfig()  # evaluate's device and batch size
     for epoch in range(1, args.epochs + 1):
@@ -57,14 +57,14 @@ def main(argv: list[str] | None = None) -> None:
         for x, y in loader:
             with torch.no_grad():
                 target = teacher(x)
-            loss = snl_fx.kd_loss(gm(x), target, y, temperature=4.0, weight=0.5) + schedule.lam * snl_fx.lasso_penalty(gm)
+            loss = snl_fx.train.kd_loss(gm(x), target, y, temperature=4.0, weight=0.5) + schedule.lam * snl_fx.train.lasso_penalty(gm)
             opt.zero_grad(); loss.backward(); opt.step()
-            snl_fx.clamp_gates(gm)
-            count = snl_fx.relu_count_gated(gm, eps=0.01)
-            schedule.after_step(count, snl_fx.soft_relu_count(gm))
+            snl_fx.train.clamp_gates(gm)
+            count = snl_fx.train.relu_count_gated(gm, eps=0.01)
+            schedule.after_step(count, snl_fx.train.soft_relu_count(gm))
             if count <= args.budget:
                 break  # checked every step: many gates can cross eps within one epoch
-        count = snl_fx.relu_count_gated(gm, eps=0.01)
+        count = snl_fx.train.relu_count_gated(gm, eps=0.01)
         print(f"epoch {epoch}: {count:,} ReLUs (lambda {schedule.lam:.2g})")
         schedule.step(count, epoch)
         if count <= args.budget:
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     # 4. lower to a static graph and export
     lowered = snl_fx.convert(gm.eval())
     exported = snl_fx.export_onnx(lowered, example[:1], Path(args.out) / "model.onnx")
-    print(f"kept {final:,} of {total:,} ReLUs; test acc {snl_fx.evaluate(model, test, cfg):.2f}% -> "
-          f"{snl_fx.evaluate(lowered, test, cfg):.2f}%; {exported.path} has {exported.relu_count:,} ReLUs")
+    print(f"kept {final:,} of {total:,} ReLUs; test acc {snl_fx.train.evaluate(model, test, cfg):.2f}% -> "
+          f"{snl_fx.train.evaluate(lowered, test, cfg):.2f}%; {exported.path} has {exported.relu_count:,} ReLUs")
 
 
 if __name__ == "__main__":

@@ -1,42 +1,15 @@
-"""Pure torch.fx graph passes for Selective Network Linearization (GraphModule in, GraphModule out).
+"""The compiler's old top-level name: the passes now live in :mod:`snl_fx.passes`.
 
-Order of use: ``trace`` -> ``find_relus`` -> ``make_out_of_place`` -> ``insert_gates`` ->
-(train, binarize: the ``snl_fx`` package) -> ``lower_gates`` -> ``merge_linear`` (optional).
-This package never imports snl_fx.
+``import passes`` (and ``passes.gate``, ``passes.merge``, ...) keeps working and gives the very
+same modules; new code should import ``snl_fx.passes``.
 """
 
-from .errors import PassError
-from .find import find_relus
-from .gate import Gate, Granularity, gate_shape, gates, insert_gates, make_out_of_place, site_counts, site_key
-from .lower import PartialReLU, binary_mask, kept_counts, lower_gates
-from .merge import MergeCandidate, default_should_merge, merge_linear
-from .meta import Nonlinearity, Site, SNLMeta, Ungateable, get_meta
-from .trace import as_args, count_aten_relus, trace
+import importlib
+import sys
 
-__all__ = [
-    "Gate",
-    "Granularity",
-    "MergeCandidate",
-    "Nonlinearity",
-    "PartialReLU",
-    "PassError",
-    "SNLMeta",
-    "Site",
-    "Ungateable",
-    "as_args",
-    "binary_mask",
-    "count_aten_relus",
-    "default_should_merge",
-    "find_relus",
-    "gate_shape",
-    "gates",
-    "get_meta",
-    "insert_gates",
-    "kept_counts",
-    "lower_gates",
-    "make_out_of_place",
-    "merge_linear",
-    "site_counts",
-    "site_key",
-    "trace",
-]
+from snl_fx.passes import *  # noqa: F403 - the same public names
+from snl_fx.passes import __all__  # noqa: F401
+
+for _name in ("errors", "find", "gate", "lower", "merge", "meta", "spellings", "trace"):
+    sys.modules[f"{__name__}.{_name}"] = globals()[_name] = importlib.import_module(f"snl_fx.passes.{_name}")
+del _name

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ._errors import SnlFxError
+from snl_fx.errors import SnlFxError
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:

@@ -7,9 +7,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import passes
-
-from ._errors import SnlFxError
+from snl_fx import passes
+from snl_fx.errors import SnlFxError
 
 
 def check_data(data: Dataset | DataLoader | None, example_input: Any, name: str = "data") -> None:

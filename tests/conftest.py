@@ -10,15 +10,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class DispatchReluCounter(TorchDispatchMode):
-    """Counts elements fed to aten relu ops during a real forward pass (the test oracle)."""
+    """The tests' one ReLU oracle: during a real forward pass, counts the elements fed to aten relu ops
+    (``elements``), the relu calls (``calls``, one per site), and apart from them the elements fed to
+    aten hardtanh (``relu6``: ReLU6 is no ReLU)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.elements = 0
+        self.calls = 0
+        self.relu6 = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten.relu.default, torch.ops.aten.relu_.default):
             self.elements += args[0].numel()
+            self.calls += 1
+        elif func in (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default):
+            self.relu6 += args[0].numel()
         return func(*args, **(kwargs or {}))
 
 

@@ -197,6 +197,9 @@ def test_table_shows_sites_and_total(factories, capsys):
     assert code == 0, err
     assert "4x8x8" in out
     assert f"total: {4 * 8 * 8:,} ReLUs per sample in 1 ReLU layers" in out
+    last = out.strip().splitlines()[-1]  # one calibrated cost line, no literature estimates
+    assert last.startswith("predicted private inference (snl_fx.pi_cost): crypten, network wan")
+    assert last.endswith("(--protocol P for the per-layer table)") and "estimated" not in out
 
 
 @pytest.mark.parametrize(
@@ -222,7 +225,9 @@ def test_console_script_entry_point(tmp_path):
     path = conv_relu_onnx(tmp_path / "m.onnx")
     done = subprocess.run([str(script), str(path), "--json"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["total"] == 16 * 8 * 8
+    out = json.loads(done.stdout)
+    assert out["total"] == 16 * 8 * 8
+    assert "costs" not in out and (out["pi_cost"]["protocol"], out["pi_cost"]["network"]["name"]) == ("crypten", "wan")
 
 
 def test_train_options_come_from_the_trainconfig_fields():

@@ -11,10 +11,10 @@ import torch
 import torch.nn as nn
 
 import snl_fx
+import snl_fx.cost.model
 from snl_fx import SnlFxError
-import snl_fx._cost
-from snl_fx._cost import MEASURED_PROTOCOLS, linear_cost, protocols, relu_site_cost
 from snl_fx.app.cli import relu_count_main
+from snl_fx.cost import MEASURED_PROTOCOLS, PROTOCOLS, cost_table, linear_cost, protocols, relu_site_cost
 
 
 class Tiny(nn.Module):
@@ -62,7 +62,7 @@ def runnable(backend: str) -> str | None:
         return "snl_fx.pi_bench has no SPU backend"
     if not os.path.isdir(".venv-spu"):
         return "the SPU venv (.venv-spu) does not exist"
-    if "maxpool4_output" not in snl_fx._cost.cost_table(backend).bytes:
+    if "maxpool4_output" not in cost_table(backend).bytes:
         return f"{backend}'s constants do not price a 2x2 max-pool (calibrated without one)"
     return None
 
@@ -96,7 +96,7 @@ def test_prediction_matches_a_measured_run(tmp_path, backend):
 )
 def test_linear_patch_is_the_im2col_size_spu_opens(layer, shape, patch):
     (linear,) = snl_fx.relu_count(nn.Sequential(layer).eval(), torch.randn(shape)).linear
-    assert snl_fx._cost.linear_features(linear)["linear_patch"] == patch
+    assert snl_fx.cost.model.linear_features(linear)["linear_patch"] == patch
 
 
 def test_torch_module_and_its_onnx_file_cost_the_same(tmp_path):
@@ -128,19 +128,22 @@ class AvgPoolNet(nn.Module):
 
 
 def test_average_pools_are_priced_per_output(tmp_path):
-    """SPU truncates after an average pool's division: 8 B per output and 1 round a layer; CrypTen: free."""
+    """SPU truncates after an average pool's division: bytes per output and rounds per layer; CrypTen: free."""
     torch.manual_seed(0)
     model, x = AvgPoolNet().eval(), torch.randn(1, 1, 8, 8)
     path = tmp_path / "avgpool.onnx"
     snl_fx.export_onnx(model, x, path, profile="pi")
     for source in ((model, x), (path,)):
-        spu = snl_fx.pi_cost(*source, protocol="spu-semi2k")
-        pools = [(layer.kind, layer.elements, layer.bytes, layer.rounds) for layer in spu.layers if layer.kind == "avgpool"]
-        assert sorted(pools) == [("avgpool", 6, 48.0, 1), ("avgpool", 6, 48.0, 1), ("avgpool", 64, 512.0, 1)]
-        totals = spu.by_kind()["avgpool"]
-        assert (totals["bytes"], totals["rounds"]) == (608.0, 3)
-        crypten = snl_fx.pi_cost(*source, protocol="crypten").by_kind()["avgpool"]
-        assert (crypten["bytes"], crypten["rounds"]) == (0.0, 0)
+        for protocol in ("spu-semi2k", "crypten"):
+            table = cost_table(protocol)
+            per_output, per_layer = table.bytes["avgpool_output"], table.bytes["avgpool_layer"]
+            rounds = int(table.rounds["avgpool_layer"])
+            cost = snl_fx.pi_cost(*source, protocol=protocol)
+            pools = [(la.kind, la.elements, la.bytes, la.rounds) for la in cost.layers if la.kind == "avgpool"]
+            assert sorted(pools) == [("avgpool", n, n * per_output + per_layer, rounds) for n in (6, 6, 64)]
+            totals = cost.by_kind()["avgpool"]
+            assert totals["bytes"] == pytest.approx(76 * per_output + 3 * per_layer) and totals["rounds"] == 3 * rounds
+    assert cost_table("crypten").bytes["avgpool_output"] == 0  # CrypTen's average pool is local
     report = snl_fx.relu_count(path)
     assert report.other_totals()["avgpool"] == 64 + 6 + 6
     assert "average pool (linear; one truncation per output): 76 outputs per sample" in report.table()
@@ -174,15 +177,31 @@ def test_latency_is_compute_plus_bandwidth_plus_round_trips():
     assert snl_fx.pi_cost(model, x, network="1000,0.5").seconds == pytest.approx(lan.seconds)
 
 
-def test_literature_protocols_price_relus_only_and_say_so():
+@pytest.mark.parametrize("protocol", [p.name for p in PROTOCOLS if not p.calibrated])
+def test_literature_protocols_price_relus_only_and_say_so(protocol):
     model, x = tiny_lowered(100)
-    cost = snl_fx.pi_cost(model, x, protocol="delphi")
-    delphi = next(p for p in snl_fx.PROTOCOLS if p.name == "delphi")
-    assert cost.bytes == pytest.approx(100 * delphi.bytes_per_relu)
+    cost = snl_fx.pi_cost(model, x, protocol=protocol)
+    row = next(p for p in snl_fx.PROTOCOLS if p.name == protocol)
+    assert cost.bytes == pytest.approx(100 * cost_table(protocol).bytes["relu"]) == pytest.approx(100 * row.bytes_per_relu)
     assert cost.rounds is None
-    linear = [layer for layer in cost.layers if layer.kind == "linear"]
-    assert linear and all(layer.bytes is None and "ReLUs only" in layer.note for layer in linear)
-    assert delphi.source in cost.source
+    left_out = [layer for layer in cost.layers if layer.kind != "relu"]
+    assert left_out and all(layer.bytes is None and "ReLUs only" in layer.note for layer in left_out)
+    assert row.source in cost.source and any(row.leaves_out in n for n in cost.notes)
+
+
+def test_one_table_of_protocols_and_backends():
+    """Every list of protocols or backends is derived from snl_fx.cost.PROTOCOLS."""
+    from snl_fx.app import _spu, pi
+
+    assert snl_fx.PROTOCOLS is PROTOCOLS
+    assert protocols() == tuple(p.name for p in PROTOCOLS)  # every calibrated protocol has constants
+    assert MEASURED_PROTOCOLS == tuple(p.name for p in PROTOCOLS if p.calibrated)
+    assert pi.BACKENDS == tuple(p.backend for p in PROTOCOLS if p.backend) == MEASURED_PROTOCOLS
+    assert _spu.PROTOCOLS == {p.backend: p.spu for p in PROTOCOLS if p.spu}
+    for p in PROTOCOLS:
+        table = cost_table(p.name)
+        assert (table.measured is not None) == p.calibrated
+        assert table.source == p.source if p.calibrated else table.source.startswith(p.source)
 
 
 @pytest.mark.parametrize(
@@ -201,16 +220,25 @@ def test_bad_protocol_or_network_is_one_line(kwargs, words):
 
 
 def test_relu_count_cli_protocol(tmp_path, capsys):
+    """One cost section: ``pi_cost``, priced under --protocol (default crypten) and --network (default wan)."""
     model, x = tiny_lowered(100)
     path = tmp_path / "tiny.onnx"
     snl_fx.export_onnx(model, x, path, profile="pi")
     assert relu_count_main([str(path), "--json"]) == 0
     plain = json.loads(capsys.readouterr().out)
-    assert relu_count_main([str(path), "--protocol", "crypten", "--network", "lan", "--json"]) == 0
+    assert "costs" not in plain and [k for k in plain if "cost" in k] == ["pi_cost"]
+    default = snl_fx.pi_cost(path, protocol="crypten", network="wan")
+    assert (plain["pi_cost"]["protocol"], plain["pi_cost"]["network"]["name"]) == ("crypten", "wan")
+    assert (plain["pi_cost"]["bytes"], plain["pi_cost"]["rounds"]) == (default.bytes, default.rounds)
+    assert relu_count_main([str(path), "--protocol", "spu-semi2k", "--network", "lan", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert {k: v for k, v in out.items() if k != "pi_cost"} == plain
-    expected = snl_fx.pi_cost(path, protocol="crypten", network="lan")
+    assert {k: v for k, v in out.items() if k != "pi_cost"} == {k: v for k, v in plain.items() if k != "pi_cost"}
+    expected = snl_fx.pi_cost(path, protocol="spu-semi2k", network="lan")
     assert out["pi_cost"]["bytes"] == expected.bytes and out["pi_cost"]["rounds"] == expected.rounds
+    assert relu_count_main([str(path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].endswith(f"{default.headline()} (--protocol P for the per-layer table)")
+    assert not any("DELPHI" in line or "delphi" in line or "estimated" in line for line in lines)
     assert relu_count_main([str(path), "--protocol", "crypten"]) == 0
     table = capsys.readouterr().out
     assert "private inference under crypten, network wan" in table and "total" in table

@@ -1,14 +1,21 @@
-"""Budgets in cost units: Cost parsing and errors, cost-budget runs, the group term, count mode unchanged."""
+"""Budgets in cost units: Cost parsing and errors, cost-budget runs, the group term; count mode is the plain life cycle."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torch.nn as nn
+from conftest import dispatch_relus_per_sample
 
-import passes
 import snl_fx
-from snl_fx import Cost, SnlFxError, parse_cost
+from snl_fx import Cost, SnlFxError, parse_cost, passes
+from snl_fx.cost import cost_table, parse_network
+
+CRYPTEN = cost_table("crypten")
+SITE = 4 * 6 * 6  # ReLUs of each of Tiny's two sites
+SITE_ROUNDS = CRYPTEN.rounds["relu_layer"]  # rounds a CrypTen ReLU layer costs while it keeps anything
 
 
 class Tiny(nn.Module):
@@ -68,10 +75,10 @@ def test_plan_prices_sites_like_pi_cost():
     model, x, _ = setup()
     gm = snl_fx.prepare(model, x)
     plan = snl_fx.plan_cost(Cost(seconds=1.0), model, x, gm)
-    # CrypTen, WAN: a ReLU is 464 B on 100 Mbit/s plus its compute; a site 9 rounds of 40 ms plus their compute
-    table = snl_fx._cost.cost_table("crypten")
-    assert plan.per_relu == pytest.approx(464 * 8 / 1e8 + table.seconds["relu"])
-    assert plan.per_site == pytest.approx(9 * (0.040 + table.seconds["round"]))
+    # CrypTen, WAN: a ReLU is its calibrated bytes on the link plus its compute; a site its rounds of one RTT each
+    wan = parse_network("wan")
+    assert plan.per_relu == pytest.approx(wan.seconds(CRYPTEN.bytes["relu"], 0) + CRYPTEN.seconds["relu"])
+    assert plan.per_site == pytest.approx(wan.seconds(0, SITE_ROUNDS) + SITE_ROUNDS * CRYPTEN.seconds["round"])
     kept = {"relu": 10, "relu_1": 0}
     assert plan.value(kept) == pytest.approx(plan.pi_cost(kept).seconds)
 
@@ -80,7 +87,7 @@ def test_plan_prices_sites_like_pi_cost():
 def test_cost_budget_run_ends_under_its_cost_and_says_so(unit):
     model, x, data = setup()
     full = snl_fx.pi_cost(model, x[:1], "crypten", "wan")
-    limit = {"seconds": 0.7 * full.seconds, "bytes": 0.5 * full.bytes, "rounds": full.rounds - 9}[unit]
+    limit = {"seconds": 0.7 * full.seconds, "bytes": 0.5 * full.bytes, "rounds": full.rounds - SITE_ROUNDS}[unit]
     budget = Cost(**{unit: limit})
     result = snl_fx.linearize(model, x, budget, data, epochs=2, finetune_epochs=1, batch_size=16, progress=False)
     after = snl_fx.pi_cost(result.model, x[:1], "crypten", "wan")
@@ -94,15 +101,16 @@ def test_cost_budget_run_ends_under_its_cost_and_says_so(unit):
 
 def test_rounds_budget_one_shot_empties_whole_sites():
     model, x, _ = setup()
-    result = snl_fx.linearize(model, x, Cost(rounds=snl_fx.pi_cost(model, x[:1]).rounds - 9), None)
-    # 9 rounds fewer: exactly one ReLU site goes, the other keeps all its 144 ReLUs
-    assert sorted(s["after"] for s in result.sites.values()) == [0, 144]
-    assert result.cost["after"]["rounds"] == result.cost["before"]["rounds"] - 9
+    result = snl_fx.linearize(model, x, Cost(rounds=snl_fx.pi_cost(model, x[:1]).rounds - SITE_ROUNDS), None)
+    # one ReLU layer's rounds fewer: exactly one ReLU site goes, the other keeps all its ReLUs
+    assert sorted(s["after"] for s in result.sites.values()) == [0, SITE]
+    assert result.cost["after"]["rounds"] == result.cost["before"]["rounds"] - SITE_ROUNDS
 
 
 def test_cost_budget_that_cannot_be_met_is_refused():
     model, x, _ = setup()
-    with pytest.raises(SnlFxError, match=r"^the budget 1 rounds cannot be met: the model costs 4 without any gated ReLU$"):
+    base = snl_fx.pi_cost(model, x[:1]).rounds - 2 * SITE_ROUNDS  # the model with both ReLU sites removed
+    with pytest.raises(SnlFxError, match=rf"^the budget 1 rounds cannot be met: the model costs {base:g} without any gated ReLU$"):
         snl_fx.linearize(model, x, Cost(rounds=1), None)
 
 
@@ -126,24 +134,66 @@ def _gates_after_penalty(network: str) -> dict[str, int]:
 
 
 def test_group_term_empties_a_whole_site_when_rounds_are_expensive():
-    wan = _gates_after_penalty("wan")  # a site costs 9 x 44 ms, a ReLU 41 us: ~9,800 ReLU equivalents
+    wan = _gates_after_penalty("wan")  # a site costs its rounds of 40 ms RTT each: thousands of ReLUs' worth
     assert wan["relu"] == 0 and wan["relu_1"] > 0
     cheap = _gates_after_penalty("10,0")  # 10 Mbit/s, no RTT: a site costs about 110 ReLUs' worth
     assert cheap["relu"] > 0 and cheap["relu_1"] > 0
 
 
-def test_relu_count_mode_unchanged():
-    """Count mode through the objective hook, fixed seed: first pinned at c7b964a (before cost budgets,
-    identical numbers), re-pinned after 845c736/56ee5a7 changed the target schedule's defaults."""
+def _split(data: torch.utils.data.TensorDataset, n_train: int) -> tuple[torch.utils.data.TensorDataset, ...]:
+    x, y = data.tensors
+    return torch.utils.data.TensorDataset(x[:n_train], y[:n_train]), torch.utils.data.TensorDataset(x[n_train:], y[n_train:])
+
+
+@pytest.mark.filterwarnings("ignore:the gates reached")  # 3 epochs may end above the budget: binarized to it
+def test_relu_count_mode_is_the_plain_life_cycle():
+    """A count budget through linearize is prepare -> train_gates -> binarize -> finetune -> convert called
+    by hand, bit for bit on this machine (no figure pinned: training floats differ between CPUs)."""
     model, x, data = setup()
-    r = snl_fx.linearize(model, x, 40, data, epochs=3, finetune_epochs=1, batch_size=16, progress=False)
-    assert r.relu_count == 40 and r.cost is None
-    assert r.sites == {"relu": {"before": 144, "after": 21}, "relu_1": {"before": 144, "after": 19}}
-    assert [h["relu_count"] for h in r.history] == [288, 288, 31, 40]
-    assert [round(h["lambda"], 12) for h in r.history if h["lambda"]] == [0.000270809542, 0.195194434447, 30.727031303925]
+    train, val = _split(data, 80)  # 5 steps of 16 per epoch; val given, so linearize splits nothing
+    opts = dict(epochs=3, finetune_epochs=1, batch_size=16, progress=False)
+    r = snl_fx.linearize(model, x, 40, train, val_data=val, **opts)
+
+    cfg = snl_fx.TrainConfig(**opts)
+    gm = snl_fx.prepare(model, x)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    history = snl_fx.train_gates(gm, train, 40, cfg, teacher=teacher, val_data=val)
+    assert snl_fx.binarize(gm, 40, tie_break=snl_fx.linearization_scores(gm, x)) == 40
+    history += snl_fx.finetune(gm, teacher, train, cfg, val_data=val, budget=40, history=history)
+    by_hand = snl_fx.convert(gm.eval()).eval()
+
+    assert list(r.gated.state_dict()) == list(gm.state_dict())
+    for key, value in gm.state_dict().items():
+        assert torch.equal(r.gated.state_dict()[key], value), key
+    untimed = lambda records: [{k: v for k, v in h.items() if k != "seconds"} for h in records]  # noqa: E731
+    assert untimed(r.history) == untimed(history)
     with torch.no_grad():
-        # the same to float32 rounding (the gate arithmetic may be reordered; the selection above is exact)
-        assert float(r.model(x).double().sum()) == pytest.approx(0.7573549002408981, rel=1e-6)
+        assert torch.equal(r.model(x), by_hand(x))
+
+    # invariants of the run itself
+    assert r.method == "snl" and r.cost is None
+    assert r.relu_count == r.budget == 40 == sum(s["after"] for s in r.sites.values())
+    assert {n: s["before"] for n, s in r.sites.items()} == {"relu": SITE, "relu_1": SITE}
+    assert dispatch_relus_per_sample(r.model, x) == 40
+    gates = [h for h in r.history if h["phase"] == "gates"]
+    assert [h["relu_count"] for h in r.history if h["phase"] == "finetune"] == [40]
+    assert all(h["lambda"] > 0 and all(lam > 0 for _, _, lam in h["path"]) for h in gates)
+    _assert_lambda_rises_above_the_target_path(gates, budget=40, start=2 * SITE, total_steps=3 * 5)
+
+
+def _assert_lambda_rises_above_the_target_path(gates: list, budget: int, start: int, total_steps: int) -> None:
+    """Target schedule: after every step whose count is above the target path, lambda has grown."""
+    path = snl_fx.train.LambdaSchedule(1.0, budget=budget, lowest=start, total_steps=total_steps)
+    above = 0
+    for record in gates:
+        previous = record["lambda"]  # lambda at the start of the epoch
+        assert [step for step, _, _ in record["path"]] == list(range(record["path"][0][0], record["path"][-1][0] + 1))
+        for step, count, lam in record["path"]:  # every step is recorded: fewer than 20 steps per epoch
+            if count > path.target(step):
+                above += 1
+                assert lam > previous, (step, count, path.target(step), previous, lam)
+            previous = lam
+    assert above > 0  # the first steps start above the path: the check is not vacuous
 
 
 class ConvBnChain(nn.Module):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-
 import os
 import runpy
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from snl_fx.distributed import ShardedBatchSampler
+from snl_fx.train.distributed import ShardedBatchSampler
 
 # The run both sides make: a tiny CNN without BatchNorm, toy data, every phase, a checkpoint dir.
 SCRIPT = '''
@@ -25,10 +24,10 @@ import torch.nn as nn
 from torch.utils.data import TensorDataset
 
 import snl_fx
-from snl_fx import distributed
+from snl_fx.train import distributed
 
 # 256 samples: 230 train after the 10% validation split, 7 batches of 32 and one of 6, each split evenly
-# in two; the count falls 512 -> 353 -> 121, so the mask is the top 100 of distinct trained gate values
+# in two; the count falls from 512 over the epochs (to 121 where this was written), binarized to 100
 OPTS = dict(epochs=4, finetune_epochs=1, lr=1e-3, gate_lr=0.05, lambda0=1e-4, kappa=3.0, batch_size=32, progress=False)
 
 
@@ -69,7 +68,7 @@ def test_sampler_shards_are_the_single_process_batches():
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
-@pytest.mark.filterwarnings("ignore:the gates reached")  # 121 of budget 100 after 4 epochs: binarized to 100
+@pytest.mark.filterwarnings("ignore:the gates reached")  # 4 epochs may end above the budget 100: binarized to it
 def test_torchrun_two_ranks_match_one_process(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(SCRIPT)
@@ -89,8 +88,11 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     assert any(100 < c < 512 for c in counts), counts  # a real trajectory, not all gates closing at once
     assert counts == [h["relu_count"] for h in ranks[0]["history"]]
     # lambda follows the gates' mass every step: the sum order of DDP's gradients moves it by ~1e-6
-    lambdas = [(a["lambda"], b["lambda"]) for a, b in zip(single.history, ranks[0]["history"])]
-    assert all((a is None and b is None) or math.isclose(a, b, rel_tol=1e-4) for a, b in lambdas), lambdas
+    assert [h["phase"] for h in single.history] == [h["phase"] for h in ranks[0]["history"]]
+    lambdas = [(a["lambda"], b["lambda"]) for a, b in zip(single.history, ranks[0]["history"]) if a["phase"] == "gates"]
+    assert all(math.isclose(a, b, rel_tol=1e-4) for a, b in lambdas), lambdas
+    assert all(a["lambda"] is None and b["lambda"] is None
+               for a, b in zip(single.history, ranks[0]["history"]) if a["phase"] == "finetune")
     for key, a in single.gated.state_dict().items():
         b = ranks[0]["gated"][key]
         if key.startswith("snl_gates."):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import passes
+from snl_fx import passes
 
 
 def reference(z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""Boundaries: ``passes`` never imports ``snl_fx``; the library never imports its application layer,
-``snl_fx.app``, at import time; examples and benchmarks use only public names of ``snl_fx``."""
+"""Boundaries: the compiler (``snl_fx.passes``) imports nothing of the library above it; the
+library never imports its application layer, ``snl_fx.app``, at import time; the ONNX inspector
+never imports torch; examples and benchmarks use only public names of ``snl_fx``."""
 
 from __future__ import annotations
 
@@ -26,21 +27,60 @@ def _is_snl_fx(module: str | None) -> bool:
     return module is not None and (module == "snl_fx" or module.startswith("snl_fx."))
 
 
-@pytest.mark.parametrize("path", _python_files("passes"), ids=lambda p: p.name)
-def test_no_passes_module_imports_snl_fx(path):
+PASSES = sorted((ROOT / "snl_fx" / "passes").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", PASSES, ids=lambda p: p.name)
+def test_no_pass_imports_the_library_above_it(path):
+    """The compiler imports nothing of snl_fx but its own modules and the error class."""
     tree = ast.parse(path.read_text(), str(path))
-    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
-    assert not [m for m in imported if _is_snl_fx(m)]
+    absolute = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    absolute += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
+    assert [m for m in absolute if _is_snl_fx(m)] == []
+    upward = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 1]
+    assert set(upward) <= {"errors"}
 
 
-def test_importing_passes_loads_no_snl_fx_module():
-    code = "import sys, passes; print(sorted(m for m in sys.modules if m == 'snl_fx' or m.startswith('snl_fx.')))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+def _modules_after(code: str) -> list[str]:
+    out = subprocess.run([sys.executable, "-c", f"import sys\n{code}\nprint(sorted(sys.modules))"], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    return ast.literal_eval(out.stdout.strip().splitlines()[-1])
 
 
-LIBRARY = sorted(p for p in (ROOT / "snl_fx").glob("*.py"))
+def test_importing_the_passes_loads_nothing_of_the_library():
+    loaded = [m for m in _modules_after("import snl_fx.passes") if _is_snl_fx(m)]
+    assert sorted(m for m in loaded if not m.startswith("snl_fx.passes")) == ["snl_fx", "snl_fx.errors"]
+
+
+def test_the_old_passes_name_gives_the_same_modules():
+    import passes.gate
+
+    import passes
+    from snl_fx.passes import gate, merge_linear
+
+    assert passes.gate is gate and passes.merge_linear is merge_linear
+
+
+def test_the_onnx_inspector_imports_no_torch(tmp_path):
+    """relu_count and pi_cost of an ONNX file, as the relu-count CLI runs them, never load torch."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3, 3])],
+    )
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    code = (f"import snl_fx\nassert snl_fx.relu_count({str(path)!r}).total == 36\n"
+            f"snl_fx.pi_cost({str(path)!r}, protocol='spu-cheetah')")
+    assert "torch" not in _modules_after(code)
+    cli = f"from snl_fx.app.cli import relu_count_main\nrelu_count_main([{str(path)!r}, '--json'])"
+    assert "torch" not in _modules_after(cli)
+
+
+LIBRARY = sorted(p for p in (ROOT / "snl_fx").rglob("*.py") if "app" not in p.relative_to(ROOT / "snl_fx").parts)
 
 
 def _imports_at_import_time(tree: ast.Module) -> list[tuple[int, str]]:
@@ -63,7 +103,7 @@ def _is_app(level: int, module: str) -> bool:
     return name == "snl_fx.app" or name.startswith("snl_fx.app.")
 
 
-@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", LIBRARY, ids=lambda p: str(p.relative_to(ROOT)))
 def test_no_library_module_imports_the_app_at_import_time(path):
     tree = ast.parse(path.read_text(), str(path))
     assert [m for level, m in _imports_at_import_time(tree) if _is_app(level, m)] == []
@@ -80,7 +120,7 @@ def test_the_app_check_finds_app_imports():
 
 
 def test_importing_the_library_loads_no_app_module():
-    modules = ", ".join(f"snl_fx.{p.stem}" for p in LIBRARY if p.stem != "__init__")
+    modules = ", ".join(".".join(p.relative_to(ROOT).with_suffix("").parts) for p in LIBRARY if p.stem != "__init__")
     code = f"import sys, {modules}; print(sorted(m for m in sys.modules if m.startswith('snl_fx.app')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -145,3 +185,37 @@ def test_the_check_finds_private_uses():
 )
 def test_examples_and_benchmarks_use_only_public_names(path):
     assert private_uses(path.read_text()) == []
+
+
+BUDGET_KINDS = {"Cost", "Relus", "CostPlan", "CountPlan"}
+
+
+def budget_kind_branches(source: str) -> list[str]:
+    """``isinstance(x, Cost)`` and the like, and ``plan is None`` / ``objective is None`` tests."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance" and len(node.args) == 2:
+            kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            names = {getattr(k, "id", None) or getattr(k, "attr", None) for k in kinds}
+            found += [f"isinstance(..., {n})" for n in sorted(names & BUDGET_KINDS)]
+        elif isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id in ("plan", "objective"):
+            if any(isinstance(op, (ast.Is, ast.IsNot)) for op in node.ops):
+                found.append(f"{node.left.id} is (not) None")
+    return found
+
+
+def test_the_branch_check_finds_branches():
+    source = "isinstance(b, Cost)\nisinstance(b, (int, snl_fx.Cost))\nif plan is None: pass\nobjective is not None\n"
+    assert budget_kind_branches(source) == ["isinstance(..., Cost)", "isinstance(..., Cost)", "plan is (not) None",
+                                            "objective is (not) None"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in sorted((ROOT / "snl_fx").rglob("*.py")) if p.name != "budget.py"]
+    + _python_files("examples") + _python_files("benchmarks"),
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_no_module_outside_budget_branches_on_a_budget_kind(path):
+    """Budgets are objects that plan: only snl_fx/budget.py may ask which kind it holds."""
+    assert budget_kind_branches(path.read_text()) == []

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import TinyCNN, dispatch_relus_per_sample
 
-import passes
 import snl_fx
+from snl_fx import passes
 
 
 def lowered_tiny(granularity: str) -> tuple[torch.nn.Module, int]:
@@ -29,7 +29,7 @@ def forms(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     out = {}
     for form in passes.lower.FORMS:
         out[form] = copy.deepcopy(model)
-        passes.lower.set_form(out[form], form)
+        passes.set_form(out[form], form)
     return out
 
 
@@ -69,4 +69,4 @@ def test_onnx_files_of_both_forms_match_ort_and_count_exactly(tmp_path, granular
 def test_unknown_form_is_refused():
     model, _ = lowered_tiny("pixel")
     with pytest.raises(passes.PassError, match="form must be one of"):
-        passes.lower.set_form(model, "mask")
+        passes.set_form(model, "mask")

@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import symbolic_trace
 
-import passes
 import snl_fx
+from snl_fx import passes
 from snl_fx.app.models import small_resnet
 
 
@@ -220,7 +220,7 @@ def test_small_resnet_with_removed_relu_layers(tmp_path, removed):
     out = passes.merge_linear(copy.deepcopy(lowered))
     assert max_diff(lowered, out, x) <= 1e-4
     before, after = kinds(lowered), kinds(out)
-    assert before["BatchNorm2d"] == 9 and before["ReLU"] == 6 - len(removed)
+    assert before["ReLU"] == 6 - len(removed)  # sites all kept lower to plain ReLUs, removed ones to nothing
     # every BN follows a conv and folds; the 3x3 -> 3x3 pairs (both padded) stay apart
     assert after == {"Conv2d": before["Conv2d"], "ReLU": before["ReLU"], "AdaptiveAvgPool2d": 1, "Linear": 1, "add": 3}
     assert snl_fx.relu_count(out, x).total == snl_fx.relu_count(lowered, x).total

@@ -13,7 +13,7 @@ from conftest import dispatch_relus_per_sample
 from onnx import TensorProto, helper, numpy_helper
 
 from snl_fx import SnlFxError
-from snl_fx._onnx_count import onnx_relu_report
+from snl_fx.inspect.onnx_model import onnx_relu_report
 
 INF = np.float32(np.inf)
 
@@ -266,6 +266,23 @@ def test_relu_depth_is_the_longest_relu_chain(tmp_path):
     assert report.relu_depth == 3
     assert report.total == 4 * N
     assert report.relu_layers == 4
+
+
+def test_relu_depth_refuses_a_cycle():
+    import graphlib
+
+    from snl_fx.inspect.report import relu_depth
+
+    assert relu_depth("abcd", [("a", "b"), ("b", "c"), ("a", "d"), ("d", "c")], {"a", "b", "c"}) == 3
+    with pytest.raises(graphlib.CycleError):
+        relu_depth("ab", [("a", "b"), ("b", "a")], {"a"})
+
+
+def test_the_report_has_no_cost_section(tmp_path):
+    """One cost model: a report's price is snl_fx.pi_cost's, never a second estimate in the report."""
+    report = onnx_relu_report(conv_relu(tmp_path))
+    assert not hasattr(report, "costs") and "costs" not in report.to_dict()
+    assert " MB" not in report.table() and "estimated" not in report.table()
 
 
 def test_model_without_relu(tmp_path):

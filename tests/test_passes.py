@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import torchvision
 from conftest import ReluAsIdentity, Spellings, TinyCNN, dispatch_relus_per_sample
 
-import passes
 import snl_fx
+from snl_fx import passes
 
 
 def gated(model, x, granularity="pixel", skip=()):

@@ -17,9 +17,9 @@ from onnx import TensorProto, helper, numpy_helper
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import snl_fx
-from snl_fx.app import cli
 from snl_fx._files import load_checked, save_atomic
-from snl_fx._train import Checkpoint
+from snl_fx.app import cli
+from snl_fx.train.loop import Checkpoint
 
 LIN = ["linearize", "small_resnet", "--data", "fashion-mnist", "--subset", "64", "--quiet"]
 
@@ -126,14 +126,15 @@ def test_internal_error_says_so_and_debug_shows_traceback(monkeypatch, capsys):
 
 
 def test_a_broken_invariant_is_an_internal_error_not_a_user_error():
-    from snl_fx._linearize import _verify
+    from snl_fx.errors import InternalError
+    from snl_fx.lifecycle import _verify
 
     x = torch.randn(2, 3, 8, 8)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     gm = snl_fx.prepare(model, x)
     lowered = snl_fx.convert(gm)
     _verify(gm, lowered, x, 4 * 6 * 6, torch.device("cpu"))  # holds: all kept
-    with pytest.raises(RuntimeError, match="internal error: lowered model has 144 ReLUs per sample, expected 5") as info:
+    with pytest.raises(InternalError, match="^lowered model has 144 ReLUs per sample, expected 5$") as info:
         _verify(gm, lowered, x, 5, torch.device("cpu"))
     assert not isinstance(info.value, snl_fx.SnlFxError) and cli._user_error(info.value) is None
 

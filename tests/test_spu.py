@@ -85,7 +85,7 @@ def test_cheetah_matches_onnx_runtime_and_relu_bytes_fall(tmp_path):
         assert predicted.rounds == measured.rounds, kept
         relu = predicted.by_kind()["relu"]
         assert relu["rounds"] == measured.relu_rounds
-    # ReLU bytes: 98.5 B each; a tiny layer adds ~250 B of bit-packing round-off (15 ReLUs: 1,984 B)
+    # ReLU bytes: cost_table("spu-cheetah").bytes["relu"] each, plus a tiny layer's bit-packing round-off
     relu = snl_fx.pi_cost(export(tmp_path, (LAYER, LAYER)), protocol="spu-cheetah").by_kind()["relu"]
     assert abs(relu["bytes"] - full.relu_bytes) <= 0.05 * full.relu_bytes
 

@@ -16,7 +16,6 @@ from conftest import DispatchReluCounter, dispatch_relus_per_sample
 
 import snl_fx
 
-aten = torch.ops.aten
 ALL_MODELS = torchvision.models.list_models(module=torchvision.models)  # classification only
 AUX_HEADS = {"googlenet", "inception_v3"}  # aux classifiers run in train mode only
 CI_MODELS = [
@@ -44,22 +43,6 @@ def build(name: str) -> nn.Module:
     return torchvision.models.get_model(name, **kwargs).eval()
 
 
-class ReluCalls(DispatchReluCounter):
-    """The conftest oracle, also counting relu calls (one per site) and ReLU6 (hardtanh) elements."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-        self.relu6 = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (aten.relu.default, aten.relu_.default):
-            self.calls += 1
-        if func in (aten.hardtanh.default, aten.hardtanh_.default):
-            self.relu6 += args[0].numel()
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
 def check_against_oracle(name: str, batch: int = 2) -> None:
     model = build(name)
     size = image_size(name)
@@ -67,7 +50,7 @@ def check_against_oracle(name: str, batch: int = 2) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = snl_fx.relu_count(model, x)
-    oracle = ReluCalls()
+    oracle = DispatchReluCounter()
     with torch.no_grad(), oracle:
         model(x)
     assert report.total == oracle.elements // batch
@@ -101,7 +84,7 @@ def test_resnet18_at_224_with_maxpool_apart():
     stem = 64 * 112 * 112
     # two ReLUs per BasicBlock, two blocks per stage; stage i has 64*2^i channels at (56/2^i)^2
     blocks = sum(2 * 2 * (64 * 2**i) * (56 // 2**i) ** 2 for i in range(4))
-    assert report.total == stem + blocks == 2_308_096 == dispatch_relus_per_sample(model, x)
+    assert report.total == stem + blocks == dispatch_relus_per_sample(model, x)
     assert (len(report.sites), report.relu_layers, report.relu_depth) == (17, 17, 17)
     # 3x3 windows, 8 comparisons each; the global average pool: 512 outputs
     assert report.other_totals() == {"maxpool": 64 * 56 * 56 * (3 * 3 - 1), "avgpool": 512}

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import importlib
-import math
 import re
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn as nn
+from snl_fx.errors import SnlFxError
 
-from .._errors import SnlFxError
+if TYPE_CHECKING:  # torch is imported on use: parsing shapes for an ONNX file needs none
+    import torch
+    import torch.nn as nn
 
 
 def load_model_spec(spec: str) -> nn.Module:
     """Build the model a spec names: ``package.module:factory`` or ``torchvision:<name>``."""
+    import torch.nn as nn
+
     if ":" not in spec:
         raise SnlFxError(f"model spec {spec!r} must look like package.module:factory or torchvision:<name>")
     module_name, _, attr = spec.partition(":")
@@ -67,25 +70,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def parse_budget(text: str) -> int | float:
-    """``"15000"`` -> 15000 ReLUs per sample; ``"0.05"``, ``"5e-2"`` or ``"5%"`` -> the fraction 0.05."""
-    forms = "a ReLU count (an integer such as 15000), a fraction in (0, 1) such as 0.05, or a percentage such as 5%"
-    t = text.strip()
-    if re.fullmatch(r"\d+", t):
-        return int(t)
-    if re.fullmatch(r"\d+(\.\d*)?%|\.\d+%", t):
-        value = float(t[:-1]) / 100
-    else:
-        try:
-            value = float(t)
-        except ValueError:
-            value = math.nan
-    if not 0 < value < 1:  # also refuses nan, inf, 1,000 and counts written as floats
-        raise SnlFxError(f"--budget {text!r} is not {forms}")
-    return value
-
-
 def example_inputs(shapes: list[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
     """Random example inputs of the given shapes (seeded: counts never depend on values)."""
+    import torch
+
     gen = torch.Generator().manual_seed(0)
     return tuple(torch.randn(s, generator=gen) for s in shapes)

@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from .._errors import SnlFxError
+from snl_fx.cost.tables import SPU_PROTOCOLS
+from snl_fx.errors import SnlFxError
 
-PROTOCOLS = {"spu-cheetah": "CHEETAH", "spu-semi2k": "SEMI2K"}
+PROTOCOLS = SPU_PROTOCOLS  # backend -> SPU ProtocolKind, from the one table (snl_fx.cost.tables)
 RUNNER = Path(__file__).with_name("_spu_runner.py")
 SPU_HINT = (
     "bash scripts/setup.sh creates .venv-spu (Python 3.10/3.11 with spu==0.9.5 and onnx), "

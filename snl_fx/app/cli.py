@@ -11,25 +11,25 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from passes import PassError
-from passes.gate import GRANULARITIES
+from snl_fx.errors import SnlFxError
 
-from .._errors import SnlFxError
-from ._spec import example_inputs, load_model_spec, parse_budget, parse_shape
-from .data import DATASETS
+# torch, the passes, model specs and data sets are imported where a command needs them: reading
+# an ONNX file (relu-count FILE.onnx) never imports torch.
 
 
-def _run(prog: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+def _run(prog: str, body: Callable[[argparse.Namespace], int], args: argparse.Namespace, threads: bool = True) -> int:
     """Run a command: a user-caused failure is one line on stderr and exit code 2, an internal
     error one line saying so and exit code 1 (``--debug``: the traceback); a closed stdout
-    (``| head``) ends quietly with 141, as a process killed by SIGPIPE does."""
+    (``| head``) ends quietly with 141, as a process killed by SIGPIPE does. ``threads``: set
+    torch's threads first (commands that may not need torch set them themselves)."""
     debug = getattr(args, "debug", False)
     if not debug:
         warnings.simplefilter("ignore")  # library noise (deprecations) stays hidden; ours is shown
         warnings.filterwarnings("default", category=UserWarning, module=r"(snl_fx|passes)")
         warnings.showwarning = lambda message, *_, **__: print(f"{prog}: warning: {message}", file=sys.stderr)
     try:
-        set_default_threads(getattr(args, "threads", None))
+        if threads:
+            set_default_threads(getattr(args, "threads", None))
         return body(args)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -54,7 +54,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _user_error(exc: BaseException) -> str | None:
     """The one-line message of a failure the user caused (bad input, missing file, no memory), else None."""
-    if isinstance(exc, PassError):
+    if isinstance(exc, SnlFxError):  # the passes' PassError is this class too
         return " ".join(str(exc).split())
     if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and _is_oom(str(exc))):
         return f"out of memory ({_one_line(exc)[:200]}): use a smaller input shape or batch size"
@@ -87,39 +87,54 @@ def set_default_threads(threads: int | None = None) -> int:
 
 
 def _relu_count(args: argparse.Namespace) -> int:
-    from .._count import relu_count
+    from snl_fx.cost import pi_cost
+    from snl_fx.inspect import relu_count
+
+    from ._spec import parse_shape
 
     shapes = [parse_shape(s) for s in args.input_shape]
     target = args.model
     if os.path.isdir(target):
         raise SnlFxError(f"{target} is a directory: give an .onnx file or a model spec (package.module:factory)")
     if target.endswith(".onnx") or os.path.isfile(target):
-        report = relu_count(target, input_shapes=shapes or None)
+        report = relu_count(target, input_shapes=shapes or None)  # no torch for this
     else:
         if not shapes:
             raise SnlFxError("a torch model spec needs --input-shape, e.g. --input-shape 1,3,32,32")
-        report = relu_count(load_model_spec(target), example_inputs(shapes))
-    cost = None
-    if args.protocol or args.network:
-        from .._cost import pi_cost
+        from ._spec import example_inputs, load_model_spec
 
-        cost = pi_cost(report, protocol=args.protocol or "crypten", network=args.network or "wan")
+        set_default_threads()
+        report = relu_count(load_model_spec(target), example_inputs(shapes))
+    cost = pi_cost(report, protocol=args.protocol or "crypten", network=args.network or "wan")
     if args.json:
-        out = report.to_dict()
-        if cost is not None:
-            out["pi_cost"] = cost.to_dict()
-        print(json.dumps(out, indent=2))
+        print(json.dumps({**report.to_dict(), "pi_cost": cost.to_dict()}, indent=2))
+    elif args.protocol:
+        print(f"{report.table()}\n\n{cost.table()}")
     else:
-        print(report.table() if cost is None else f"{report.table()}\n\n{cost.table()}")
+        print(f"{report.table()}\npredicted private inference (snl_fx.pi_cost): {cost.headline()} "
+              "(--protocol P for the per-layer table)")
     return 0
 
 
 def relu_count_main(argv: Sequence[str] | None = None) -> int:
-    """``relu-count MODEL [--input-shape 1,3,32,32] [--protocol P] [--network lan|wan|MBPS,RTT_MS] [--json]``."""
+    """``relu-count MODEL [--input-shape 1,3,32,32] [--protocol P] [--network lan|wan|MBPS,RTT_MS] [--json]``.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0, 2 for bad input (one line on stderr), 1 for an internal error.
+
+    Example:
+        >>> relu_count_main(["model.onnx", "--protocol", "spu-cheetah", "--json"])
+        0
+    """
+    from snl_fx.cost.tables import protocol_help
+
     parser = argparse.ArgumentParser(
         prog="relu-count",
         description="Count ReLUs per sample, site by site, in a torch model or an ONNX file, "
-        "with other nonlinearities apart and private-inference cost estimates.",
+        "with other nonlinearities apart and the predicted private-inference cost (snl_fx.pi_cost).",
     )
     parser.add_argument("model", help="an .onnx file, package.module:factory, or torchvision:<name>")
     parser.add_argument(
@@ -131,25 +146,27 @@ def relu_count_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--protocol",
-        help="predict private-inference bytes, rounds and latency per layer under this protocol: crypten, "
-        "spu-cheetah, spu-semi2k (calibrated), delphi, sci, cheetah (literature, ReLUs only); JSON key 'pi_cost'",
+        help=f"the protocol priced (default crypten), with a per-layer table of bytes, rounds and latency: "
+        f"{protocol_help()}; JSON key 'pi_cost'",
     )
-    parser.add_argument(
-        "--network", help="for --protocol: lan (1 Gbit/s, 0.5 ms RTT), wan (100 Mbit/s, 40 ms; default) or MBPS,RTT_MS"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object; its 'total' is ReLUs per sample")
+    parser.add_argument("--network", help="the network priced: lan (1 Gbit/s, 0.5 ms RTT), wan (100 Mbit/s, 40 ms; "
+                        "default) or MBPS,RTT_MS")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object: 'total' is ReLUs per sample, 'pi_cost' the predicted cost")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and warnings")
-    return _run("relu-count", _relu_count, parser.parse_args(argv))
+    return _run("relu-count", _relu_count, parser.parse_args(argv), threads=False)
 
 
 def _linearize(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import distributed
+    from snl_fx.inspect import relu_count
+    from snl_fx.lifecycle import linearize
+    from snl_fx.train import distributed
+    from snl_fx.train.config import TrainConfig
+    from snl_fx.train.loop import evaluate
+
     from . import jobs
-    from .._count import relu_count
-    from .._linearize import linearize
-    from .._train import TrainConfig, evaluate
     from .data import split_train_val
     from .plots import plot_relus_per_layer
 
@@ -199,11 +216,11 @@ def _linearize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_linearize_args(args: argparse.Namespace) -> int | float:
+def _check_linearize_args(args: argparse.Namespace) -> Any:
     """Refuse bad ``snl-fx linearize`` options before any work; returns the parsed budget."""
-    from .._cost_budget import parse_cost
+    from snl_fx.budget import as_budget
 
-    budget = parse_cost(args.budget, args.protocol, args.network) or parse_budget(args.budget)
+    budget = as_budget(args.budget, args.protocol, args.network)
     if args.pretrain_epochs < 0:
         raise SnlFxError(f"--pretrain-epochs must be >= 0, got {args.pretrain_epochs}")
     if args.subset is not None and args.subset < 1:
@@ -280,7 +297,7 @@ TRAIN_OPTIONS = {
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """One option per :data:`TRAIN_OPTIONS` field, its default, type and choices (a Literal's
     values) taken from TrainConfig."""
-    from .._train import TrainConfig
+    from snl_fx.train.config import TrainConfig
 
     hints, defaults = typing.get_type_hints(TrainConfig), TrainConfig()
     for name, text in TRAIN_OPTIONS.items():
@@ -298,8 +315,11 @@ def snl_fx_main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["count"]:  # forwarded before parsing: argparse would claim relu-count's options
         return relu_count_main(argv[1:])
-    from .._export import PROFILES
-    from .pi import BACKENDS
+    from snl_fx.cost.tables import BACKENDS
+    from snl_fx.export import PROFILES
+    from snl_fx.passes import GRANULARITIES
+
+    from .data import DATASETS
 
     parser = argparse.ArgumentParser(prog="snl-fx", description="Selective Network Linearization for torch models")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from .._errors import SnlFxError
-from .._train import split_train_val
+from snl_fx.errors import SnlFxError
+from snl_fx.train.loop import split_train_val
 
 __all__ = [
     "CIFAR10_MEAN",

@@ -16,15 +16,24 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
-import passes
+from snl_fx import passes
+from snl_fx._files import load_checked, save_atomic, write_text_atomic
+from snl_fx.errors import SnlFxError
+from snl_fx.export import Profile, export_onnx
+from snl_fx.inspect.report import ReluReport
+from snl_fx.lifecycle import LinearizeResult
+from snl_fx.train import distributed
+from snl_fx.train.config import TrainConfig
+from snl_fx.train.loop import (
+    announce,
+    epoch_line,
+    evaluate,
+    make_loader,
+    seed_epoch,
+    timed,
+    train_epoch,
+)
 
-from .. import distributed
-from .._errors import SnlFxError
-from .._export import Profile, export_onnx
-from .._files import load_checked, save_atomic, write_text_atomic
-from .._linearize import LinearizeResult
-from .._report import ReluReport
-from .._train import TrainConfig, announce, epoch_line, evaluate, make_loader, seed_epoch, timed, train_epoch
 from .data import DATASETS
 
 log = logging.getLogger("snl_fx")
@@ -112,7 +121,7 @@ def pretrain(
 
 def check_checkpoint_matches(out_dir: str | os.PathLike, model: nn.Module) -> None:
     """Refuse to resume from ``out_dir``'s checkpoint when it holds weights of another model."""
-    from .._train import Checkpoint
+    from snl_fx.train.loop import Checkpoint
 
     checkpoint = Checkpoint(out_dir)
     state = checkpoint.load()
@@ -120,7 +129,7 @@ def check_checkpoint_matches(out_dir: str | os.PathLike, model: nn.Module) -> No
         return
     mine = model.state_dict()
     for key, value in state.get("model", {}).items():
-        if key.startswith(f"{passes.gate.GATES_PREFIX}."):
+        if key.startswith(f"{passes.GATES_PREFIX}."):
             continue
         if key not in mine or tuple(mine[key].shape) != tuple(value.shape):
             here = tuple(mine[key].shape) if key in mine else "absent"
@@ -157,19 +166,44 @@ def _write_outputs(
     return report
 
 
-def summary(before: ReluReport, after: ReluReport, acc_before: float | None, acc_after: float | None) -> str:
-    """A before/after table: ReLUs, accuracy and estimated private-inference cost per sample."""
+def summary(
+    before: ReluReport, after: ReluReport, acc_before: float | None, acc_after: float | None,
+    protocol: str = "crypten", network: str = "wan",
+) -> str:
+    """A before/after table: ReLUs, accuracy and the predicted private-inference cost of one sample.
+
+    The cost is the calibrated model's, :func:`snl_fx.pi_cost` of each report under ``protocol``
+    and ``network`` (the same figures as ``snl_fx.pi_cost(model, x[:1], protocol, network)``).
+
+    Args:
+        before: ``relu_count`` of the original model (one sample).
+        after: ``relu_count`` of the linearized model.
+        acc_before: test accuracy in percent of the original model, or None.
+        acc_after: that of the linearized model, or None.
+        protocol: the protocol priced (see :func:`snl_fx.cost.protocols`).
+        network: ``lan``, ``wan`` or ``MBPS,RTT_MS``.
+
+    Returns:
+        The table, a line naming the protocol and network, and the ReLU cut.
+
+    Example:
+        >>> print(summary(relu_count(model, x[:1]), relu_count(result.model, x[:1]), 91.2, 89.9))
+    """
+    from snl_fx.cost import pi_cost
 
     def acc(a: float | None) -> str:
         return "n/a" if a is None else f"{a:.2f}%"
 
-    rows = [("", "ReLUs/sample", "ReLU layers", "test acc", "DELPHI est.", "CrypTen est.", "SCI traffic")]
-    for label, rep, a in (("original", before, acc_before), ("linearized", after, acc_after)):
-        c = rep.costs()
-        rows.append((label, f"{rep.total:,}", str(rep.relu_layers), acc(a), f"{c['delphi']['seconds']:.3f} s",
-                     f"{c['crypten']['seconds']:.3f} s", f"{c['sci']['bytes'] / 1e6:.2f} MB"))
+    costs = [pi_cost(rep, protocol=protocol, network=network) for rep in (before, after)]
+    rows = [("", "ReLUs/sample", "ReLU layers", "test acc", "PI bytes", "PI rounds", "PI latency")]
+    for label, rep, a, c in (("original", before, acc_before, costs[0]), ("linearized", after, acc_after, costs[1])):
+        rounds = "?" if c.rounds is None else f"{c.rounds:,}"
+        rows.append((label, f"{rep.total:,}", str(rep.relu_layers), acc(a), f"{c.bytes / 1e6:,.3f} MB", rounds,
+                     f"{c.seconds:.3f} s"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.append(f"PI: one private inference of one sample under {costs[0].protocol}, network "
+                 f"{costs[0].network.describe()}, predicted by the calibrated cost model (snl_fx.pi_cost)")
     ratio = before.total / max(after.total, 1)
     lines.append(f"ReLUs cut {ratio:.1f}x ({before.total:,} -> {after.total:,} per sample)")
     return "\n".join(lines)

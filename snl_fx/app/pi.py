@@ -20,18 +20,19 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
 
-from .._errors import SnlFxError
-from .._export import import_crypten
+from snl_fx.cost.tables import BACKENDS
+from snl_fx.errors import SnlFxError
+from snl_fx.export import import_crypten
 
 __all__ = ["BACKENDS", "Backend", "PiBenchResult", "import_crypten", "pi_bench"]
 
-Backend = Literal["crypten", "spu-cheetah", "spu-semi2k"]
-BACKENDS: tuple[Backend, ...] = get_args(Backend)
+# A backend's name: one of BACKENDS, the runners of snl_fx.cost.tables.PROTOCOLS (the one table).
+Backend = str
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,8 @@ import torch
 import torch.nn as nn
 from onnx import numpy_helper
 
-import passes
-
-from ._errors import SnlFxError
+from snl_fx import passes
+from snl_fx.errors import SnlFxError
 
 Profile = Literal["default", "pi"]  # "pi": BN folded, integer constants as Constant nodes, for PI backends
 PROFILES: tuple[Profile, ...] = get_args(Profile)
@@ -66,8 +65,8 @@ def export_onnx(
         >>> snl_fx.export_onnx(result.model, x[:1], "model_pi.onnx", profile="pi").relu_count
         2195
     """
-    from ._count import relu_count
-    from ._onnx_count import onnx_relu_report
+    from snl_fx.inspect import relu_count
+    from snl_fx.inspect.onnx_model import onnx_relu_report
 
     if profile not in PROFILES:
         raise SnlFxError(f"profile must be one of {PROFILES}, got {profile!r}")
@@ -78,7 +77,7 @@ def export_onnx(
     if profile == "pi":
         from torch.fx.experimental.optimization import fuse
 
-        passes.lower.set_form(model, "gather")  # CrypTen has no ScatterElements; before fuse, which inlines it
+        passes.set_form(model, "gather")  # CrypTen has no ScatterElements; before fuse, which inlines it
         model = batchnorm_to_affine(fuse(model))  # fuse folds BN into a preceding conv; the rest become Mul+Add
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,13 +116,14 @@ def check_exports(gm: torch.fx.GraphModule, example_input: Any, profiles: tuple[
     """
     import tempfile
 
-    from ._snl import binarize, convert, ungated_relus
+    from snl_fx.gated import convert, ungated_relus
+    from snl_fx.select import binarize
 
     trial = copy.deepcopy(gm).cpu()
-    meta = passes.get_meta(trial)
     scores = {name: (torch.arange(g.weight.numel()) % 2 == 0).float().view_as(g.weight)
               for name, g in passes.gates(trial).items()}
-    kept = sum(int(c.sum()) * (meta.site(name).numel // c.numel()) for name, c in scores.items())
+    weight = passes.element_weights(trial)
+    kept = sum(int(c.sum()) * weight[name] for name, c in scores.items())
     binarize(trial, ungated_relus(trial) + kept, scores)
     lowered = convert(trial)
     args = tuple(a[:1] for a in passes.as_args(example_input))
@@ -144,8 +144,8 @@ def check_exports(gm: torch.fx.GraphModule, example_input: Any, profiles: tuple[
 
 def _crypten_loads(path: Path) -> None:
     """Load ``path`` with CrypTen's ONNX importer when CrypTen is installed (no MPC run)."""
-    import io
     import importlib.util
+    import io
 
     if importlib.util.find_spec("crypten") is None:
         return

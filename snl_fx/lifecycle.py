@@ -16,27 +16,24 @@ import torch.nn as nn
 from torch.fx import GraphModule
 from torch.utils.data import DataLoader, Dataset
 
-import passes
-
-from . import distributed
-from ._cost_budget import Cost, cost_summary, merge_for_cost, plan_cost
-from ._count import relu_count
-from ._errors import SnlFxError
-from ._export import check_exports
-from ._phases import EpochRecord, finetune, refine_selection, train_gates
-from ._snl import (
-    binarize,
+from snl_fx import passes
+from snl_fx._validate import check_data
+from snl_fx.budget import Cost, Plan, bind
+from snl_fx.errors import InternalError, SnlFxError
+from snl_fx.export import check_exports
+from snl_fx.gated import (
     convert,
     freeze_gates,
-    linearization_scores,
     max_abs_diff,
     prepare,
-    resolve_budget,
     site_relu_counts,
-    total_relus,
 )
-from ._train import Checkpoint, TrainConfig, evaluate, split_train_val
-from ._validate import check_data
+from snl_fx.inspect import relu_count
+from snl_fx.select import linearization_scores
+from snl_fx.train import distributed
+from snl_fx.train.config import TrainConfig
+from snl_fx.train.loop import Checkpoint, evaluate, split_train_val
+from snl_fx.train.phases import EpochRecord, finetune, train_gates
 
 log = logging.getLogger("snl_fx")
 
@@ -128,76 +125,60 @@ def linearize(
     check_data(data, example_input)  # (input, label) pairs shaped like the example: fail now, not mid-training
     gm = prepare(model, example_input, granularity, skip=skip, concrete_args=concrete_args, leaf_modules=leaf_modules)
     check_exports(gm, example_input)  # an unexportable model fails in seconds, before training
-    total = total_relus(gm)
-    plan = plan_cost(budget, model, example_input, gm) if isinstance(budget, Cost) else None
-    budget = plan.relu_ceiling() if plan is not None else resolve_budget(budget, total)
-    before = site_relu_counts(gm)
-    if budget >= total:
-        warnings.warn(f"budget {budget:,} >= the model's {total:,} ReLUs: nothing to remove, model unchanged", stacklevel=2)
+    plan = bind(budget, gm)
+    before = site_relu_counts(gm, eps=None)
+    if plan.nothing_to_remove:
+        warnings.warn(f"budget {plan.ceiling:,} >= the model's {plan.total:,} ReLUs: nothing to remove, model unchanged",
+                      stacklevel=2)
         unchanged = passes.trace(model, example_input, concrete_args=concrete_args, leaf_modules=leaf_modules)
         sites = {n: {"before": c, "after": c} for n, c in before.items()}
-        cost = None if plan is None else cost_summary(plan.budget, plan.pi_cost({}), plan.pi_cost({}))
-        return LinearizeResult(unchanged, None, total, total, budget, granularity, "unchanged", sites, cost=cost)
-
+        return LinearizeResult(unchanged, None, plan.total, plan.total, plan.ceiling, granularity, "unchanged", sites,
+                               cost=plan.unchanged_cost())
     if data is not None and val_data is None and isinstance(data, Dataset):
         data, val_data = split_train_val(data, 0.1, seed=cfg.seed)
     teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False)
     gm.to(device)
     for module in (teacher, gm):
         distributed.broadcast_state(module)
-    history: list[EpochRecord] = []
     accuracy_before = distributed.on_rank0(lambda: evaluate(teacher, val_data, cfg))
-
     if data is None:
         log.info("no data: training-free one-shot selection on the example batch (%s)", granularity)
-        scores = _scores(gm, example_input, device)
-        final = binarize(gm, budget, scores) if plan is None else plan.select(gm, scores=scores)
-        method = "one-shot"
+        final, history, method = plan.select(gm, scores=_scores(gm, example_input, device)), [], "one-shot"
     else:
-        state = Checkpoint(out_dir).load() if resume else None
-        if resume and state is None and distributed.is_main():
-            log.info("no checkpoint in %s: starting from scratch", out_dir)
-        if state is not None:
-            _check_resumable(state, budget, granularity)
-        if state is None or state["phase"] == "gates":
-            history = train_gates(gm, data, budget, cfg, teacher=teacher, val_data=val_data, checkpoint=out_dir,
-                                  resume=resume, objective=None if plan is None else plan.objective(gm))
-            # gates at 0 tie: among them, keep the ReLUs whose removal changes the activations most
-            ties = _scores(gm, example_input, device)
-            if plan is None:
-                final = binarize(gm, budget, tie_break=ties)
-                if cfg.refine:
-                    refined = refine_selection(gm, data, cfg, teacher=teacher)
-                    log.info("refined the selection: %d swaps, probe loss %.4g -> %.4g",
-                             refined["swaps"], refined["loss_before"], refined["loss_after"])
-            else:
-                final = plan.select(gm, tie_break=ties)
-                if cfg.refine:  # a swap across sites could change the cost
-                    warnings.warn("refine=True is not applied under a Cost budget", stacklevel=2)
-        else:
-            history = [r for r in state["history"] if r["phase"] == "gates"]
-            final = state["relu_count"]
-            freeze_gates(gm)  # binarized in the checkpoint
-        history += finetune(gm, teacher, data, cfg, val_data=val_data, checkpoint=out_dir, resume=resume,
-                            budget=budget, history=history)
-        method = "snl"
-
+        (final, history), method = _train(gm, plan, teacher, data, val_data, example_input, cfg, out_dir, resume), "snl"
     gm.eval()
     lowered = convert(gm).eval()
     _verify(gm, lowered, example_input, final, device)
-    after = site_relu_counts(gm, eps=0.5)
+    after = site_relu_counts(gm)
     sites = {n: {"before": before[n], "after": after[n]} for n in before}
-    cost = None
-    if plan is not None:
-        lowered, merged = merge_for_cost(lowered, plan.budget, _to(example_input, device))
-        cost = cost_summary(plan.budget, plan.pi_cost({}), plan.budget.predict(lowered, _to(example_input, device)), merged)
-        if not cost["met"]:
-            raise RuntimeError(f"internal error: the model costs {cost['after'][plan.budget.unit]:g} "
-                             f"{plan.budget.unit}, over the budget {plan.budget.limit:g}")
+    lowered, cost = plan.finish(lowered, _to(example_input, device))
     accuracy_after = distributed.on_rank0(lambda: evaluate(lowered, val_data, cfg))
-    return LinearizeResult(
-        lowered, gm, final, total, budget, granularity, method, sites, history, accuracy_before, accuracy_after, cost
-    )
+    return LinearizeResult(lowered, gm, final, plan.total, plan.ceiling, granularity, method, sites, history,
+                           accuracy_before, accuracy_after, cost)
+
+
+def _train(gm: GraphModule, plan: Plan, teacher: nn.Module, data: Any, val_data: Any, example_input: Any,
+           cfg: TrainConfig, out_dir: Any, resume: bool) -> tuple[int, list[EpochRecord]]:
+    """The gate phase, the plan's selection, the fine-tune (each resumed from ``out_dir`` when asked);
+    returns the final ReLUs per sample and the history."""
+    state = Checkpoint(out_dir).load() if resume else None
+    if resume and state is None and distributed.is_main():
+        log.info("no checkpoint in %s: starting from scratch", out_dir)
+    if state is not None and not plan.matches(state.get("budget")):
+        raise SnlFxError(f"the checkpoint in {out_dir} is for budget {state.get('budget')}, not {plan.key}: "
+                         "use another output dir or drop --resume")
+    if state is None or state["phase"] == "gates":
+        history = train_gates(gm, data, plan, cfg, teacher=teacher, val_data=val_data, checkpoint=out_dir, resume=resume)
+        # gates at 0 tie: among them, keep the ReLUs whose removal changes the activations most
+        final = plan.select(gm, tie_break=_scores(gm, example_input, cfg.resolved_device()))
+        if cfg.refine:
+            plan.refine(gm, data, cfg, teacher)
+    else:
+        history, final = [r for r in state["history"] if r["phase"] == "gates"], state["relu_count"]
+        freeze_gates(gm)  # binarized in the checkpoint
+    history += finetune(gm, teacher, data, cfg, val_data=val_data, checkpoint=out_dir, resume=resume,
+                        budget=plan.key, history=history)
+    return final, history
 
 
 def _config(config: TrainConfig | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -212,14 +193,6 @@ def _to(example_input: Any, device: torch.device) -> Any:
     return tuple(a.to(device) for a in passes.as_args(example_input))
 
 
-def _check_resumable(state: dict[str, Any], budget: int, granularity: passes.Granularity) -> None:
-    if state.get("budget") != budget or state.get("granularity") != granularity:
-        raise SnlFxError(
-            f"the checkpoint is for budget {state.get('budget')} ({state.get('granularity')}), not {budget} "
-            f"({granularity}): use another output dir or drop --resume"
-        )
-
-
 def _scores(gm: GraphModule, example_input: Any, device: torch.device) -> dict[str, torch.Tensor]:
     """Linearization scores on the example batch, computed on rank 0, on the CPU."""
     return distributed.on_rank0(
@@ -230,16 +203,16 @@ def _scores(gm: GraphModule, example_input: Any, device: torch.device) -> dict[s
 def _verify(gm: GraphModule, lowered: nn.Module, example_input: Any, final: int, device: torch.device) -> None:
     """Guard: the lowered graph computes what the gated one does, with exactly ``final`` ReLUs.
 
-    A failure is a bug of snl_fx, not of the input: a RuntimeError, which the CLIs report as an
-    internal error (exit code 1), never an :class:`SnlFxError` (exit code 2).
+    A failure is a bug of snl_fx, not of the input: an :class:`InternalError`, which the CLIs
+    report as an internal error (exit code 1), never an :class:`SnlFxError` (exit code 2).
     """
     args = _to(example_input, device)
     diff = max_abs_diff(gm, lowered, args)
     if diff > 1e-4:
-        raise RuntimeError(f"internal error: lowered model differs from the gated model by {diff:.3g}")
+        raise InternalError(f"lowered model differs from the gated model by {diff:.3g}")
     counted = relu_count(lowered, args).total
     if counted != final:
-        raise RuntimeError(f"internal error: lowered model has {counted} ReLUs per sample, expected {final}")
+        raise InternalError(f"lowered model has {counted} ReLUs per sample, expected {final}")
 
 
 def load_linearized(model: nn.Module, example_input: Any, state_dict_path: str | os.PathLike,

@@ -20,33 +20,26 @@ import torch.nn as nn
 from torch.fx import GraphModule
 from torch.utils.data import DataLoader, Dataset
 
-import passes
-
-from . import distributed
-from ._cost_budget import GateObjective, count_objective
-from ._errors import SnlFxError
-from ._snl import (
-    LambdaSchedule,
-    clamp_gates,
-    gate_parameters,
-    gradient_scale,
-    relu_count_gated,
-)
-from ._train import (
+from snl_fx import passes
+from snl_fx.budget import bind
+from snl_fx.train.objective import GateObjective
+from snl_fx.errors import SnlFxError
+from snl_fx.gated import clamp_gates, gate_parameters, relu_count_gated
+from snl_fx.train import distributed
+from snl_fx.train.config import FinetuneSchedule, TrainConfig
+from snl_fx.train.loop import (
     Checkpoint,
-    FinetuneSchedule,
-    TrainConfig,
     announce,
     epoch_line,
     evaluate,
-    kd_loss,
     make_loader,
     seed_epoch,
     timed,
     train_epoch,
 )
+from snl_fx.train.schedule import LambdaSchedule, gate_lr, starting_lambda
 
-__all__ = ["EpochRecord", "finetune", "gate_lr", "refine_selection", "train_gates"]
+__all__ = ["EpochRecord", "finetune", "train_gates"]
 
 
 EpochRecord = TypedDict(  # functional form: "lambda" is a keyword
@@ -70,7 +63,7 @@ EpochRecord.__doc__ = "One epoch of a phase, as kept in ``LinearizeResult.histor
 def train_gates(
     gm: GraphModule,
     data: Dataset | DataLoader,
-    budget: int,
+    budget: Any,
     config: TrainConfig | None = None,
     *,
     teacher: nn.Module | None = None,
@@ -79,20 +72,22 @@ def train_gates(
     resume: bool = False,
     objective: GateObjective | None = None,
 ) -> list[EpochRecord]:
-    """Algorithm 1 on a prepared model: Adam on weights and gates + lambda * sum|c|, until
-    ``#(c > eps) <= budget`` (checked after every step) or ``config.epochs`` epochs.
+    """Algorithm 1 on a prepared model: Adam on weights and gates + lambda * penalty, until the
+    budget is met (``#(c > eps) <= budget`` for a ReLU budget; checked after every step) or
+    ``config.epochs`` epochs.
 
     Args:
         gm: a model from :func:`snl_fx.prepare`, on the device of ``config``.
         data: (input, label) pairs; a Dataset is shuffled per epoch with a seed of ``config.seed``.
-        budget: ReLUs per sample to reach (an int; see :func:`snl_fx.resolve_budget`).
+        budget: ReLUs per sample (an int), a fraction of the model's ReLUs (a float in (0, 1)),
+            a :class:`snl_fx.Cost`, or a plan made by :func:`snl_fx.budget.bind`.
         config: training settings (default ``TrainConfig()``): ``schedule``, ``epochs``, ``lr``,
             ``gate_lr``, ``lambda0``, ``eps``, ``kd``...
         teacher: the original model, for knowledge distillation (``config.kd``); None: plain loss.
         val_data: evaluated after every epoch (``val_acc`` of the records).
         checkpoint, resume: a folder for a checkpoint per epoch; continue from it.
-        objective: what the penalty prices and where the phase stops (default: ``sum|c|`` and the
-            ReLU count down to ``budget``; for a Cost budget, ``CostPlan.objective``).
+        objective: what the penalty prices and where the phase stops (default: the budget's,
+            ``bind(budget, gm).objective(gm)``: ``sum|c|`` and the ReLU count for a ReLU budget).
 
     Returns:
         One :class:`EpochRecord` per epoch (those of the checkpoint first, when resuming). The
@@ -107,9 +102,13 @@ def train_gates(
     cfg = config or TrainConfig()
     store = Checkpoint(checkpoint)
     state = _resume_state(store, resume, "gates")
-    obj = objective or count_objective(gm, budget)
+    plan = bind(budget, gm)
+    if state is not None and not plan.matches(state.get("budget")):
+        raise SnlFxError(f"the checkpoint in {store.path} is for budget {state.get('budget')}, not {plan.key}: "
+                         "use another folder or drop resume")
+    obj = objective or plan.objective(gm)
     steps_per_epoch = len(make_loader(data, cfg, shuffle=True, epoch_seed=0, shard=True))
-    lambda0 = cfg.lambda0 if cfg.lambda0 is not None else _starting_lambda(gm, teacher, data, cfg)
+    lambda0 = cfg.lambda0 if cfg.lambda0 is not None else starting_lambda(gm, teacher, data, cfg)
     schedule = LambdaSchedule(lambda0, cfg.kappa, cfg.schedule, obj.limit, cfg.epochs, lowest=obj.start,
                               total_steps=cfg.epochs * steps_per_epoch)
     gates = set(map(id, gate_parameters(gm)))
@@ -123,7 +122,7 @@ def train_gates(
         gm.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        start, count, records = state["epoch"], state["relu_count"], list(state["history"])
+        start, count, records = state["epoch"], state.get("objective", state["relu_count"]), list(state["history"])
     path: list[tuple[int, int, float]] = []
     every = max(1, steps_per_epoch // 20)
 
@@ -150,13 +149,13 @@ def train_gates(
             distributed.broadcast_state(gm)  # BatchNorm statistics of the last step: rank 0's
             count = distributed.from_rank0(obj.hard(cfg.eps))
             schedule.step(count, epoch)
-            relus = count if objective is None else relu_count_gated(gm, cfg.eps)
-            record: EpochRecord = {"phase": "gates", "epoch": epoch, "relu_count": relus, "lambda": lam,
+            record: EpochRecord = {"phase": "gates", "epoch": epoch, "relu_count": relu_count_gated(gm, cfg.eps), "lambda": lam,
                                    **distributed.mean_over_ranks(stats),
                                    "val_acc": distributed.on_rank0(lambda: evaluate(gm, val_data, cfg)), "path": list(path)}
             records.append(record)
             announce(epoch_line(record), cfg)
-            store.save({"phase": "gates", "epoch": epoch, "relu_count": count, "budget": budget,
+            store.save({"phase": "gates", "epoch": epoch, "relu_count": record["relu_count"], "objective": count,
+                        "budget": plan.key,
                         "granularity": passes.get_meta(gm).granularity, "model": gm.state_dict(),
                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "history": records})
     if count > obj.limit and distributed.is_main():
@@ -168,143 +167,14 @@ def train_gates(
     return records
 
 
-def _starting_lambda(gm: GraphModule, teacher: nn.Module | None, data: Dataset | DataLoader, cfg: TrainConfig) -> float:
-    """``lambda0=None``: the paper's 1e-5, or for the target schedule the gates' gradient scale on the
-    first batch (eval mode: no BatchNorm statistics or RNG touched, so resuming stays exact)."""
-    if cfg.schedule != "target":
-        return 1e-5
-    x, y = next(iter(make_loader(data, cfg, shuffle=False)))
-    x, y = x.to(cfg.resolved_device()), y.to(cfg.resolved_device())
-    was_training = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            target = teacher(x) if teacher is not None and cfg.kd else None
-        scale = gradient_scale(gm, kd_loss(gm(x), target, y, temperature=cfg.temperature, weight=cfg.kd_weight))
-    finally:
-        gm.train(was_training)
-    return distributed.from_rank0(scale)
 
 
-def gate_lr(cfg: TrainConfig, schedule: LambdaSchedule) -> float:
-    """Adam lr of the gates: ``cfg.gate_lr`` if set; else, for the target schedule, fast enough that a
-    gate can fall from 1 to 0 in a third of the steps to the budget (Adam moves a gate by about its
-    lr per step), at least ``cfg.lr`` and at most 0.1; for the other schedules ``cfg.lr``."""
-    if cfg.gate_lr is not None:
-        return cfg.gate_lr
-    if schedule.mode != "target":
-        return cfg.lr
-    return min(0.1, max(cfg.lr, 3.0 / (schedule.reach * schedule.total_steps)))
 
 
-@torch.no_grad()
-def _probe_loss(gm: GraphModule, teacher: nn.Module | None, batches: list, cfg: TrainConfig) -> float:
-    kd = {"temperature": cfg.temperature, "weight": cfg.kd_weight}
-    return sum(float(kd_loss(gm(x), teacher(x) if teacher is not None and cfg.kd else None, y, **kd)) for x, y in batches)
 
 
-def refine_selection(
-    gm: GraphModule,
-    data: Dataset | DataLoader,
-    config: TrainConfig | None = None,
-    *,
-    teacher: nn.Module | None = None,
-    rounds: int = 16,
-    batches: int = 8,
-) -> dict[str, float]:
-    """Swap kept and removed ReLUs of a binarized model while the measured loss falls; the count stays.
-
-    Flipping gate element ``i`` changes the loss by about ``g_i * (1 - 2 c_i)``, ``g = dL/dc`` at
-    the binary gates. Kept and removed elements of equal weight (channel gates weigh H*W) are
-    paired best with best; pairs whose estimate is negative are swapped in blocks, best first.
-    A block stays only when the loss on a fixed probe set (``batches`` batches other than the
-    ``batches`` the gradient is taken on; eval mode, the fine-tune's loss) falls; else it is
-    halved. At most ``rounds`` blocks are tried.
-
-    Returns:
-        ``{"swaps", "loss_before", "loss_after", "rounds"}`` (losses summed over the probe batches).
-
-    Example:
-        >>> snl_fx.binarize(gm, 2000)
-        >>> info = snl_fx.refine_selection(gm, train_set, teacher=model)  # still 2,000 ReLUs
-        >>> info["loss_after"] <= info["loss_before"]
-        True
-    """
-    cfg = config or TrainConfig()
-    device = cfg.resolved_device()
-    meta = passes.get_meta(gm)
-    gate_modules = passes.gates(gm)
-    weights = gate_parameters(gm)
-    if any(not bool(((w == 0) | (w == 1)).all()) for w in weights):
-        raise SnlFxError("refine_selection needs binary gates: call snl_fx.binarize first")
-    loader = make_loader(data, cfg, shuffle=True, epoch_seed=cfg.seed * 1_000_003 + 30_013)
-    drawn = []
-    for x, y in loader:
-        drawn.append((x.to(device), y.to(device)))
-        if len(drawn) == 2 * batches:
-            break
-    grad_batches, probe = drawn[: len(drawn) // 2] or drawn, drawn[len(drawn) // 2 :] or drawn
-    size = torch.cat([torch.full((g.weight.numel(),), meta.site(n).numel // g.weight.numel()) for n, g in gate_modules.items()])
-    was_training = gm.training
-    gm.eval()
-    best = before = _probe_loss(gm, teacher, probe, cfg)
-    swaps, block, tried = 0, None, 0
-    try:
-        while tried < rounds:
-            for w in weights:
-                w.requires_grad_(True)
-            grads = [torch.zeros_like(w) for w in weights]
-            for x, y in grad_batches:
-                with torch.no_grad():
-                    target = teacher(x) if teacher is not None and cfg.kd else None
-                loss = kd_loss(gm(x), target, y, temperature=cfg.temperature, weight=cfg.kd_weight)
-                for acc, g in zip(grads, torch.autograd.grad(loss, weights)):
-                    acc += g
-            for w in weights:
-                w.requires_grad_(False)
-            c = torch.cat([w.detach().flatten() for w in weights]).cpu()
-            g = torch.cat([a.flatten() for a in grads]).cpu()
-            pairs = []  # (estimated change of the loss, kept index, removed index)
-            for s in size.unique().tolist():
-                kept = torch.nonzero((c == 1) & (size == s)).flatten()
-                gone = torch.nonzero((c == 0) & (size == s)).flatten()
-                kept = kept[torch.argsort(-g[kept])]  # removing i changes the loss by -g_i
-                gone = gone[torch.argsort(g[gone])]  # adding j changes it by +g_j
-                n = min(len(kept), len(gone))
-                gain = -g[kept[:n]] + g[gone[:n]]
-                pairs += [(float(e), int(i), int(j)) for e, i, j in zip(gain, kept[:n], gone[:n]) if e < 0]
-            pairs.sort()
-            block = len(pairs) if block is None else min(block, len(pairs))
-            if block == 0:
-                break
-            improved = False
-            while block >= 1 and tried < rounds:
-                tried += 1
-                flips = [i for _, i, _ in pairs[:block]] + [j for _, _, j in pairs[:block]]
-                _flip(weights, flips)
-                loss = _probe_loss(gm, teacher, probe, cfg)
-                if loss < best:
-                    best, swaps, improved = loss, swaps + block, True
-                    break
-                _flip(weights, flips)
-                block //= 2
-            if not improved:
-                break
-    finally:
-        for w in weights:
-            w.requires_grad_(False)
-        gm.train(was_training)
-    return {"swaps": swaps, "loss_before": before, "loss_after": best, "rounds": tried}
 
 
-def _flip(weights: list[torch.Tensor], flat_indices: list[int]) -> None:
-    """Toggle binary gate elements given by their index in the concatenation of ``weights``."""
-    with torch.no_grad():
-        flat = torch.cat([w.flatten() for w in weights])
-        idx = torch.tensor(flat_indices, dtype=torch.long, device=flat.device)
-        flat[idx] = 1 - flat[idx]
-        for w, part in zip(weights, flat.split([w.numel() for w in weights])):
-            w.copy_(part.view_as(w))
 
 
 def finetune(
@@ -316,7 +186,7 @@ def finetune(
     val_data: Dataset | DataLoader | None = None,
     checkpoint: str | os.PathLike | None = None,
     resume: bool = False,
-    budget: int | None = None,
+    budget: Any = None,
     history: Sequence[EpochRecord] = (),
 ) -> list[EpochRecord]:
     """Fine-tune the weights of a binarized model with KD from ``teacher``; keep the best epoch.
@@ -330,8 +200,8 @@ def finetune(
         gm: a binarized model (:func:`snl_fx.binarize`); its gates stay frozen.
         teacher: the original model (None, or ``config.kd=False``: plain cross-entropy).
         data, val_data, config, checkpoint, resume: as for :func:`train_gates`.
-        budget, history: recorded in the checkpoints (the run's budget and earlier records), so that
-            a resumed run can refuse another budget and report the whole run.
+        budget, history: recorded in the checkpoints (the run's budget, e.g. a plan's ``key``, and
+            earlier records), so that a resumed run can refuse another budget and report the whole run.
 
     Returns:
         One :class:`EpochRecord` per fine-tune epoch (those of the checkpoint first, when resuming).
@@ -343,7 +213,7 @@ def finetune(
     cfg = config or TrainConfig()
     store = Checkpoint(checkpoint)
     state = _resume_state(store, resume, "finetune")
-    final = relu_count_gated(gm, 0.5)
+    final = relu_count_gated(gm)
     params = [p for p in gm.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.finetune_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(e, cfg.finetune_epochs, cfg.finetune_schedule))

@@ -6,11 +6,11 @@ the counts are exact for any static graph, whichever exporter wrote it.
 
 from __future__ import annotations
 
+import graphlib
 import math
 import os
 from collections import Counter
 
-import networkx as nx
 import numpy as np
 import onnx
 import onnx.external_data_helper
@@ -19,8 +19,14 @@ import onnx.shape_inference
 from google.protobuf.message import Error as ProtobufError
 from onnx import numpy_helper
 
-from ._errors import SnlFxError
-from ._report import LinearCount, OtherCount, ReluReport, SiteCount, relu_depth
+from snl_fx.errors import SnlFxError
+from snl_fx.inspect.report import (
+    LinearCount,
+    OtherCount,
+    ReluReport,
+    SiteCount,
+    relu_depth,
+)
 
 # ONNX op -> the torch side's kind name (passes/spellings.py); comparisons = output elements.
 _ELEMENTWISE_KINDS: dict[str, str] = {
@@ -423,7 +429,7 @@ def _onnx_relu_depth(graph: onnx.GraphProto, relu_nodes: set[int]) -> int:
     edges = ((producers[v], i) for i, node in enumerate(graph.node) for v in node.input if v in producers)
     try:
         return relu_depth(range(len(graph.node)), edges, relu_nodes)
-    except nx.NetworkXUnfeasible as exc:
+    except graphlib.CycleError as exc:
         raise SnlFxError("the ONNX graph has a cycle; cannot compute the ReLU depth") from exc
 
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
-from ._errors import SnlFxError
+from snl_fx.errors import SnlFxError
 
 T = TypeVar("T")
 

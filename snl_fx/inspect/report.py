@@ -1,51 +1,41 @@
-"""The ReLU report: per-site counts, other nonlinearities, depth, and private-inference cost."""
+"""The ReLU report: per-site counts, other nonlinearities, linear layers and ReLU depth.
+
+Both inspectors (``torch_model``, ``onnx_model``) build a :class:`ReluReport`; its price under a
+protocol is :func:`snl_fx.pi_cost`'s (``snl_fx.cost``). Imports nothing heavy: the ONNX inspector
+runs without torch.
+"""
 
 from __future__ import annotations
 
+import graphlib
 from collections.abc import Container, Hashable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import networkx as nx
 
 
 def relu_depth(nodes: Iterable[Hashable], edges: Iterable[tuple[Hashable, Hashable]], relus: Container[Hashable]) -> int:
     """Longest chain of ReLU nodes along any path of a graph (MPC rounds grow with it).
 
-    ``edges`` are (producer, consumer) pairs; raises ``networkx.NetworkXUnfeasible`` on a cycle.
+    Args:
+        nodes: every node of the graph.
+        edges: (producer, consumer) pairs.
+        relus: the nodes that are ReLUs.
+
+    Returns:
+        The most ReLU nodes on one path; raises ``graphlib.CycleError`` on a cycle.
+
+    Example:
+        >>> relu_depth("abc", [("a", "b"), ("b", "c")], {"a", "c"})
+        2
     """
-    dag = nx.DiGraph()
-    dag.add_nodes_from(nodes)
-    dag.add_edges_from(edges)
+    preds: dict[Hashable, list[Hashable]] = {node: [] for node in nodes}
+    for src, dst in edges:
+        preds.setdefault(dst, []).append(src)
+        preds.setdefault(src, [])
     depth: dict[Hashable, int] = {}
-    for node in nx.topological_sort(dag):
-        depth[node] = max((depth[p] for p in dag.predecessors(node)), default=0) + (node in relus)
+    for node in graphlib.TopologicalSorter(preds).static_order():
+        depth[node] = max((depth[p] for p in preds[node]), default=0) + (node in relus)
     return max(depth.values(), default=0)
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """Per-ReLU cost of one private-inference protocol (both directions, one ReLU)."""
-
-    name: str
-    bytes_per_relu: float
-    seconds_per_relu: float
-    rounds_per_layer: int | None
-    seconds_per_layer: float
-    source: str
-
-
-# One table of constants, with where each figure comes from (see ANCHORS.md of the project).
-PROTOCOLS: tuple[Protocol, ...] = (
-    Protocol("delphi", 1.2e3, 0.021 / 1000, None, 0.0,
-             "DELPHI garbled circuits: ~1.2 KB online per ReLU; SNL paper's 0.021 s per 1000 ReLUs"),
-    Protocol("sci", 532.0, 10e-6, None, 0.0,
-             "CrypTFlow2/SCI OT-based ReLU: ~532 B and ~10 us per ReLU (1 thread, loopback)"),
-    Protocol("cheetah", 52.0, 1e-6, None, 0.0,
-             "Cheetah silent-OT ReLU: ~52-100 B per ReLU (low end used), 1-30 us"),
-    Protocol("crypten", 464.0, 3.5e-6, 9, 30e-3,
-             "CrypTen 2PC, trusted dealer: 464 B and ~3.5 us per ReLU, 9 rounds and ~30 ms per ReLU layer"),
-)
 
 
 @dataclass(frozen=True)
@@ -110,17 +100,6 @@ class ReluReport:
         """ReLU layers with at least one ReLU: each one costs a round trip in MPC protocols."""
         return sum(1 for s in self.sites if s.relus > 0)
 
-    def costs(self) -> dict[str, dict[str, float | int | None]]:
-        """Estimated private-inference cost per sample for each protocol in :data:`PROTOCOLS`."""
-        out = {}
-        for p in PROTOCOLS:
-            out[p.name] = {
-                "bytes": p.bytes_per_relu * self.total,
-                "seconds": p.seconds_per_relu * self.total + p.seconds_per_layer * self.relu_layers,
-                "rounds": None if p.rounds_per_layer is None else p.rounds_per_layer * self.relu_depth,
-            }
-        return out
-
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict; ``total`` is the per-sample ReLU count."""
         return {
@@ -132,7 +111,6 @@ class ReluReport:
             "others": [asdict(o) for o in self.others],
             "other_totals": self.other_totals(),
             "ungateable": self.ungateable,
-            "costs": self.costs(),
             "notes": self.notes,
         }
 
@@ -144,7 +122,7 @@ class ReluReport:
         return totals
 
     def table(self) -> str:
-        """A table for people: one row per site, then totals and cost estimates."""
+        """A table for people: one row per site, then totals, other nonlinearities and notes."""
         rows = [("site", "op", "shape", "ReLUs/sample")]
         rows += [(s.name, s.op, "x".join(map(str, s.shape)), f"{s.relus:,}") for s in self.sites]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -160,9 +138,5 @@ class ReluReport:
         for u in self.ungateable:
             relus = "unknown" if u["relus"] is None else f"{u['relus']:,}"
             lines.append(f"not gateable: {u['name']} ({u['module_type']}) computes {relus} ReLUs per sample inside a leaf module")
-        lines.append("estimated private-inference cost per sample (ReLUs only):")
-        for name, c in self.costs().items():
-            rounds = "" if c["rounds"] is None else f", {c['rounds']} rounds"
-            lines.append(f"  {name:8s} {c['bytes'] / 1e6:10.2f} MB  {c['seconds']:8.3f} s{rounds}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -156,6 +156,13 @@ def gates(gm: GraphModule) -> dict[str, Gate]:
     return {name: gm.get_submodule(path) for name, path in meta.gates.items()}
 
 
+def element_weights(gm: GraphModule) -> dict[str, int]:
+    """ReLUs per sample that one gate element stands for, per gated site: 1 for pixel gates,
+    H*W (the elements of one channel) for channel gates."""
+    meta = get_meta(gm)
+    return {name: meta.site(name).numel // gate.weight.numel() for name, gate in gates(gm).items()}
+
+
 def site_counts(gm: GraphModule, threshold: float | None = 0.5) -> dict[str, int]:
     """ReLUs per sample at every site of a gated model, in graph order.
 
@@ -165,12 +172,12 @@ def site_counts(gm: GraphModule, threshold: float | None = 0.5) -> dict[str, int
     """
     meta = get_meta(gm)
     gate_modules = gates(gm) if threshold is not None else {}
+    weight = element_weights(gm) if gate_modules else {}
     counts = {}
     for site in meta.sites:
         gate = gate_modules.get(site.name)
         if gate is None:
             counts[site.name] = site.numel
         else:
-            c = gate.weight.detach()
-            counts[site.name] = int((c > threshold).sum()) * (site.numel // c.numel())
+            counts[site.name] = int((gate.weight.detach() > threshold).sum()) * weight[site.name]
     return counts

@@ -5,7 +5,9 @@ constants file, the features of each layer of a report, a coefficient table, and
 report under a table that is not yet in the file.
 """
 
-from ._cost import CHEETAH_OT_INSTANCES, CONSTANTS_PATH, CostTable, cost_from_report, layer_features, parse_network
+from snl_fx.cost.model import CHEETAH_OT_INSTANCES, cost_from_report, layer_features
+from snl_fx.cost.network import parse_network
+from snl_fx.cost.tables import CONSTANTS_PATH, PROTOCOLS, CostTable
 
-__all__ = ["CHEETAH_OT_INSTANCES", "CONSTANTS_PATH", "CostTable", "cost_from_report", "layer_features",
+__all__ = ["CHEETAH_OT_INSTANCES", "CONSTANTS_PATH", "PROTOCOLS", "CostTable", "cost_from_report", "layer_features",
            "parse_network"]

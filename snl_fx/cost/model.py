@@ -1,118 +1,42 @@
 """A calibrated private-inference cost model: bytes, rounds and latency per layer and per model.
 
-Each layer of a :class:`ReluReport` (linear layers, ReLU sites, max- and average pools, the revealed output)
-becomes a few *features* (elements in, weight elements, kept ReLUs, ...). A protocol's cost is a
-linear function of them whose coefficients were measured on each backend by
-``benchmarks/pi_calibrate.py`` and checked in as ``pi_constants.json`` (with backend, date and
-command); the literature protocols of :data:`PROTOCOLS` price ReLUs only. Latency adds the
-network: ``compute + bytes / bandwidth + rounds * RTT``.
+Each layer of a :class:`ReluReport` (linear layers, ReLU sites, max- and average pools, the
+revealed output) becomes a few *features* (elements in, weight elements, kept ReLUs, ...). A
+protocol's cost is a linear function of them whose coefficients are its :class:`CostTable`
+(``tables``): measured on each backend by ``benchmarks/pi_calibrate.py`` and checked in as
+``pi_constants.json`` (with backend, date and command), or, for the literature protocols, per-ReLU
+figures that leave the rest out and say so per layer. Latency adds the network (``network``):
+``compute + bytes / bandwidth + rounds * RTT``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ._errors import SnlFxError
-from ._report import PROTOCOLS, LinearCount, ReluReport
+from snl_fx.cost.network import NETWORKS, Network, parse_network
+from snl_fx.cost.tables import (
+    CONSTANTS_PATH,
+    MEASURED_PROTOCOLS,
+    PROTOCOLS,
+    CostTable,
+    cost_table,
+    load_constants,
+    protocols,
+)
+from snl_fx.inspect.report import LinearCount, ReluReport
 
-CONSTANTS_PATH = Path(__file__).with_name("pi_constants.json")
-MEASURED_PROTOCOLS = ("crypten", "spu-cheetah", "spu-semi2k")
 KINDS = ("linear", "relu", "maxpool", "avgpool", "other", "output")
 
-
-@dataclass(frozen=True)
-class Network:
-    """A link between the two parties: bandwidth in Mbit/s and round-trip time in ms."""
-
-    name: str
-    mbps: float
-    rtt_ms: float
-
-    def seconds(self, nbytes: float, rounds: float) -> float:
-        """Time on the wire: ``bytes / bandwidth + rounds * RTT``."""
-        return nbytes * 8 / (self.mbps * 1e6) + rounds * self.rtt_ms / 1e3
-
-
-NETWORKS = {"lan": Network("lan", 1000.0, 0.5), "wan": Network("wan", 100.0, 40.0)}
-
-
-def parse_network(spec: str | Network) -> Network:
-    """``"lan"`` (1 Gbit/s, 0.5 ms RTT), ``"wan"`` (100 Mbit/s, 40 ms RTT) or ``"MBPS,RTT_MS"``."""
-    if isinstance(spec, Network):
-        return spec
-    text = str(spec).strip().lower()
-    if text in NETWORKS:
-        return NETWORKS[text]
-    parts = text.split(",")
-    try:
-        mbps, rtt = (float(p) for p in parts)
-    except ValueError:
-        raise SnlFxError(f"network must be lan, wan or MBPS,RTT_MS (e.g. 100,40), got {spec!r}") from None
-    if not (mbps > 0 and rtt >= 0):
-        raise SnlFxError(f"network {spec!r}: bandwidth must be > 0 Mbit/s and RTT >= 0 ms")
-    return Network(f"{mbps:g},{rtt:g}", mbps, rtt)
-
-
-@dataclass(frozen=True)
-class CostTable:
-    """One protocol's coefficients per feature: ``bytes``, ``rounds`` and compute ``seconds``.
-
-    A feature missing from a table means its cost is not known for this protocol (``None``);
-    ``rounds`` is None when the protocol's rounds are not known at all.
-    """
-
-    name: str
-    bytes: dict[str, float]
-    rounds: dict[str, float] | None
-    seconds: dict[str, float]
-    source: str
-    measured: dict[str, Any] | None = None  # backend, date, command of the calibration
-
-    def _dot(self, table: dict[str, float] | None, features: dict[str, float]) -> float | None:
-        if table is None or any(v and k not in table for k, v in features.items()):
-            return None
-        return sum(table[k] * v for k, v in features.items() if v)
-
-
-def protocols() -> tuple[str, ...]:
-    """Every protocol :func:`pi_cost` prices: the calibrated ones, then the literature ones."""
-    measured = tuple(p for p in MEASURED_PROTOCOLS if p in _load_constants())
-    return measured + tuple(p.name for p in PROTOCOLS if p.name not in measured)
-
-
-def cost_table(protocol: str) -> CostTable:
-    """The coefficients of ``protocol``; a one-line SnlFxError names the protocols known."""
-    constants = _load_constants()
-    if protocol in constants:
-        entry = constants[protocol]
-        return CostTable(protocol, entry["bytes"], entry["rounds"], entry["seconds"], entry["source"],
-                         {k: entry[k] for k in ("backend", "date", "command", "quantity", "setup", "refill") if k in entry})
-    if protocol in MEASURED_PROTOCOLS:
-        raise SnlFxError(
-            f"protocol {protocol!r} has no calibrated constants yet: run benchmarks/pi_calibrate.py --backend {protocol}"
-        )
-    for p in PROTOCOLS:
-        if p.name == protocol:
-            rounds = None if p.rounds_per_layer is None else \
-                {"relu": 0.0, "relu_layer": float(p.rounds_per_layer), "relu_ot_workers": 0.0}
-            return CostTable(p.name, {"relu": p.bytes_per_relu, "relu_layer": 0.0, "relu_ot_workers": 0.0}, rounds,
-                             {"relu": p.seconds_per_relu, "relu_layer": p.seconds_per_layer},
-                             p.source + " (literature; ReLU cost only)")
-    raise SnlFxError(f"unknown protocol {protocol!r}; choose one of: {', '.join(protocols())}")
-
-
-@functools.cache
-def _load_constants() -> dict[str, dict[str, Any]]:
-    try:
-        return json.loads(CONSTANTS_PATH.read_text())["protocols"]
-    except FileNotFoundError:
-        return {}
+# Network and table names are re-exported: they lived here before the package was split.
+__all__ = [
+    "CONSTANTS_PATH", "KINDS", "MEASURED_PROTOCOLS", "NETWORKS", "PROTOCOLS", "CostTable", "LayerCost", "Network",
+    "PiCost", "cheetah_matmul", "cost_from_report", "cost_table", "layer_features", "linear_cost",
+    "linear_features", "parse_network", "pi_cost", "price", "protocols", "relu_site_cost",
+]
 
 
 # ---- features: what a layer is made of, one place for the model and its calibration ----
@@ -139,7 +63,7 @@ CHEETAH_OT_INSTANCES = 2  # the calibration machine's thread count (2 cores); se
 
 def ot_workers(elements: int) -> int:
     """OT instances SPU CHEETAH spreads an op of ``elements`` elements over (0 for an empty op)."""
-    instances = int(_load_constants().get("spu-cheetah", {}).get("ot_instances", CHEETAH_OT_INSTANCES))
+    instances = int(load_constants().get("spu-cheetah", {}).get("ot_instances", CHEETAH_OT_INSTANCES))
     return min(instances, -(-elements // CHEETAH_OT_GRAIN)) if elements > 0 else 0
 
 
@@ -182,6 +106,10 @@ def cheetah_matmul(m: int, k: int, n: int, degree: int = CHEETAH_POLY_DEGREE) ->
     min(ceil(m/d0), ceil(n/d2)) * ceil(k/d1) ciphertexts. Results: without packing one per block of
     outputs, ceil(m/d0) * ceil(n/d2); packed, those blocks d1 to a ciphertext (d1 < m*n) or all
     outputs in ceil(m*n / degree) ciphertexts otherwise.
+
+    Example:
+        >>> cheetah_matmul(64, 27, 8)  # a 3x3 conv, 3 -> 8 channels, on 8x8 outputs: (M, K, N)
+        (1, 2, False)
     """
     d0, d1, d2 = _blocks(m, k, n, True, degree)
     b0, b2 = -(-m // d0), -(-n // d2)
@@ -257,13 +185,36 @@ def price(features: dict[str, float], protocol: str | CostTable) -> tuple[float 
 
 
 def relu_site_cost(kept: int, protocol: str = "crypten") -> tuple[float, int | None]:
-    """(bytes, rounds) of one ReLU site that keeps ``kept`` ReLUs; for cost-aware training."""
+    """The traffic of one ReLU site that keeps ``kept`` ReLUs per sample, for cost-aware training.
+
+    Args:
+        kept: ReLUs per sample the site evaluates (0: the layer is gone and costs nothing).
+        protocol: a name of :func:`protocols`.
+
+    Returns:
+        (bytes, rounds); rounds is None where the protocol does not give them.
+
+    Example:
+        >>> relu_site_cost(1000, "crypten")  # cost_table("crypten"): bytes["relu"] each, rounds["relu_layer"]
+        (464000.0, 9)
+    """
     nbytes, rounds, _ = price(relu_features(kept), protocol)
     return nbytes or 0.0, rounds
 
 
 def linear_cost(layers: Iterable[LinearCount], protocol: str = "crypten") -> tuple[float | None, int | None]:
-    """(bytes, rounds) of the linear layers (e.g. ``relu_count(...).linear``); None if not known."""
+    """The traffic of linear layers, priced as :func:`pi_cost` prices them.
+
+    Args:
+        layers: :class:`LinearCount` rows, e.g. ``relu_count(model, x).linear``.
+        protocol: a name of :func:`protocols`.
+
+    Returns:
+        (bytes, rounds) of them all; None where the protocol does not price linear layers.
+
+    Example:
+        >>> linear_cost(snl_fx.relu_count(model, x).linear, "spu-semi2k")
+    """
     total_bytes, total_rounds = 0.0, 0
     for layer in layers:
         nbytes, rounds, _ = price(linear_features(layer), protocol)
@@ -349,6 +300,17 @@ class PiCost:
             "notes": self.notes,
         }
 
+    def headline(self) -> str:
+        """One line for people: protocol, network, and the model's bytes, rounds and seconds.
+
+        Example:
+            >>> snl_fx.pi_cost(snl_fx.models.small_resnet().eval(), torch.randn(1, 1, 28, 28)).headline()
+            'crypten, network wan (100 Mbit/s, 40 ms RTT): 22.772 MB, 65 rounds, 4.870 s per sample'
+        """
+        rounds = "? rounds" if self.rounds is None else f"{self.rounds:,} rounds"
+        return (f"{self.protocol}, network {self.network.describe()}: {self.bytes / 1e6:,.3f} MB, {rounds}, "
+                f"{self.seconds:.3f} s per sample")
+
     def table(self) -> str:
         """Per-layer rows, then totals per kind and the whole model, for people."""
 
@@ -386,17 +348,30 @@ def pi_cost(
 ) -> PiCost:
     """Predict bytes, rounds and latency of one private inference, per layer and in all.
 
-    ``model_or_onnx``: a torch module (with ``example_input``), an ONNX file, or a
-    :class:`ReluReport`. ``protocol``: one of :func:`protocols` (crypten, spu-cheetah,
-    spu-semi2k: calibrated; delphi, sci, cheetah: literature, ReLUs only). ``network``: ``lan``,
-    ``wan`` or ``"MBPS,RTT_MS"``. Costs are for one sample whatever the batch size.
+    Args:
+        model_or_onnx: a torch module (with ``example_input``), an ONNX file (torch is not
+            imported for it), or a :class:`ReluReport` of either.
+        example_input: for a module: an example batch; costs are for one sample whatever its size.
+        protocol: one of :func:`protocols`: ``crypten``, ``spu-cheetah``, ``spu-semi2k``
+            (calibrated on measured runs), ``delphi``, ``sci``, ``cheetah`` (literature, ReLUs only;
+            each layer they leave out says so).
+        network: ``"lan"``, ``"wan"``, ``"MBPS,RTT_MS"`` or a :class:`Network`.
+        input_shapes: for an ONNX file whose inputs have dynamic dims beyond the batch dim.
+
+    Returns:
+        A :class:`PiCost`: ``.bytes``, ``.rounds``, ``.seconds``, ``.layers`` (one
+        :class:`LayerCost` each), ``.by_kind()``, ``.headline()``, ``.table()``, ``.to_dict()``.
+
+    Example:
+        >>> cost = snl_fx.pi_cost(model, x[:1], "crypten", "wan")
+        >>> cost.bytes, cost.rounds, cost.seconds
     """
     table = cost_table(protocol)
     net = parse_network(network)
     if isinstance(model_or_onnx, ReluReport):
         report = model_or_onnx
     else:
-        from ._count import relu_count
+        from snl_fx.inspect import relu_count
 
         if isinstance(model_or_onnx, (str, os.PathLike)):
             report = relu_count(model_or_onnx, input_shapes=input_shapes)
@@ -432,8 +407,8 @@ def cost_from_report(report: ReluReport, table: CostTable, network: Network) -> 
         seconds = None if nbytes is None else compute + network.seconds(nbytes, rounds or 0)
         note = ""
         if nbytes is None:
-            note = f"not known for {table.name}: its source prices ReLUs only" if literature else \
-                f"{op} not calibrated for {table.name}"
+            note = f"not known for {table.name}: {table.leaves_out or 'its source prices ReLUs only'}" if literature \
+                else f"{op} not calibrated for {table.name}"
         layers.append(LayerCost(name, kind, op, elements, nbytes, rounds, compute, seconds, note))
     notes = sorted({f"{layer.kind} layers: {layer.note}" for layer in layers if layer.note})
     if table.rounds is None:

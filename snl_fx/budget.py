@@ -1,0 +1,526 @@
+"""Budgets, and the plans they make on a prepared model.
+
+A *budget* is what the user asks for: a ReLU count (``Relus(15000)``), a fraction of the model's
+ReLUs (``Relus(0.05)``), or a predicted private-inference cost (:class:`Cost`). :func:`as_budget`
+puts every accepted spelling into one of them (``15000``, ``0.05``, ``"5%"``, ``"1.5s"``,
+``"200MB"``, ``"800Mb"``, ``"150rounds"``): the API and the CLIs share it.
+
+Bound to a prepared model (``budget.plan(gm)``), a budget gives a :class:`Plan`, which answers
+everything the pipeline asks, so that nothing outside this module asks which kind it holds:
+
+* ``ceiling``: the most ReLUs per sample the selection may keep (``result.budget``);
+* ``objective(gm)``: the gate phase's penalty and stopping value;
+* ``select(gm)``: the exact final selection (a count: :func:`snl_fx.binarize`; a Cost: drop whole
+  sites while that buys more gate mass, then fill by gate value); ``refine(...)`` when asked;
+* ``finish(lowered)``: a count: nothing; a Cost: merge linear ops where cheaper, state the cost;
+* ``key``: the identity recorded in checkpoints, so that a resume under another budget is refused.
+
+A Cost is priced with the calibrated model of :mod:`snl_fx.cost`: a ReLU site that keeps ``k``
+ReLUs costs ``per_site + k * per_relu`` in the budget's unit (under CrypTen 9 rounds while
+anything is kept, 464 B per ReLU), a site that keeps none costs nothing, and the rest of the model
+(linear layers, max-pools, output, ungated sites) is a fixed ``base``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule
+
+from snl_fx import passes
+from snl_fx.cost.model import Network, PiCost, cost_from_report, cost_table, parse_network, pi_cost
+from snl_fx.errors import InternalError, SnlFxError
+from snl_fx.gated import site_relu_counts, total_relus
+from snl_fx.inspect.report import ReluReport
+from snl_fx.select import binarize
+from snl_fx.train.objective import GateObjective, count_objective
+
+__all__ = ["Budget", "Cost", "CostPlan", "CountPlan", "Plan", "Relus", "as_budget", "bind", "parse_cost"]
+
+log = logging.getLogger("snl_fx")
+
+UNITS = ("seconds", "bytes", "rounds")
+PENALTIES = ("group", "drop")
+_RELU_FORMS = "a ReLU count (an integer such as 15000), a fraction in (0, 1) such as 0.05, or a percentage such as 5%"
+_COST_FORMS = ("a latency (1.5s, 800ms), bytes (200MB, 1.5GB, 500kB, 1000000B), bits (800Mb, 1Gb, 64kb) "
+               "or rounds (150rounds)")
+# unit as typed -> (Cost field, scale). Case matters for traffic: B is a byte, b a bit (Mb: megabits).
+_SCALE = {"s": ("seconds", 1.0), "ms": ("seconds", 1e-3),
+          "B": ("bytes", 1.0), "kB": ("bytes", 1e3), "KB": ("bytes", 1e3), "MB": ("bytes", 1e6), "GB": ("bytes", 1e9),
+          "b": ("bytes", 1 / 8), "kb": ("bytes", 1e3 / 8), "Kb": ("bytes", 1e3 / 8), "Mb": ("bytes", 1e6 / 8),
+          "Gb": ("bytes", 1e9 / 8), "r": ("rounds", 1.0), "round": ("rounds", 1.0), "rounds": ("rounds", 1.0)}
+
+
+class Plan(abc.ABC):
+    """A budget bound to one prepared model: every decision the pipeline needs from it."""
+
+    budget: Budget
+    total: int  # ReLUs per sample of the model, every site
+    ceiling: int  # the most ReLUs per sample the selection may keep, ungated sites included
+    granularity: str
+
+    @property
+    def nothing_to_remove(self) -> bool:
+        """The model as it is meets the budget."""
+        return self.ceiling >= self.total
+
+    @property
+    def key(self) -> dict[str, Any]:
+        """The identity of this plan in checkpoints: the budget, the ReLU ceiling, the granularity."""
+        return {**self.budget.to_dict(), "relus": self.ceiling, "granularity": self.granularity}
+
+    def matches(self, saved: Any) -> bool:
+        """Whether a checkpoint's recorded key (``saved``) is this plan's: a resume may go on."""
+        return saved == self.key
+
+    @abc.abstractmethod
+    def objective(self, gm: GraphModule) -> GateObjective:
+        """The gate phase's penalty and stopping value on ``gm`` (prepared from the planned model)."""
+
+    @abc.abstractmethod
+    def select(self, gm: GraphModule, scores: dict[str, torch.Tensor] | None = None,
+               tie_break: dict[str, torch.Tensor] | None = None) -> int:
+        """Binarize ``gm`` to the plan's exact selection; returns the final ReLUs per sample.
+
+        ``scores`` (site -> tensor of the gate's shape) rank the elements instead of the gate
+        values; ``tie_break`` orders elements of equal rank (see :func:`snl_fx.binarize`).
+        """
+
+    def refine(self, gm: GraphModule, data: Any, config: Any, teacher: nn.Module | None) -> None:
+        """Swap kept and removed ReLUs while the loss falls (``TrainConfig.refine``), where the plan allows it."""
+        warnings.warn(f"refine=True is not applied under a {type(self.budget).__name__} budget", stacklevel=3)
+
+    def finish(self, lowered: GraphModule, example_input: Any) -> tuple[GraphModule, dict[str, Any] | None]:
+        """Last step on the lowered model: returns it (changed or not) and the result's ``cost``."""
+        return lowered, None
+
+    def unchanged_cost(self) -> dict[str, Any] | None:
+        """The result's ``cost`` when the model is returned unchanged."""
+        return None
+
+
+@dataclass(frozen=True)
+class Relus:
+    """A budget in ReLUs per sample: an int is a count, a float in (0, 1) a fraction of the model's.
+
+    Example:
+        >>> snl_fx.linearize(model, x, Relus(0.05), data)  # the same as budget=0.05
+    """
+
+    value: int | float
+
+    def __post_init__(self) -> None:
+        v = self.value
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise SnlFxError(f"budget must be an int (ReLUs per sample) or a float in (0, 1), got {v!r}")
+        if isinstance(v, float) and not 0.0 < v < 1.0:
+            raise SnlFxError(f"a float budget is a fraction of the ReLUs and must lie in (0, 1), got {v}")
+        if isinstance(v, int) and v <= 0:
+            raise SnlFxError(f"budget must be positive, got {v}")
+
+    def relus(self, total: int) -> int:
+        """The count this budget allows on a model of ``total`` ReLUs per sample."""
+        return max(1, round(self.value * total)) if isinstance(self.value, float) else int(self.value)
+
+    def plan(self, gm: GraphModule) -> CountPlan:
+        """Bind to ``gm`` (from :func:`snl_fx.prepare`)."""
+        return CountPlan(self, gm)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"unit": "relus"}`` (the count itself is the plan's ``relus``)."""
+        return {"unit": "relus"}
+
+
+class CountPlan(Plan):
+    """A ReLU budget on a prepared model: gates trained on ``sum|c|``, binarized to exactly the count."""
+
+    def __init__(self, budget: Relus, gm: GraphModule) -> None:
+        self.budget, self.total = budget, total_relus(gm)
+        self.ceiling = budget.relus(self.total)
+        self.granularity = passes.get_meta(gm).granularity or "pixel"
+
+    def matches(self, saved: Any) -> bool:
+        return saved == self.key or saved == self.ceiling  # checkpoints before budgets were plans recorded the count
+
+    def objective(self, gm: GraphModule) -> GateObjective:
+        return count_objective(gm, self.ceiling)
+
+    def select(self, gm: GraphModule, scores: dict[str, torch.Tensor] | None = None,
+               tie_break: dict[str, torch.Tensor] | None = None) -> int:
+        return binarize(gm, self.ceiling, scores, tie_break)
+
+    def refine(self, gm: GraphModule, data: Any, config: Any, teacher: nn.Module | None) -> None:
+        from snl_fx.select import refine_selection
+
+        refined = refine_selection(gm, data, config, teacher=teacher)
+        log.info("refined the selection: %d swaps, probe loss %.4g -> %.4g",
+                 refined["swaps"], refined["loss_before"], refined["loss_after"])
+
+
+@dataclass(frozen=True)
+class Cost:
+    """A budget in cost units: one of ``seconds``, ``bytes`` or ``rounds`` per private inference
+    of one sample, predicted by the calibrated model under ``protocol`` and ``network``.
+
+    Args:
+        seconds, bytes, rounds: exactly one of them, a positive number.
+        protocol: one of :func:`snl_fx.cost.protocols` (default ``"crypten"``).
+        network: ``"lan"``, ``"wan"`` (default), ``"MBPS,RTT_MS"`` or a :class:`snl_fx.cost.Network`.
+        penalty: the gate phase's formulation, ``"group"`` (default) or ``"drop"`` (below).
+
+    Example:
+        >>> result = snl_fx.linearize(model, x, snl_fx.Cost(seconds=1.0, protocol="crypten", network="wan"), data)
+        >>> result.cost["after"]["seconds"] <= 1.0
+        True
+
+    ``penalty`` is the gate phase's formulation: ``"group"`` (each gate priced by its marginal
+    cost plus a group term per site for the rounds it costs while anything in it is kept) or
+    ``"drop"`` (each gate priced by its site's average cost per ReLU, no group term; whole sites
+    go only in the selection before binarization). See BENCHMARKS.md, "Cost budgets".
+    """
+
+    seconds: float | None = None
+    bytes: float | None = None
+    rounds: float | None = None
+    protocol: str = "crypten"
+    network: str | Network = "wan"
+    penalty: str = "group"
+
+    def __post_init__(self) -> None:
+        given = [u for u in UNITS if getattr(self, u) is not None]
+        if len(given) != 1:
+            raise SnlFxError(f"a Cost needs exactly one of seconds, bytes or rounds, got {given or 'none'}")
+        value = getattr(self, given[0])
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+            raise SnlFxError(f"a Cost's {given[0]} must be a positive number, got {value!r}")
+        table = cost_table(self.protocol)  # one-line error for an unknown protocol
+        if given[0] == "rounds" and table.rounds is None:
+            raise SnlFxError(f"protocol {self.protocol!r} has no known rounds: budget seconds or bytes instead")
+        parse_network(self.network)
+        if self.penalty not in PENALTIES:
+            raise SnlFxError(f"Cost penalty must be one of {PENALTIES}, got {self.penalty!r}")
+
+    @property
+    def unit(self) -> str:
+        """``"seconds"``, ``"bytes"`` or ``"rounds"``."""
+        return next(u for u in UNITS if getattr(self, u) is not None)
+
+    @property
+    def limit(self) -> float:
+        """The budget in its unit."""
+        return float(getattr(self, self.unit))
+
+    def of(self, cost: PiCost) -> float:
+        """``cost`` (from :func:`snl_fx.pi_cost`) in this budget's unit."""
+        return float(getattr(cost, self.unit) or 0)
+
+    def met_by(self, cost: PiCost) -> bool:
+        """Whether ``cost`` (from :func:`snl_fx.pi_cost`) is within this budget, up to float rounding."""
+        return self.of(cost) <= self.limit * (1 + 1e-9)
+
+    def predict(self, model: nn.Module | ReluReport, example_input: Any = None) -> PiCost:
+        """:func:`snl_fx.pi_cost` of ``model`` under this budget's protocol and network."""
+        return pi_cost(model, example_input, self.protocol, self.network)
+
+    def plan(self, gm: GraphModule) -> CostPlan:
+        """Price this budget on ``gm`` (from :func:`snl_fx.prepare`): see :class:`CostPlan`."""
+        return plan_cost(self, gm)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: unit, limit, protocol, network, penalty."""
+        return {"unit": self.unit, "limit": self.limit, "protocol": self.protocol,
+                "network": dataclasses.asdict(parse_network(self.network)), "penalty": self.penalty}
+
+
+
+
+Budget = Relus | Cost  # what as_budget returns; each has .plan(gm) and .to_dict()
+
+
+def as_budget(budget: Any, protocol: str = "crypten", network: Any = "wan") -> Budget:
+    """Any accepted spelling of a budget -> a :class:`Relus` or a :class:`Cost` (the one parser).
+
+    Args:
+        budget: a :class:`Relus` or :class:`Cost` (returned as is); an int (ReLUs per sample); a
+            float in (0, 1) (a fraction); or text: ``"15000"``, ``"0.05"``, ``"5%"``, or a cost
+            with its unit, ``"1.5s"``, ``"800ms"``, ``"200MB"``, ``"800Mb"`` (megabits),
+            ``"150rounds"``.
+        protocol, network: of a Cost given as text.
+
+    Returns:
+        The budget. Raises a one-line SnlFxError for anything else.
+
+    Example:
+        >>> as_budget("5%"), as_budget("1.5s", "spu-cheetah", "lan").unit
+        (Relus(value=0.05), 'seconds')
+    """
+    if isinstance(budget, (Relus, Cost)):
+        return budget
+    if isinstance(budget, str):
+        return parse_cost(budget, protocol, network) or Relus(_parse_relus(budget))
+    if isinstance(budget, Plan):
+        raise SnlFxError("expected a budget, got a plan: pass the plan's budget (plan.budget)")
+    return Relus(budget)
+
+
+def bind(budget: Any, gm: GraphModule) -> Plan:
+    """``as_budget(budget).plan(gm)``; a :class:`Plan` is returned as it is.
+
+    Example:
+        >>> plan = bind(0.05, snl_fx.prepare(model, x))
+        >>> plan.ceiling
+    """
+    return budget if isinstance(budget, Plan) else as_budget(budget).plan(gm)
+
+
+def _parse_relus(text: str) -> int | float:
+    t = text.strip()
+    if re.fullmatch(r"\d+", t):
+        return int(t)
+    if re.fullmatch(r"\d+(\.\d*)?%|\.\d+%", t):
+        value = float(t[:-1]) / 100
+    else:
+        try:
+            value = float(t)
+        except ValueError:
+            value = math.nan
+    if not 0 < value < 1:  # also refuses nan, inf, 1,000 and counts written as floats
+        raise SnlFxError(f"--budget {text!r} is not {_RELU_FORMS}")
+    return value
+
+
+def parse_cost(text: str, protocol: str = "crypten", network: Any = "wan") -> Cost | None:
+    """``"1.0s"``, ``"800ms"``, ``"200MB"``, ``"800Mb"``, ``"500kB"``, ``"150rounds"`` -> a :class:`Cost`.
+
+    Args:
+        text: the budget as typed; a bare number (a ReLU count or fraction) gives None. Traffic
+            units keep their case: ``B`` is a byte, ``b`` a bit.
+        protocol, network: of the Cost.
+
+    Returns:
+        The Cost, or None when ``text`` has no unit.
+    """
+    t = text.strip().replace(" ", "")
+    m = re.fullmatch(r"(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+)([a-zA-Z]+)", t)
+    if m is None:
+        if re.fullmatch(r"[\d.eE+-]+%?", t):
+            return None
+        raise SnlFxError(f"--budget {text!r} is neither {_RELU_FORMS} nor {_COST_FORMS}")
+    unit = m.group(2)
+    if unit not in _SCALE and unit.lower() in ("s", "ms", "r", "round", "rounds"):
+        unit = unit.lower()
+    if unit not in _SCALE:
+        hint = " (B is a byte, b a bit: MB or Mb)" if unit.lower() in ("mb", "gb", "kb", "b") else ""
+        raise SnlFxError(f"--budget {text!r}: unknown unit {m.group(2)!r}{hint}; use {_COST_FORMS}")
+    field, scale = _SCALE[unit]
+    return Cost(**{field: float(m.group(1)) * scale}, protocol=protocol, network=network)
+
+
+class CostPlan(Plan):
+    """A Cost budget priced on one prepared model: ``cost = base + sum over kept sites of
+    (per_site + kept * per_relu)``, all in the budget's unit (checked against ``pi_cost``).
+
+    ``kept`` arguments map gated sites to the ReLUs they keep; a site left out keeps all of them.
+    """
+
+    def __init__(self, budget: Cost, report: ReluReport, gated: dict[str, int], base: float, per_site: float,
+                 per_relu: float, granularity: str = "pixel") -> None:
+        self.budget, self.report, self.gated = budget, report, gated  # report: the original model's
+        self.base, self.per_site, self.per_relu = base, per_site, per_relu
+        self.total = report.total
+        self.granularity = granularity
+        self.ceiling = self.relu_ceiling()
+
+    def value(self, kept: dict[str, int]) -> float:
+        """Predicted cost, in the budget's unit, with ``kept`` ReLUs at the gated sites."""
+        counts = {n: kept.get(n, full) for n, full in self.gated.items()}
+        return self.base + sum(self.per_site + k * self.per_relu for k in counts.values() if k > 0)
+
+    def pi_cost(self, kept: dict[str, int] | None = None) -> PiCost:
+        """The calibrated model's full prediction with ``kept`` ReLUs at the gated sites (None: all)."""
+        kept = kept or {}
+        sites = [dataclasses.replace(s, relus=kept.get(s.name, s.relus)) for s in self.report.sites]
+        return _price(dataclasses.replace(self.report, sites=sites), self.budget)
+
+    @property
+    def room(self) -> float:
+        """What the gated sites may cost."""
+        return self.budget.limit - self.base
+
+    def relu_ceiling(self) -> int:
+        """The most ReLUs any selection within the budget can keep, ungated sites included."""
+        total = sum(self.gated.values())
+        ungated = self.total - total
+        if self.budget.met_by(self.pi_cost()):  # the model as it is: priced in full, as the final check prices it
+            return self.total
+        if self.per_relu <= 0:
+            return ungated + (min(total - 1, max(self.gated.values())) if self.room >= self.per_site else 0)
+        return ungated + max(0, min(total - 1, math.floor((self.room - self.per_site) / self.per_relu)))
+
+    def objective(self, gm: GraphModule) -> GateObjective:
+        """The gate phase's objective for ``gm`` (prepared from the planned model), per ``budget.penalty``.
+
+        Values exclude ``base`` (the schedule steers what training can change) and are in ReLU
+        equivalents (the cost divided by the full model's cost per ReLU), so that the penalty and
+        lambda have the scale of the count mode.
+        """
+        gates = passes.gates(gm)
+        weight = passes.element_weights(gm)
+        start = self.value(self.gated) - self.base
+        norm = start / max(1, sum(self.gated.values()))
+        a, b = self.per_site, self.per_relu
+
+        def penalty() -> torch.Tensor:
+            terms = []
+            for n, g in gates.items():
+                c, mass = g.weight, g.weight.abs().sum() * weight[n]
+                if self.budget.penalty == "group":
+                    terms.append(b * mass + a * c.norm() / math.sqrt(c.numel()))
+                else:  # each element at its site's average cost per ReLU
+                    terms.append((b + a / self.gated[n]) * mass)
+            return sum(terms) / norm
+
+        def hard(eps: float) -> float:
+            counts = site_relu_counts(gm, eps)
+            return (self.value({n: counts[n] for n in gates}) - self.base) / norm
+
+        def soft() -> float:
+            with torch.no_grad():
+                mass = sum(b * float(g.weight.sum()) * weight[n] + a * float(g.weight.max()) for n, g in gates.items())
+            return mass / norm
+
+        return GateObjective(penalty, hard, soft, start / norm, self.room / norm, f"ReLU equivalents of {self.budget.unit}")
+
+    def select(self, gm: GraphModule, scores: dict[str, torch.Tensor] | None = None,
+               tie_break: dict[str, torch.Tensor] | None = None) -> int:
+        """Binarize ``gm`` to the kept set that meets the budget; returns the final ReLUs per sample.
+
+        Greedy: while dropping one whole site (all its ReLUs) keeps more gate mass within the
+        budget (the freed per-site cost buys elements elsewhere), drop the one that keeps the most;
+        then :func:`snl_fx.binarize` fills the open sites by gate value (``scores`` if given).
+        """
+        gates = passes.gates(gm)
+        names = list(gates)
+        values = {n: (scores[n] if scores is not None else gates[n].weight).detach().float().flatten().cpu() for n in names}
+        sizes = {n: self.gated[n] // values[n].numel() for n in names}
+        ranked = {n: torch.sort(values[n], descending=True).values for n in names}
+
+        def fill(open_: list[str]) -> tuple[float, int, int] | None:
+            """(kept mass, kept ReLUs, ReLU room) with the sites ``open_``; None when over budget."""
+            left = self.room - self.per_site * len(open_)
+            if left < 0:
+                return None
+            room = math.inf if self.per_relu <= 0 else math.floor(left / self.per_relu + 1e-9)
+            flat = torch.cat([ranked[n].repeat_interleave(sizes[n]) for n in open_]) if open_ else torch.zeros(0)
+            top = torch.sort(flat, descending=True).values[: int(min(room, flat.numel()))]
+            return float(top.sum()), int(top.numel()), int(min(room, flat.numel()))
+
+        def rank(f: tuple[float, int, int] | None) -> tuple[float, float]:
+            return (-math.inf, -math.inf) if f is None else (f[0], f[1])
+
+        site_mass = {n: float(values[n].sum()) * sizes[n] for n in names}
+        open_ = list(names)
+        best = fill(open_)
+        while open_:  # over budget: drop the site of least mass; else only while a drop keeps more
+            f, n = max(((fill([m for m in open_ if m != n]), n) for n in open_),
+                       key=lambda t: (rank(t[0]), -site_mass[t[1]]))
+            if best is not None and rank(f) <= rank(best):
+                break
+            open_.remove(n)
+            best = f
+        if best is None:
+            raise SnlFxError(f"the budget {self.budget.limit:g} {self.budget.unit} cannot be met: the model costs "
+                             f"{self.base:g} without any gated ReLU")
+        ranks = {n: values[n].view_as(gates[n].weight) if n in open_ else torch.full_like(values[n], -math.inf).view_as(gates[n].weight)
+                 for n in names}
+        ungated = sum(s.relus for s in self.report.sites) - sum(self.gated.values())
+        final = binarize(gm, best[2] + ungated, scores=ranks, tie_break=tie_break)
+        kept = site_relu_counts(gm)
+        if any(kept[n] for n in names if n not in open_) or self.value({n: kept[n] for n in names}) > self.budget.limit + 1e-9:
+            raise InternalError("the cost selection kept ReLUs over the budget")
+        return final
+
+    def finish(self, lowered: GraphModule, example_input: Any) -> tuple[GraphModule, dict[str, Any]]:
+        """Merge linear ops where cheaper (:meth:`merge`), then check and state the cost."""
+        lowered, merged = self.merge(lowered, example_input)
+        cost = cost_summary(self.budget, self.pi_cost(), self.budget.predict(lowered, example_input), merged)
+        if not cost["met"]:
+            raise InternalError(f"the model costs {cost['after'][self.budget.unit]:g} {self.budget.unit}, "
+                                f"over the budget {self.budget.limit:g}")
+        return lowered, cost
+
+    def unchanged_cost(self) -> dict[str, Any]:
+        return cost_summary(self.budget, self.pi_cost(), self.pi_cost())
+
+    def merge(self, lowered: GraphModule, example_input: Any) -> tuple[GraphModule, int]:
+        """:func:`snl_fx.cost.merge.merge_for_cost` under this plan's budget: merge ``lowered``'s linear
+        ops (in place) where the merged op is predicted cheaper; returns the model and the merges done."""
+        from snl_fx.cost.merge import merge_for_cost
+
+        return merge_for_cost(lowered, self.budget, example_input)
+
+
+def plan_cost(budget: Cost, *args: Any) -> CostPlan:
+    """Price ``budget`` on a prepared model: ``plan_cost(budget, gm)`` (``budget.plan(gm)``).
+
+    The older form ``plan_cost(budget, model, example_input, gm)`` still works; the model and
+    input are not needed, the prepared model holds what pricing needs.
+
+    Returns:
+        The :class:`CostPlan`; a one-line SnlFxError when the protocol cannot price ReLUs this way.
+    """
+    from snl_fx.inspect.torch_model import report_from_graph
+
+    gm = args[-1]
+    if not isinstance(gm, GraphModule) or len(args) not in (1, 3):
+        raise SnlFxError("plan_cost takes (budget, gm): gm from snl_fx.prepare")
+    report = report_from_graph(gm, source=type(gm).__name__)
+    meta = passes.get_meta(gm)
+    gated = {n: meta.site(n).numel for n in passes.gates(gm)}
+    empty = {n: 0 for n in gated}
+
+    def value(kept: dict[str, int]) -> float:
+        sites = [dataclasses.replace(s, relus=kept.get(s.name, s.relus)) for s in report.sites]
+        return budget.of(_price(dataclasses.replace(report, sites=sites), budget))
+
+    first = next(iter(gated))
+    base = value(empty)
+    one, two = value({**empty, first: 1}) - base, value({**empty, first: 2}) - base
+    per_relu = two - one
+    plan = CostPlan(budget, report, gated, base, one - per_relu, per_relu, meta.granularity or "pixel")
+    if per_relu < 0 or plan.per_site < 0 or abs(plan.value(gated) - value(gated)) > 1e-6 * max(1.0, value(gated)):
+        raise SnlFxError(f"protocol {budget.protocol!r} does not price a ReLU site as per-site + per-ReLU cost")
+    return plan
+
+
+def _price(report: ReluReport, budget: Cost) -> PiCost:
+    return cost_from_report(report, cost_table(budget.protocol), parse_network(budget.network))
+
+
+def cost_summary(budget: Cost, before: PiCost, after: PiCost, merged: int = 0) -> dict[str, Any]:
+    """The result's ``cost``: the budget, and predicted bytes, rounds and seconds before and after."""
+
+    def row(c: PiCost) -> dict[str, Any]:
+        return {"bytes": c.bytes, "rounds": c.rounds, "seconds": c.seconds}
+
+    return {"budget": budget.to_dict(), "before": row(before), "after": row(after),
+            "met": budget.met_by(after), "merged_ops": merged}
+
+
+
+
+__all__ = ["Cost", "CostPlan", "GateObjective", "cost_summary", "count_objective", "parse_cost", "plan_cost"]
+
+
+def resolve_budget(budget: int | float, total: int) -> int:
+    """An int budget is ReLUs per sample; a float in (0, 1) is a fraction of ``total`` (see :class:`Relus`)."""
+    return Relus(budget).relus(total)

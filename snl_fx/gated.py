@@ -1,0 +1,204 @@
+"""The gated model: ``prepare`` puts a trainable gate at every ReLU site, ``convert`` lowers it.
+
+Also the pieces of any gate-training loop that read or change the gates: the gate tensors, the
+Lasso penalty, clamping, freezing, and the ReLU count (one count, one threshold: ``eps``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule
+
+from snl_fx import passes
+from snl_fx.errors import SnlFxError
+
+
+def prepare(
+    model: nn.Module,
+    example_input: Any,
+    granularity: passes.Granularity = "pixel",
+    *,
+    skip: Sequence[str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+) -> GraphModule:
+    """Trace a copy of ``model`` and put a trainable gate (initialised to 1) at every ReLU site.
+
+    The result computes exactly what ``model`` computes until its gates move.
+
+    Args:
+        model: any nn.Module; it is deep-copied, never changed.
+        example_input: an example batch (batch first), or a tuple of the forward's inputs; it
+            sizes the gates.
+        granularity: ``"pixel"`` (one gate per activation element) or ``"channel"`` (one per channel).
+        skip: fnmatch patterns of site names to leave as plain ReLUs (e.g. a stem ReLU).
+        concrete_args: passed to ``symbolic_trace`` (e.g. a bool argument of ``forward``).
+        leaf_modules: module types traced as one call; their ReLUs are reported, not gated.
+
+    Returns:
+        A GraphModule with a :class:`passes.Gate` per site (see :func:`gates`); the sites are in
+        ``passes.get_meta(gm).sites``. Raises SnlFxError when there is nothing to gate.
+
+    Example:
+        >>> gm = snl_fx.prepare(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64))
+        >>> len(snl_fx.gates(gm)), snl_fx.relu_count_gated(gm)
+        (17, 188416)
+    """
+    if granularity not in passes.GRANULARITIES:
+        raise SnlFxError(f"granularity must be one of {passes.GRANULARITIES}, got {granularity!r}")
+    gm = passes.find_relus(passes.trace(model, example_input, concrete_args=concrete_args, leaf_modules=leaf_modules))
+    if not passes.get_meta(gm).sites:
+        hidden = passes.get_meta(gm).ungateable
+        extra = f" (ReLUs hidden in leaf modules: {', '.join(u.name for u in hidden)})" if hidden else ""
+        raise SnlFxError(f"{type(model).__name__} has no ReLU call site to linearize{extra}")
+    gm = passes.insert_gates(passes.make_out_of_place(gm), granularity, skip)
+    if not passes.get_meta(gm).gates:
+        raise SnlFxError(f"every ReLU site matches a skip pattern {list(skip)}: nothing to linearize")
+    return gm
+
+
+def gates(gm: GraphModule) -> dict[str, passes.Gate]:
+    """Site name -> its gate module of a prepared model, in graph order (``gate.weight`` is ``c``)."""
+    return passes.gates(gm)
+
+
+def gate_parameters(gm: GraphModule) -> list[nn.Parameter]:
+    """The gate tensors ``c`` of a prepared model (give them their own optimizer group if you like)."""
+    return [g.weight for g in gates(gm).values()]
+
+
+def lasso_penalty(gm: GraphModule) -> torch.Tensor:
+    """``sum |c|`` over all gates (multiply by lambda and add to the loss)."""
+    return sum(w.abs().sum() for w in gate_parameters(gm))
+
+
+def clamp_gates(gm: GraphModule) -> None:
+    """Project gates back into [0, 1] after an optimizer step (c outside it has no meaning)."""
+    with torch.no_grad():
+        for w in gate_parameters(gm):
+            w.clamp_(0.0, 1.0)
+
+
+def ungated_relus(gm: GraphModule) -> int:
+    """ReLUs per sample at sites left as plain ReLUs (skipped by pattern)."""
+    gated = passes.get_meta(gm).gates
+    return sum(n for name, n in site_relu_counts(gm, None).items() if name not in gated)
+
+
+COUNT_EPS = 0.01
+"""The one threshold of the ReLU count: a gate element counts while ``c > COUNT_EPS`` (the default of
+``TrainConfig.eps``). Binary gates (after :func:`snl_fx.binarize`) count the same at any threshold."""
+
+
+def site_relu_counts(gm: GraphModule, eps: float | None = COUNT_EPS) -> dict[str, int]:
+    """ReLUs per sample at each site, in graph order.
+
+    Args:
+        gm: a prepared model.
+        eps: a gate element counts while ``c > eps`` (a channel element counts H*W); ``None``
+            counts every element, the model's ReLUs before linearization. Sites left as plain
+            ReLUs (``skip``) count all their elements.
+
+    Returns:
+        Site name -> ReLUs per sample.
+
+    Example:
+        >>> snl_fx.train.site_relu_counts(gm)
+        {'relu': 144, 'relu_1': 21}
+    """
+    return passes.site_counts(gm, eps)
+
+
+def relu_count_gated(gm: GraphModule, eps: float | None = COUNT_EPS) -> int:
+    """The ReLU count of Algorithm 1: ``#(c > eps)`` per sample over all sites (see :func:`site_relu_counts`).
+
+    Example:
+        >>> snl_fx.train.relu_count_gated(gm)
+        165
+    """
+    return sum(site_relu_counts(gm, eps).values())
+
+
+def soft_relu_count(gm: GraphModule) -> float:
+    """The gates' mass in ReLUs per sample: ``sum c`` (channel gates weigh H*W), plus ungated sites."""
+    weight = passes.element_weights(gm)
+    with torch.no_grad():
+        mass = sum(float(g.weight.sum()) * weight[n] for n, g in passes.gates(gm).items())
+    return mass + ungated_relus(gm)
+
+
+def total_relus(gm: GraphModule) -> int:
+    """ReLUs per sample of the original model (every site): ``relu_count_gated(gm, eps=None)``."""
+    return relu_count_gated(gm, None)
+
+
+
+
+
+
+
+
+
+
+def freeze_gates(gm: GraphModule) -> None:
+    """Stop gradients to the gates (after :func:`binarize`, or after loading binary gates)."""
+    for w in gate_parameters(gm):
+        w.requires_grad_(False)
+
+
+
+
+def convert(gm: GraphModule) -> GraphModule:
+    """Lower a binarized gated model to a static graph with only the kept ReLUs (a copy).
+
+    Args:
+        gm: a prepared model whose gates are all exactly 0 or 1 (after :func:`binarize`).
+
+    Returns:
+        A new GraphModule: per site, all kept -> ReLU, none kept -> removed, some kept ->
+        :class:`passes.PartialReLU` (a ReLU on exactly the kept elements). ``gm`` is unchanged.
+        Raises SnlFxError when a gate is not binary.
+
+    Example:
+        >>> final = snl_fx.binarize(gm, 2000)
+        >>> lowered = snl_fx.convert(gm).eval()
+        >>> snl_fx.relu_count(lowered, x).total
+        2000
+    """
+    import copy
+
+    return passes.lower_gates(copy.deepcopy(gm))
+
+
+def max_abs_diff(a: nn.Module, b: nn.Module, example_input: Any) -> float:
+    """Largest elementwise difference of two models' outputs in eval mode (modes restored)."""
+    modes = a.training, b.training
+    a.eval(), b.eval()
+    try:
+        with torch.no_grad():
+            args = passes.as_args(example_input)
+            out_a, out_b = a(*args), b(*args)
+    finally:
+        a.train(modes[0]), b.train(modes[1])
+    return float((out_a - out_b).abs().max()) if out_a.numel() else 0.0
+
+
+__all__ = [
+    "clamp_gates",
+    "convert",
+    "freeze_gates",
+    "gate_parameters",
+    "gates",
+    "lasso_penalty",
+    "max_abs_diff",
+    "prepare",
+    "relu_count_gated",
+    "site_relu_counts",
+    "soft_relu_count",
+    "total_relus",
+    "ungated_relus",
+]

@@ -1,0 +1,216 @@
+"""Selection: which ReLUs a binarized model keeps (binarize, training-free scores, swap refinement)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule
+from torch.utils.data import DataLoader, Dataset
+
+from snl_fx import passes
+from snl_fx.errors import SnlFxError
+from snl_fx.gated import gate_parameters, ungated_relus
+from snl_fx.train.config import TrainConfig
+from snl_fx.train.loop import kd_loss, make_loader
+
+__all__ = ["binarize", "linearization_scores", "refine_selection"]
+
+
+def binarize(
+    gm: GraphModule, budget: int, scores: dict[str, torch.Tensor] | None = None,
+    tie_break: dict[str, torch.Tensor] | None = None,
+) -> int:
+    """Set every gate to exactly 0 or 1 and freeze it.
+
+    Args:
+        gm: a prepared model (gates soft or binary).
+        budget: ReLUs per sample to keep, ungated sites included. Pixel gates: exactly ``budget``
+            are kept (the top gate values, also when fewer than ``budget`` gates were above
+            eps). Channel gates: whole channels, best first, each taken if it still fits; the
+            count may end below ``budget``.
+        scores: site -> tensor of the gate's shape, ranking the elements instead of the gate values.
+        tie_break: same form (e.g. :func:`linearization_scores`), ordering elements of equal
+            rank; else site order then element index does.
+
+    Returns:
+        The final ReLUs per sample. Raises SnlFxError when the ungated sites alone exceed ``budget``.
+
+    Example:
+        >>> snl_fx.binarize(gm, 2000)
+        2000
+        >>> lowered = snl_fx.convert(gm)
+    """
+    meta = passes.get_meta(gm)
+    gate_modules = passes.gates(gm)
+    element_weight = passes.element_weights(gm)
+    room = budget - ungated_relus(gm)
+    if room < 0:
+        raise SnlFxError(f"the ungated sites alone have {ungated_relus(gm)} ReLUs, more than the budget {budget}")
+    values, ties, weights, owners = [], [], [], []
+    for name, gate in gate_modules.items():
+        v = (scores[name] if scores is not None else gate.weight).detach().float().flatten().cpu()
+        values.append(v)
+        ties.append(tie_break[name].detach().float().flatten().cpu() if tie_break is not None else torch.zeros_like(v))
+        weights.append(torch.full_like(v, element_weight[name], dtype=torch.long))
+        owners.append((name, v.numel()))
+    flat_values, flat_weights = torch.cat(values), torch.cat(weights)
+    order = torch.sort(-torch.cat(ties), stable=True).indices  # secondary key first, then a stable sort on the first
+    order = order[torch.sort(-flat_values[order], stable=True).indices]
+    keep = torch.zeros_like(flat_values, dtype=torch.bool)
+    if meta.granularity == "pixel":
+        keep[order[:room]] = True
+    else:
+        left = room
+        for i, w in zip(order.tolist(), flat_weights[order].tolist()):
+            if w <= left:
+                keep[i], left = True, left - w
+    start = 0
+    for name, size in owners:
+        gate = gate_modules[name]
+        with torch.no_grad():
+            gate.weight.copy_(keep[start : start + size].view_as(gate.weight).to(gate.weight))
+        gate.weight.requires_grad_(False)
+        start += size
+    return int((keep.long() * flat_weights).sum()) + ungated_relus(gm)
+
+
+def linearization_scores(gm: GraphModule, example_input: Any) -> dict[str, torch.Tensor]:
+    """Training-free importance of each gate element: mean of ``min(z, 0)**2`` over the batch.
+
+    That is the squared error of replacing the ReLU by identity there; keeping the largest
+    ones keeps the ReLUs whose removal would change the activations most.
+    """
+    granularity = passes.get_meta(gm).granularity
+    scores: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, gate in passes.gates(gm).items():
+
+        def record(module, inputs, output, name=name, shape=tuple(gate.weight.shape)):
+            err = inputs[0].detach().clamp(max=0).pow(2).mean(0)
+            if granularity == "channel":
+                err = err.mean(dim=tuple(range(1, err.dim()))) if err.dim() > 1 else err
+            scores[name] = err.reshape(shape)
+
+        hooks.append(gate.register_forward_hook(record))
+    was_training = gm.training
+    try:
+        gm.eval()
+        with torch.no_grad():
+            gm(*passes.as_args(example_input))
+    finally:
+        gm.train(was_training)
+        for h in hooks:
+            h.remove()
+    return scores
+
+
+@torch.no_grad()
+def _probe_loss(gm: GraphModule, teacher: nn.Module | None, batches: list, cfg: TrainConfig) -> float:
+    kd = {"temperature": cfg.temperature, "weight": cfg.kd_weight}
+    return sum(float(kd_loss(gm(x), teacher(x) if teacher is not None and cfg.kd else None, y, **kd)) for x, y in batches)
+
+
+def refine_selection(
+    gm: GraphModule,
+    data: Dataset | DataLoader,
+    config: TrainConfig | None = None,
+    *,
+    teacher: nn.Module | None = None,
+    rounds: int = 16,
+    batches: int = 8,
+) -> dict[str, float]:
+    """Swap kept and removed ReLUs of a binarized model while the measured loss falls; the count stays.
+
+    Flipping gate element ``i`` changes the loss by about ``g_i * (1 - 2 c_i)``, ``g = dL/dc`` at
+    the binary gates. Kept and removed elements of equal weight (channel gates weigh H*W) are
+    paired best with best; pairs whose estimate is negative are swapped in blocks, best first.
+    A block stays only when the loss on a fixed probe set (``batches`` batches other than the
+    ``batches`` the gradient is taken on; eval mode, the fine-tune's loss) falls; else it is
+    halved. At most ``rounds`` blocks are tried.
+
+    Returns:
+        ``{"swaps", "loss_before", "loss_after", "rounds"}`` (losses summed over the probe batches).
+
+    Example:
+        >>> snl_fx.binarize(gm, 2000)
+        >>> info = snl_fx.refine_selection(gm, train_set, teacher=model)  # still 2,000 ReLUs
+        >>> info["loss_after"] <= info["loss_before"]
+        True
+    """
+    cfg = config or TrainConfig()
+    device = cfg.resolved_device()
+    gate_modules = passes.gates(gm)
+    weights = gate_parameters(gm)
+    if any(not bool(((w == 0) | (w == 1)).all()) for w in weights):
+        raise SnlFxError("refine_selection needs binary gates: call snl_fx.binarize first")
+    loader = make_loader(data, cfg, shuffle=True, epoch_seed=cfg.seed * 1_000_003 + 30_013)
+    drawn = []
+    for x, y in loader:
+        drawn.append((x.to(device), y.to(device)))
+        if len(drawn) == 2 * batches:
+            break
+    grad_batches, probe = drawn[: len(drawn) // 2] or drawn, drawn[len(drawn) // 2 :] or drawn
+    weight = passes.element_weights(gm)
+    size = torch.cat([torch.full((g.weight.numel(),), weight[n]) for n, g in gate_modules.items()])
+    was_training = gm.training
+    gm.eval()
+    best = before = _probe_loss(gm, teacher, probe, cfg)
+    swaps, block, tried = 0, None, 0
+    try:
+        while tried < rounds:
+            for w in weights:
+                w.requires_grad_(True)
+            grads = [torch.zeros_like(w) for w in weights]
+            for x, y in grad_batches:
+                with torch.no_grad():
+                    target = teacher(x) if teacher is not None and cfg.kd else None
+                loss = kd_loss(gm(x), target, y, temperature=cfg.temperature, weight=cfg.kd_weight)
+                for acc, g in zip(grads, torch.autograd.grad(loss, weights)):
+                    acc += g
+            for w in weights:
+                w.requires_grad_(False)
+            c = torch.cat([w.detach().flatten() for w in weights]).cpu()
+            g = torch.cat([a.flatten() for a in grads]).cpu()
+            pairs = []  # (estimated change of the loss, kept index, removed index)
+            for s in size.unique().tolist():
+                kept = torch.nonzero((c == 1) & (size == s)).flatten()
+                gone = torch.nonzero((c == 0) & (size == s)).flatten()
+                kept = kept[torch.argsort(-g[kept])]  # removing i changes the loss by -g_i
+                gone = gone[torch.argsort(g[gone])]  # adding j changes it by +g_j
+                n = min(len(kept), len(gone))
+                gain = -g[kept[:n]] + g[gone[:n]]
+                pairs += [(float(e), int(i), int(j)) for e, i, j in zip(gain, kept[:n], gone[:n]) if e < 0]
+            pairs.sort()
+            block = len(pairs) if block is None else min(block, len(pairs))
+            if block == 0:
+                break
+            improved = False
+            while block >= 1 and tried < rounds:
+                tried += 1
+                flips = [i for _, i, _ in pairs[:block]] + [j for _, _, j in pairs[:block]]
+                _flip(weights, flips)
+                loss = _probe_loss(gm, teacher, probe, cfg)
+                if loss < best:
+                    best, swaps, improved = loss, swaps + block, True
+                    break
+                _flip(weights, flips)
+                block //= 2
+            if not improved:
+                break
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+        gm.train(was_training)
+    return {"swaps": swaps, "loss_before": before, "loss_after": best, "rounds": tried}
+
+
+def _flip(weights: list[torch.Tensor], flat_indices: list[int]) -> None:
+    """Toggle binary gate elements given by their index in the concatenation of ``weights``."""
+    with torch.no_grad():
+        flat = torch.cat([w.flatten() for w in weights])
+        idx = torch.tensor(flat_indices, dtype=torch.long, device=flat.device)
+        flat[idx] = 1 - flat[idx]
+        for w, part in zip(weights, flat.split([w.numel() for w in weights])):
+            w.copy_(part.view_as(w))

@@ -1,0 +1,44 @@
+"""What the gate phase drives down and where it stops: a :class:`GateObjective`.
+
+A budget's plan makes one (:meth:`snl_fx.budget.Plan.objective`); the gate phase only reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.fx import GraphModule
+
+from snl_fx.gated import lasso_penalty, relu_count_gated, soft_relu_count, total_relus
+
+__all__ = ["GateObjective", "count_objective"]
+
+
+@dataclass
+class GateObjective:
+    """What the gate phase drives down and where it stops (see :func:`snl_fx.train_gates`).
+
+    ``penalty()`` is added to the loss times lambda; ``hard(eps)`` is the value of the gates
+    thresholded at ``eps`` and ``soft()`` the gates' mass in the same unit (both steer lambda);
+    the phase stops once ``hard(eps) <= limit``; ``start`` is the value before training.
+    """
+
+    penalty: Callable[[], torch.Tensor]
+    hard: Callable[[float], float]
+    soft: Callable[[], float]
+    start: float
+    limit: float
+    unit: str = "ReLUs"
+
+
+def count_objective(gm: GraphModule, budget: int) -> GateObjective:
+    """The ReLU count's objective: ``sum|c|``, the count ``#(c > eps)`` down to ``budget``.
+
+    Example:
+        >>> objective = count_objective(gm, 2000)
+        >>> loss = task_loss + lam * objective.penalty()
+    """
+    return GateObjective(lambda: lasso_penalty(gm), lambda eps: relu_count_gated(gm, eps), lambda: soft_relu_count(gm),
+                         total_relus(gm), budget)
