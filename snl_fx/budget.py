@@ -308,6 +308,10 @@ def parse_cost(text: str, protocol: str = "crypten", network: Any = "wan") -> Co
 
     Returns:
         The Cost, or None when ``text`` has no unit.
+
+    Example:
+        >>> parse_cost("800ms").seconds, parse_cost("800Mb").bytes, parse_cost("0.05")
+        (0.8, 100000000.0, None)
     """
     t = text.strip().replace(" ", "")
     m = re.fullmatch(r"(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+)([a-zA-Z]+)", t)
@@ -330,6 +334,22 @@ class CostPlan(Plan):
     (per_site + kept * per_relu)``, all in the budget's unit (checked against ``pi_cost``).
 
     ``kept`` arguments map gated sites to the ReLUs they keep; a site left out keeps all of them.
+    Made by :func:`plan_cost` (``Cost.plan(gm)``), not by hand.
+
+    Args:
+        budget: the :class:`Cost`.
+        report: the original model's :class:`ReluReport`.
+        gated: gated site name -> its ReLUs per sample.
+        base: cost of everything but the gated sites, in the budget's unit.
+        per_site: cost of a gated site that keeps any ReLU.
+        per_relu: cost of each kept ReLU.
+        granularity: the gates' granularity (default ``"pixel"``).
+
+    Example:
+        >>> plan = snl_fx.Cost(seconds=45.0).plan(gm)  # gm: prepared resnet18 at 64x64, WAN
+        >>> plan.ceiling  # the most ReLUs per sample within 45 s (of 188,416)
+        >>> plan.value({n: 0 for n in plan.gated}) == plan.base
+        True
     """
 
     def __init__(self, budget: Cost, report: ReluReport, gated: dict[str, int], base: float, per_site: float,
@@ -377,7 +397,7 @@ class CostPlan(Plan):
         weight = passes.element_weights(gm)
         start = self.value(self.gated) - self.base
         norm = start / max(1, sum(self.gated.values()))
-        a, b = self.per_site, self.per_relu
+        a, b = max(self.per_site, 0.0), self.per_relu  # a fitted fixed cost below 0 is noise: no group term
 
         def penalty() -> torch.Tensor:
             terms = []
@@ -475,8 +495,16 @@ def plan_cost(budget: Cost, *args: Any) -> CostPlan:
     The older form ``plan_cost(budget, model, example_input, gm)`` still works; the model and
     input are not needed, the prepared model holds what pricing needs.
 
+    Args:
+        budget: the :class:`Cost` to price.
+        *args: ``gm``, a model from :func:`snl_fx.prepare` (or the older ``model, example_input, gm``).
+
     Returns:
         The :class:`CostPlan`; a one-line SnlFxError when the protocol cannot price ReLUs this way.
+
+    Example:
+        >>> plan = plan_cost(snl_fx.Cost(seconds=45.0), snl_fx.prepare(model, x))
+        >>> plan.ceiling, plan.total
     """
     from snl_fx.inspect.torch_model import report_from_graph
 
@@ -484,6 +512,7 @@ def plan_cost(budget: Cost, *args: Any) -> CostPlan:
     if not isinstance(gm, GraphModule) or len(args) not in (1, 3):
         raise SnlFxError("plan_cost takes (budget, gm): gm from snl_fx.prepare")
     report = report_from_graph(gm, source=type(gm).__name__)
+    _refuse_unpriced(_price(report, budget), budget)
     meta = passes.get_meta(gm)
     gated = {n: meta.site(n).numel for n in passes.gates(gm)}
     empty = {n: 0 for n in gated}
@@ -497,9 +526,27 @@ def plan_cost(budget: Cost, *args: Any) -> CostPlan:
     one, two = value({**empty, first: 1}) - base, value({**empty, first: 2}) - base
     per_relu = two - one
     plan = CostPlan(budget, report, gated, base, one - per_relu, per_relu, meta.granularity or "pixel")
-    if per_relu < 0 or plan.per_site < 0 or abs(plan.value(gated) - value(gated)) > 1e-6 * max(1.0, value(gated)):
-        raise SnlFxError(f"protocol {budget.protocol!r} does not price a ReLU site as per-site + per-ReLU cost")
+    # A site's fitted fixed cost may be slightly negative (SPU SEMI2K bytes: -0.3 B) or differ from 0 by
+    # rounding: both are fine for the selection; a negative cost per ReLU or a site cost that is not
+    # per-site + per-ReLU (SPU CHEETAH's rounds step with the OT instances a site uses) is not.
+    scale = max(1.0, abs(value(gated)))
+    if per_relu < -1e-9 * scale or abs(plan.value(gated) - value(gated)) > 1e-6 * scale:
+        raise SnlFxError(f"protocol {budget.protocol!r} does not price a ReLU site as per-site + per-ReLU "
+                         f"{budget.unit} on this model: budget {'bytes' if budget.unit != 'bytes' else 'seconds'} instead")
+    if plan.room < 0:  # before any training: nothing the gates do can meet it
+        raise SnlFxError(f"the budget {budget.limit:g} {budget.unit} cannot be met: the model costs {base:g} "
+                         "without any gated ReLU")
     return plan
+
+
+def _refuse_unpriced(full: PiCost, budget: Cost) -> None:
+    """A Cost that cannot price a layer of the model refuses it (an unpriced layer would count as free)."""
+    needs_rounds = budget.unit in ("rounds", "seconds") and cost_table(budget.protocol).rounds is not None
+    unpriced = [la for la in full.layers if la.bytes is None or (needs_rounds and la.rounds is None)]
+    if unpriced:
+        names = ", ".join(f"{la.name} ({la.op})" for la in unpriced[:4]) + (", ..." if len(unpriced) > 4 else "")
+        raise SnlFxError(f"{budget.protocol} cannot price {len(unpriced)} layer(s) of this model: {names}; a Cost "
+                         "budget would count them as free. Use a protocol that prices them, or a ReLU budget")
 
 
 def _price(report: ReluReport, budget: Cost) -> PiCost:
@@ -507,7 +554,20 @@ def _price(report: ReluReport, budget: Cost) -> PiCost:
 
 
 def cost_summary(budget: Cost, before: PiCost, after: PiCost, merged: int = 0) -> dict[str, Any]:
-    """The result's ``cost``: the budget, and predicted bytes, rounds and seconds before and after."""
+    """The result's ``cost``: the budget, and predicted bytes, rounds and seconds before and after.
+
+    Args:
+        budget: the :class:`Cost`.
+        before, after: predictions (:class:`PiCost`) of the original and the final model.
+        merged: linear ops merged for cost (default 0).
+
+    Returns:
+        ``{"budget", "before", "after", "met", "merged_ops"}``; ``met``: ``after`` is within the budget.
+
+    Example:
+        >>> cost_summary(plan.budget, plan.pi_cost(), plan.budget.predict(lowered, x))["met"]
+        True
+    """
 
     def row(c: PiCost) -> dict[str, Any]:
         return {"bytes": c.bytes, "rounds": c.rounds, "seconds": c.seconds}
