@@ -10,11 +10,25 @@ This module imports nothing, so every layer (the ONNX inspector included) can us
 
 
 class SnlFxError(ValueError):
-    """Input snl_fx cannot take, explained in one line that says what to change."""
+    """Input snl_fx cannot take, explained in one line that says what to change.
+
+    Args:
+        *args: the message, one line (as for any ``ValueError``).
+
+    Example:
+        >>> snl_fx.TrainConfig(epochs=-1)  # SnlFxError: epochs must be an integer >= 0, got -1
+    """
 
 
 class InternalError(RuntimeError):
-    """A broken invariant of snl_fx: a bug to report, never the user's input."""
+    """A broken invariant of snl_fx: a bug to report, never the user's input.
+
+    Args:
+        *args: the message, one line (as for any ``RuntimeError``).
+
+    Example:
+        >>> raise InternalError(f"lowered model differs from the gated model by {diff:.3g}")
+    """
 
 
 __all__ = ["InternalError", "SnlFxError"]

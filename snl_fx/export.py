@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import sys
 import warnings
@@ -19,6 +20,7 @@ import torch.nn as nn
 from onnx import numpy_helper
 
 from snl_fx import passes
+from snl_fx._files import write_atomic
 from snl_fx.errors import SnlFxError
 
 Profile = Literal["default", "pi"]  # "pi": BN folded, integer constants as Constant nodes, for PI backends
@@ -65,14 +67,11 @@ def export_onnx(
         >>> snl_fx.export_onnx(result.model, x[:1], "model_pi.onnx", profile="pi").relu_count
         2195
     """
-    from snl_fx.inspect import relu_count
-    from snl_fx.inspect.onnx_model import onnx_relu_report
-
     if profile not in PROFILES:
         raise SnlFxError(f"profile must be one of {PROFILES}, got {profile!r}")
     if profile == "pi" and opset > 17:
         raise SnlFxError(f"profile 'pi' needs opset <= 17 (ReduceMean with an axes attribute), got {opset}")
-    args = tuple(a.detach().cpu() for a in passes.as_args(example_input))
+    args = tuple(a.detach().cpu().clone() for a in passes.as_args(example_input))  # never the caller's tensors
     model = copy.deepcopy(model).cpu().eval()
     if profile == "pi":
         from torch.fx.experimental.optimization import fuse
@@ -80,30 +79,45 @@ def export_onnx(
         passes.set_form(model, "gather")  # CrypTen has no ScatterElements; before fuse, which inlines it
         model = batchnorm_to_affine(fuse(model))  # fuse folds BN into a preceding conv; the rest become Mul+Add
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    checked: dict[str, Any] = {}
+    # written beside ``path`` and renamed over it only once every check passed: a refused export leaves nothing
+    write_atomic(path, lambda tmp: checked.update(_write_checked(model, args, tmp, path, profile, opset)), ".onnx")
+    return ExportResult(path, checked["error"], checked["counted"])
+
+
+def _write_checked(model: nn.Module, args: tuple, tmp: Path, path: Path, profile: Profile, opset: int) -> dict[str, Any]:
+    """Export ``model`` to ``tmp`` and check it (errors name ``path``, where it goes once checked)."""
+    from snl_fx.inspect import relu_count
+    from snl_fx.inspect.onnx_model import onnx_relu_report
+
     names = [f"input{i}" if len(args) > 1 else "input" for i in range(len(args))]
     dynamic = None if profile == "pi" else {n: {0: "batch"} for n in names + ["output"]}
     with warnings.catch_warnings(), _stdout_silenced():  # torch dumps its IR graph on a failed export
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, args, str(path), dynamo=False, opset_version=opset, do_constant_folding=True,
+            model, _fresh(args), str(tmp), dynamo=False, opset_version=opset, do_constant_folding=True,
             input_names=names, output_names=["output"], dynamic_axes=dynamic,
         )
     if profile == "pi":
-        proto = onnx.load(str(path))
+        proto = onnx.load(str(tmp))
         integer_initializers_to_constants(proto)
         remove_identities(proto)
-        onnx.save(proto, str(path))
-    onnx.checker.check_model(str(path), full_check=True)
-    error = _ort_error(model, args, path)
+        onnx.save(proto, str(tmp))
+    onnx.checker.check_model(str(tmp), full_check=True)
+    error = _ort_error(model, args, tmp)
     scale = max(1.0, float(np.abs(_torch_out(model, args)).max()))
     if error > 1e-4 * scale:
-        raise SnlFxError(f"ONNX Runtime output differs from torch by {error:.3g} in {path}")
-    counted = onnx_relu_report(path, [tuple(a.shape) for a in args]).total
-    expected = relu_count(model, args).total
+        raise SnlFxError(f"ONNX Runtime output differs from torch by {error:.3g} for {path}: not written")
+    counted = onnx_relu_report(tmp, [tuple(a.shape) for a in args]).total
+    expected = relu_count(model, _fresh(args)).total
     if counted != expected:
-        raise SnlFxError(f"{path} computes {counted} ReLUs per sample, the torch model {expected}")
-    return ExportResult(path, error, counted)
+        raise SnlFxError(f"the ONNX file for {path} computes {counted} ReLUs per sample, the torch model {expected}: not written")
+    return {"error": error, "counted": counted}
+
+
+def _fresh(args: tuple) -> tuple:
+    """A copy of the inputs for one run: a model that changes its input in place changes only the copy."""
+    return tuple(a.clone() for a in args)
 
 
 def check_exports(gm: torch.fx.GraphModule, example_input: Any, profiles: tuple[Profile, ...] = ("default",)) -> None:
@@ -264,15 +278,21 @@ def _stdout_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _torch_out(model: nn.Module, args: tuple) -> np.ndarray:
+def _torch_out(model: nn.Module, args: tuple) -> list[np.ndarray]:
+    """The model's outputs as arrays, in the order the exporter writes them (a tuple/dict flattened)."""
+    from torch.utils._pytree import tree_leaves
+
     with torch.no_grad():
-        return model(*args).numpy()
+        return [t.numpy() for t in tree_leaves(model(*(a.clone() for a in args))) if isinstance(t, torch.Tensor)]
 
 
 def _ort_error(model: nn.Module, args: tuple, path: Path) -> float:
+    """Largest difference between ONNX Runtime's outputs and torch's, over every output."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {i.name: a.numpy() for i, a in zip(session.get_inputs(), args)}
-    (out,) = session.run(None, feeds)[:1]
-    return float(np.abs(out - _torch_out(model, args)).max()) if out.size else 0.0
+    feeds = {i.name: a.numpy().copy() for i, a in zip(session.get_inputs(), args)}
+    outs, expected = session.run(None, feeds), _torch_out(model, args)
+    if len(outs) != len(expected) or any(o.shape != e.shape for o, e in zip(outs, expected)):
+        return math.inf
+    return max((float(np.abs(o - e).max()) for o, e in zip(outs, expected) if o.size), default=0.0)

@@ -6,12 +6,14 @@ Lasso penalty, clamping, freezing, and the ReLU count (one count, one threshold:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.fx import GraphModule
+from torch.utils._pytree import tree_leaves
 
 from snl_fx import passes
 from snl_fx.errors import SnlFxError
@@ -62,29 +64,90 @@ def prepare(
 
 
 def gates(gm: GraphModule) -> dict[str, passes.Gate]:
-    """Site name -> its gate module of a prepared model, in graph order (``gate.weight`` is ``c``)."""
+    """Site name -> its gate module of a prepared model, in graph order (``gate.weight`` is ``c``).
+
+    Args:
+        gm: a model from :func:`prepare`.
+
+    Returns:
+        A dict of :class:`passes.Gate` modules; sites skipped by pattern are not in it.
+
+    Example:
+        >>> gm = snl_fx.prepare(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64))
+        >>> list(snl_fx.train.gates(gm))[:2]
+        ['relu', 'layer1.0.relu']
+    """
     return passes.gates(gm)
 
 
 def gate_parameters(gm: GraphModule) -> list[nn.Parameter]:
-    """The gate tensors ``c`` of a prepared model (give them their own optimizer group if you like)."""
+    """The gate tensors ``c`` of a prepared model (give them their own optimizer group if you like).
+
+    Args:
+        gm: a model from :func:`prepare`.
+
+    Returns:
+        One ``nn.Parameter`` per gated site, in graph order (the shape of the activation per
+        sample for pixel gates, one element per channel for channel gates).
+
+    Example:
+        >>> gate_params = snl_fx.train.gate_parameters(gm)
+        >>> weights = [p for p in gm.parameters() if all(p is not g for g in gate_params)]
+        >>> opt = torch.optim.Adam([{"params": weights}, {"params": gate_params, "lr": 1e-2}], lr=1e-3)
+    """
     return [g.weight for g in gates(gm).values()]
 
 
 def lasso_penalty(gm: GraphModule) -> torch.Tensor:
-    """``sum |c|`` over all gates (multiply by lambda and add to the loss)."""
+    """``sum |c|`` over all gates (multiply by lambda and add to the loss).
+
+    Args:
+        gm: a model from :func:`prepare`.
+
+    Returns:
+        A scalar tensor that carries gradients to the gates. Each gate element counts once,
+        also a channel gate's (:func:`soft_relu_count` weighs those by H*W).
+
+    Example:
+        >>> snl_fx.train.lasso_penalty(gm)  # fresh pixel gates of resnet18 at 64x64: all 1
+        tensor(188416., grad_fn=<AddBackward0>)
+        >>> loss = task_loss + lam * snl_fx.train.lasso_penalty(gm)
+    """
     return sum(w.abs().sum() for w in gate_parameters(gm))
 
 
 def clamp_gates(gm: GraphModule) -> None:
-    """Project gates back into [0, 1] after an optimizer step (c outside it has no meaning)."""
+    """Project gates back into [0, 1] after an optimizer step (c outside it has no meaning).
+
+    Args:
+        gm: a model from :func:`prepare`; its gates are changed in place.
+
+    Returns:
+        None.
+
+    Example:
+        >>> opt.step()
+        >>> snl_fx.train.clamp_gates(gm)
+    """
     with torch.no_grad():
         for w in gate_parameters(gm):
             w.clamp_(0.0, 1.0)
 
 
 def ungated_relus(gm: GraphModule) -> int:
-    """ReLUs per sample at sites left as plain ReLUs (skipped by pattern)."""
+    """ReLUs per sample at sites left as plain ReLUs (skipped by pattern).
+
+    Args:
+        gm: a model from :func:`prepare`.
+
+    Returns:
+        Their ReLUs per sample (0 without ``skip``); every count and budget includes them.
+
+    Example:
+        >>> gm = snl_fx.prepare(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64), skip=["relu"])
+        >>> snl_fx.gated.ungated_relus(gm)  # the stem ReLU: 64 x 32 x 32
+        65536
+    """
     gated = passes.get_meta(gm).gates
     return sum(n for name, n in site_relu_counts(gm, None).items() if name not in gated)
 
@@ -116,6 +179,14 @@ def site_relu_counts(gm: GraphModule, eps: float | None = COUNT_EPS) -> dict[str
 def relu_count_gated(gm: GraphModule, eps: float | None = COUNT_EPS) -> int:
     """The ReLU count of Algorithm 1: ``#(c > eps)`` per sample over all sites (see :func:`site_relu_counts`).
 
+    Args:
+        gm: a model from :func:`prepare`.
+        eps: a gate element counts while ``c > eps`` (default :data:`COUNT_EPS`); ``None``
+            counts every element (:func:`total_relus`).
+
+    Returns:
+        ReLUs per sample, ungated sites included.
+
     Example:
         >>> snl_fx.train.relu_count_gated(gm)
         165
@@ -124,7 +195,21 @@ def relu_count_gated(gm: GraphModule, eps: float | None = COUNT_EPS) -> int:
 
 
 def soft_relu_count(gm: GraphModule) -> float:
-    """The gates' mass in ReLUs per sample: ``sum c`` (channel gates weigh H*W), plus ungated sites."""
+    """The gates' mass in ReLUs per sample: ``sum c`` (channel gates weigh H*W), plus ungated sites.
+
+    The soft counterpart of :func:`relu_count_gated`: it moves as soon as the gates do.
+
+    Args:
+        gm: a model from :func:`prepare`.
+
+    Returns:
+        The mass as a float (no gradient); equal to :func:`total_relus` while every gate is 1.
+
+    Example:
+        >>> gm = snl_fx.prepare(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64))
+        >>> snl_fx.train.soft_relu_count(gm)
+        188416.0
+    """
     weight = passes.element_weights(gm)
     with torch.no_grad():
         mass = sum(float(g.weight.sum()) * weight[n] for n, g in passes.gates(gm).items())
@@ -132,7 +217,19 @@ def soft_relu_count(gm: GraphModule) -> float:
 
 
 def total_relus(gm: GraphModule) -> int:
-    """ReLUs per sample of the original model (every site): ``relu_count_gated(gm, eps=None)``."""
+    """ReLUs per sample of the original model (every site): ``relu_count_gated(gm, eps=None)``.
+
+    Args:
+        gm: a model from :func:`prepare`.
+
+    Returns:
+        The count, whatever the gates' values.
+
+    Example:
+        >>> gm = snl_fx.prepare(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64))
+        >>> snl_fx.gated.total_relus(gm)
+        188416
+    """
     return relu_count_gated(gm, None)
 
 
@@ -145,7 +242,18 @@ def total_relus(gm: GraphModule) -> int:
 
 
 def freeze_gates(gm: GraphModule) -> None:
-    """Stop gradients to the gates (after :func:`binarize`, or after loading binary gates)."""
+    """Stop gradients to the gates (after :func:`binarize`, or after loading binary gates).
+
+    Args:
+        gm: a model from :func:`prepare`; its gate parameters get ``requires_grad=False``.
+
+    Returns:
+        None.
+
+    Example:
+        >>> gm.load_state_dict(torch.load("gated.pt"))  # binary gates saved after binarize
+        >>> snl_fx.train.freeze_gates(gm)  # fine-tune the weights only
+    """
     for w in gate_parameters(gm):
         w.requires_grad_(False)
 
@@ -175,7 +283,23 @@ def convert(gm: GraphModule) -> GraphModule:
 
 
 def max_abs_diff(a: nn.Module, b: nn.Module, example_input: Any) -> float:
-    """Largest elementwise difference of two models' outputs in eval mode (modes restored)."""
+    """Largest elementwise difference of two models' outputs in eval mode (modes restored).
+
+    Args:
+        a, b: two modules taking the same input and returning a tensor (or a tuple or dict of
+            tensors) of the same structure and shapes.
+        example_input: an example batch (batch first), or a tuple of the forward's inputs.
+
+    Returns:
+        ``max |a(x) - b(x)|`` over every output tensor as a float (0.0 for an empty output;
+        infinity when the outputs' structures or shapes differ).
+
+    Example:
+        >>> snl_fx.binarize(gm, 2000)
+        2000
+        >>> snl_fx.gated.max_abs_diff(gm, snl_fx.convert(gm), x)  # lowering changes nothing
+        0.0
+    """
     modes = a.training, b.training
     a.eval(), b.eval()
     try:
@@ -184,7 +308,13 @@ def max_abs_diff(a: nn.Module, b: nn.Module, example_input: Any) -> float:
             out_a, out_b = a(*args), b(*args)
     finally:
         a.train(modes[0]), b.train(modes[1])
-    return float((out_a - out_b).abs().max()) if out_a.numel() else 0.0
+    leaves_a, leaves_b = tree_leaves(out_a), tree_leaves(out_b)  # a tensor, or a tuple/dict of them
+    if len(leaves_a) != len(leaves_b):
+        return math.inf
+    diffs = [float((u - v).abs().max()) for u, v in zip(leaves_a, leaves_b)
+             if isinstance(u, torch.Tensor) and u.numel() and u.shape == getattr(v, "shape", None)]
+    mismatched = any(isinstance(u, torch.Tensor) and u.shape != getattr(v, "shape", None) for u, v in zip(leaves_a, leaves_b))
+    return math.inf if mismatched else max(diffs, default=0.0)
 
 
 __all__ = [

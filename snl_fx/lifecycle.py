@@ -40,7 +40,28 @@ log = logging.getLogger("snl_fx")
 
 @dataclass
 class LinearizeResult:
-    """What :func:`linearize` made. ``model`` is the lowered static graph; counts are per sample."""
+    """What :func:`linearize` made. ``model`` is the lowered static graph; counts are per sample.
+
+    Args:
+        model: the lowered static graph (a GraphModule), ready for :func:`snl_fx.export_onnx`.
+        gated: the binarized gated model (its state_dict reloads with :func:`load_linearized`);
+            None when the model was returned unchanged.
+        relu_count: ReLUs per sample of ``model``, exact.
+        relu_count_before: ReLUs per sample of the original model.
+        budget: the most ReLUs per sample allowed (for a Cost budget: the count it allowed).
+        granularity: ``"pixel"`` or ``"channel"``.
+        method: ``"snl"`` (trained gates), ``"one-shot"`` (training-free) or ``"unchanged"``.
+        sites: site name -> ``{"before": ReLUs, "after": ReLUs}``.
+        history: one :class:`EpochRecord` per epoch of both phases (empty for one-shot).
+        accuracy_before, accuracy_after: top-1 % on the validation data; None without it.
+        cost: Cost budgets: the budget, predicted bytes/rounds/seconds before and after; else None.
+
+    Example:
+        >>> result = snl_fx.linearize(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64), 2000)
+        >>> result.method, result.relu_count, result.relu_count_before
+        ('one-shot', 2000, 188416)
+        >>> json.dumps(result.to_dict())  # no tensors
+    """
 
     model: nn.Module
     gated: GraphModule | None  # the binarized gated model (its state_dict reloads with load_linearized)
@@ -122,7 +143,8 @@ def linearize(
     cfg = _config(config, overrides)
     device = cfg.resolved_device()
     distributed.init_from_env(device)
-    check_data(data, example_input)  # (input, label) pairs shaped like the example: fail now, not mid-training
+    for name, given in (("data", data), ("val_data", val_data)):  # (input, label) pairs shaped like the example
+        check_data(given, example_input, name)
     gm = prepare(model, example_input, granularity, skip=skip, concrete_args=concrete_args, leaf_modules=leaf_modules)
     check_exports(gm, example_input)  # an unexportable model fails in seconds, before training
     plan = bind(budget, gm)
@@ -217,7 +239,23 @@ def _verify(gm: GraphModule, lowered: nn.Module, example_input: Any, final: int,
 
 def load_linearized(model: nn.Module, example_input: Any, state_dict_path: str | os.PathLike,
                     granularity: passes.Granularity = "pixel", skip: Sequence[str] = ()) -> GraphModule:
-    """Rebuild a lowered model from the original model and a saved binarized gated state_dict."""
+    """Rebuild a lowered model from the original model and a saved binarized gated state_dict.
+
+    Args:
+        model: the original model's architecture (its weights come from the file).
+        example_input: an example batch, as given to :func:`linearize`.
+        state_dict_path: a file saved with ``torch.save(result.gated.state_dict(), path)``.
+        granularity, skip: as given to :func:`linearize`.
+
+    Returns:
+        The lowered GraphModule, the same as ``result.model`` before any cost merge.
+
+    Example:
+        >>> torch.save(result.gated.state_dict(), "gated.pt")
+        >>> lowered = snl_fx.load_linearized(torchvision.models.resnet18(), x, "gated.pt")
+        >>> snl_fx.relu_count(lowered, x).total == result.relu_count
+        True
+    """
     gm = prepare(model, example_input, granularity, skip=skip)
     gm.load_state_dict(torch.load(state_dict_path, map_location="cpu", weights_only=True))
     return convert(gm)

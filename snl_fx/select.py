@@ -13,7 +13,7 @@ from snl_fx import passes
 from snl_fx.errors import SnlFxError
 from snl_fx.gated import gate_parameters, ungated_relus
 from snl_fx.train.config import TrainConfig
-from snl_fx.train.loop import kd_loss, make_loader
+from snl_fx.train.loop import batch_loss, make_loader, to_device
 
 __all__ = ["binarize", "linearization_scores", "refine_selection"]
 
@@ -42,8 +42,14 @@ def binarize(
         2000
         >>> lowered = snl_fx.convert(gm)
     """
+    if isinstance(budget, bool) or not isinstance(budget, int):  # a fraction, text or a Cost: its plan selects
+        from snl_fx.budget import bind
+
+        return bind(budget, gm).select(gm, scores, tie_break)
     meta = passes.get_meta(gm)
     gate_modules = passes.gates(gm)
+    if not gate_modules:
+        raise SnlFxError("this model has no gates (lowered already?): binarize a model from snl_fx.prepare")
     element_weight = passes.element_weights(gm)
     room = budget - ungated_relus(gm)
     if room < 0:
@@ -81,6 +87,19 @@ def linearization_scores(gm: GraphModule, example_input: Any) -> dict[str, torch
 
     That is the squared error of replacing the ReLU by identity there; keeping the largest
     ones keeps the ReLUs whose removal would change the activations most.
+
+    Args:
+        gm: a prepared model; run once in eval mode without gradients (mode restored).
+        example_input: a batch (batch first), or a tuple of the forward's inputs, on ``gm``'s device.
+
+    Returns:
+        Site name -> a tensor of its gate's shape (channel gates: the mean over H*W), for
+        ``scores`` or ``tie_break`` of :func:`binarize`.
+
+    Example:
+        >>> scores = snl_fx.linearization_scores(gm, x)
+        >>> snl_fx.binarize(gm, 2000, scores)  # training-free selection
+        2000
     """
     granularity = passes.get_meta(gm).granularity
     scores: dict[str, torch.Tensor] = {}
@@ -108,8 +127,7 @@ def linearization_scores(gm: GraphModule, example_input: Any) -> dict[str, torch
 
 @torch.no_grad()
 def _probe_loss(gm: GraphModule, teacher: nn.Module | None, batches: list, cfg: TrainConfig) -> float:
-    kd = {"temperature": cfg.temperature, "weight": cfg.kd_weight}
-    return sum(float(kd_loss(gm(x), teacher(x) if teacher is not None and cfg.kd else None, y, **kd)) for x, y in batches)
+    return sum(float(batch_loss(gm, teacher, x, y, cfg)[0]) for x, y in batches)
 
 
 def refine_selection(
@@ -130,6 +148,16 @@ def refine_selection(
     ``batches`` the gradient is taken on; eval mode, the fine-tune's loss) falls; else it is
     halved. At most ``rounds`` blocks are tried.
 
+    Args:
+        gm: a binarized model (after :func:`binarize`); its gates are changed in place, the
+            weights are not. Raises SnlFxError when a gate is not binary.
+        data: a Dataset or DataLoader of (input, label) pairs (the training data).
+        config: ``device``, ``batch_size``, ``seed``, ``kd``, ``temperature`` and ``kd_weight``
+            are read (default ``TrainConfig()``).
+        teacher: the original model, for the KD loss; None: cross-entropy.
+        rounds: most blocks of swaps tried (default 16).
+        batches: batches for the gradient, and as many other ones for the probe (default 8).
+
     Returns:
         ``{"swaps", "loss_before", "loss_after", "rounds"}`` (losses summed over the probe batches).
 
@@ -148,7 +176,7 @@ def refine_selection(
     loader = make_loader(data, cfg, shuffle=True, epoch_seed=cfg.seed * 1_000_003 + 30_013)
     drawn = []
     for x, y in loader:
-        drawn.append((x.to(device), y.to(device)))
+        drawn.append((to_device(x, device), y.to(device)))
         if len(drawn) == 2 * batches:
             break
     grad_batches, probe = drawn[: len(drawn) // 2] or drawn, drawn[len(drawn) // 2 :] or drawn
@@ -164,9 +192,7 @@ def refine_selection(
                 w.requires_grad_(True)
             grads = [torch.zeros_like(w) for w in weights]
             for x, y in grad_batches:
-                with torch.no_grad():
-                    target = teacher(x) if teacher is not None and cfg.kd else None
-                loss = kd_loss(gm(x), target, y, temperature=cfg.temperature, weight=cfg.kd_weight)
+                loss = batch_loss(gm, teacher, x, y, cfg)[0]
                 for acc, g in zip(grads, torch.autograd.grad(loss, weights)):
                     acc += g
             for w in weights:

@@ -64,7 +64,9 @@ def test_sampler_shards_are_the_single_process_batches():
     for whole, a, b in zip(single, *shards):
         assert sorted(a + b) == sorted(whole) and len(a) == len(whole) // 2
     tail = [list(ShardedBatchSampler(5, 4, seed=0, rank=r, world=2))[-1] for r in range(2)]
-    assert all(len(t) == 1 for t in tail)  # a last batch of 1 is topped up: both ranks take a step
+    assert all(len(t) == 2 for t in tail)  # a last batch of 1 is topped up: both ranks step, BatchNorm sees 2 items
+    assert [len(b) for b in ShardedBatchSampler(9, 4, seed=0)] == [4, 4, 2]  # one process: a last batch of 1 too
+    assert [len(b) for b in ShardedBatchSampler(10, 4, seed=0)] == [4, 4, 2]  # a last batch of 2 stays as it is
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")

@@ -107,6 +107,23 @@ def pi_bench(
     input (default: standard normal of the file's input shape, from ``seed``). ``timeout``: seconds
     before the parties are stopped. Export the file with ``export_onnx(..., profile="pi")``:
     CrypTen 0.4.1 then loads it as it is (SPU also runs the default profile).
+
+    Args:
+        onnx_path: the ONNX file (one input).
+        runs: measured inferences, >= 1 (default 3); ``seconds`` is their median.
+        input: the client's input; None (default): standard normal of the file's input shape.
+        seed: seeds the default input (default 0).
+        timeout: seconds before the parties are stopped (default 600).
+        backend: ``"crypten"`` (default), ``"spu-cheetah"`` or ``"spu-semi2k"``.
+
+    Returns:
+        A :class:`PiBenchResult`: error against ONNX Runtime, measured bytes, rounds, seconds,
+        ReLUs. Raises SnlFxError on a missing file or backend.
+
+    Example:
+        >>> snl_fx.export_onnx(result.model, x[:1], "model.onnx", profile="pi")
+        >>> r = snl_fx.pi_bench("model.onnx", runs=3)
+        >>> r.relus, r.seconds, r.max_abs_error
     """
     if backend not in BACKENDS:
         raise SnlFxError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

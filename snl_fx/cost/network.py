@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from snl_fx.errors import SnlFxError
@@ -21,6 +22,12 @@ class Network:
     name: str
     mbps: float
     rtt_ms: float
+
+    def __post_init__(self) -> None:
+        ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (self.mbps, self.rtt_ms))
+        if not (ok and self.mbps > 0 and self.rtt_ms >= 0):
+            raise SnlFxError(f"network {self.name!r}: bandwidth must be a finite number > 0 Mbit/s and the RTT a "
+                             f"finite number >= 0 ms, got {self.mbps!r} Mbit/s and {self.rtt_ms!r} ms")
 
     def seconds(self, nbytes: float, rounds: float) -> float:
         """Time on the wire: ``bytes / bandwidth + rounds * RTT``."""
@@ -58,6 +65,4 @@ def parse_network(spec: str | Network) -> Network:
         mbps, rtt = (float(p) for p in parts)
     except ValueError:
         raise SnlFxError(f"network must be lan, wan or MBPS,RTT_MS (e.g. 100,40), got {spec!r}") from None
-    if not (mbps > 0 and rtt >= 0):
-        raise SnlFxError(f"network {spec!r}: bandwidth must be > 0 Mbit/s and RTT >= 0 ms")
-    return Network(f"{mbps:g},{rtt:g}", mbps, rtt)
+    return Network(f"{mbps:g},{rtt:g}", mbps, rtt)  # validated there: finite, bandwidth > 0, RTT >= 0

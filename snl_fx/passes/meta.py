@@ -67,7 +67,8 @@ class SNLMeta:
 
 def get_meta(gm: GraphModule) -> SNLMeta:
     """The SNLMeta of a graph produced by :func:`passes.trace`."""
-    meta = gm.meta.get(META_KEY)
+    meta = getattr(gm, "meta", {}).get(META_KEY) if isinstance(getattr(gm, "meta", None), dict) else None
     if meta is None:
-        raise PassError("this GraphModule was not produced by passes.trace (no snl_fx metadata)")
+        raise PassError(f"this {type(gm).__name__} was not prepared by snl_fx (no snl_fx metadata): "
+                        "call snl_fx.prepare(model, example_input) first")
     return meta

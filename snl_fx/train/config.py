@@ -29,7 +29,47 @@ FINETUNE_SCHEDULES: tuple[FinetuneSchedule, ...] = get_args(FinetuneSchedule)
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of both phases; defaults are the paper's unless noted."""
+    """Hyper-parameters of both phases; defaults are the paper's unless noted.
+
+    A value out of its range raises a one-line SnlFxError; every float must be finite.
+
+    Args:
+        epochs: gate phase epochs, an int >= 0 (default 20); the target schedule reaches the
+            budget near their end.
+        finetune_epochs: KD fine-tune epochs, an int >= 0 (default 5; the paper: 100).
+        lr: Adam lr of the gate phase, weights and gates, > 0 (default 1e-3).
+        gate_lr: Adam lr of the gates, > 0; None (default): tied to the steps available under
+            the target schedule, else ``lr``.
+        lambda0: starting lambda, >= 0; None (default): the gates' gradient scale under the
+            target schedule, 1e-5 under the others.
+        kappa: lambda's growth factor of the ``budget`` and ``paper`` schedules, >= 1 (default 1.1).
+        eps: a gate counts as a ReLU while ``c > eps``, in [0, 1) (default 0.01, ``COUNT_EPS``).
+        schedule: lambda schedule, ``"target"`` (default, per step), ``"budget"`` or ``"paper"``
+            (per epoch): see :class:`LambdaSchedule`.
+        finetune_lr: SGD lr of the fine-tune, > 0 (default 1e-2; the paper: 1e-3 constant).
+        finetune_schedule: ``"cosine"`` (default, over ``finetune_epochs``) or ``"constant"`` (the paper's).
+        refine: after binarize (ReLU budgets), swap kept and removed ReLUs while the loss falls
+            (:func:`snl_fx.refine_selection`); default False.
+        momentum: SGD momentum of the fine-tune, in [0, 1) (default 0.9).
+        weight_decay: SGD weight decay of the fine-tune, >= 0 (default 0).
+        kd: distil from the original model in both phases (default True); False: cross-entropy only.
+        temperature: KD temperature, > 0 (default 4.0).
+        kd_weight: share of the KL term in the loss, in [0, 1] (default 0.5: equal weights with
+            cross-entropy).
+        batch_size: samples per step, the global batch under torchrun, an int >= 1 (default 128).
+        num_workers: DataLoader workers, an int >= 0 (default 0).
+        seed: seeds every epoch's RNGs (a resumed run replays a straight one), an int >= 0 (default 0).
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; None (default): CUDA when present, else
+            CPU. Under torchrun ``"cuda"`` is ``cuda:LOCAL_RANK``.
+        progress: show progress bars (default True); False: no bars, progress lines go to the
+            ``snl_fx`` logger.
+        sync_bn: under torchrun on GPUs, BatchNorm as SyncBatchNorm while training (default False).
+
+    Example:
+        >>> cfg = snl_fx.TrainConfig(epochs=8, finetune_epochs=8, batch_size=256)
+        >>> result = snl_fx.linearize(model, x, 0.05, train_set, config=cfg)
+        >>> snl_fx.linearize(model, x, 0.05, train_set, epochs=8)  # the same fields as keywords
+    """
 
     epochs: int = 20  # gate phase: the target schedule reaches the budget near the end of these epochs
     finetune_epochs: int = 5  # paper: 100

@@ -129,8 +129,9 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
     At every step the ranks' batches together are exactly the one-process batch with the same
     seed, so DDP (gradients averaged) with a mean-reduced loss follows one process with the
-    global batch, exactly so when ``world`` divides the batch. A last batch smaller than
-    ``world`` is topped up from the start of the epoch, so every rank takes the same steps.
+    global batch, exactly so when ``world`` divides the batch. A last batch with fewer than two
+    items per rank is topped up from the start of the epoch, so every rank takes the same steps
+    and BatchNorm never sees a batch of one sample.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
@@ -143,8 +144,9 @@ class ShardedBatchSampler(Sampler[list[int]]):
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).tolist()
         for start in range(0, self.n, self.batch_size):
             batch = order[start : start + self.batch_size]
-            while len(batch) < self.world:
-                batch += order[: self.world - len(batch)]
+            need = min(self.batch_size, 2 * self.world, self.n) if self.batch_size > 1 else self.world
+            while len(batch) < need:
+                batch += order[: need - len(batch)]
             yield batch[self.rank :: self.world]
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves, tree_map_only
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
@@ -40,6 +41,22 @@ def kd_loss(
     KL is KL(teacher || student) of the outputs softened by ``T = temperature`` (Hinton et al.);
     ``T^2`` keeps its gradients at the scale of the cross-entropy's.
     ``TrainConfig.temperature`` and ``kd_weight`` are what the phases pass.
+
+    Args:
+        student_logits: the trained model's outputs, ``(batch, classes)``.
+        teacher_logits: the teacher's outputs of the same shape (no gradient needed); None: CE only.
+        labels: class indices, ``(batch,)``.
+        temperature: ``T`` > 0, the softening of both outputs.
+        weight: the KL term's share in [0, 1].
+
+    Returns:
+        The loss, a scalar tensor (mean over the batch).
+
+    Example:
+        >>> with torch.no_grad():
+        ...     target = teacher(x)
+        >>> loss = snl_fx.train.kd_loss(gm(x), target, y, temperature=4.0, weight=0.5)
+        >>> loss.backward()
     """
     ce = F.cross_entropy(student_logits, labels)
     if teacher_logits is None:
@@ -49,6 +66,36 @@ def kd_loss(
         F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1), reduction="batchmean", log_target=True
     )
     return (1 - weight) * ce + weight * kl * t * t
+
+
+def to_device(x: Any, device: torch.device) -> Any:
+    """A batch's input on ``device``: a tensor, or a tuple/list of them (a model of several inputs)."""
+    return tree_map_only(torch.Tensor, lambda t: t.to(device, non_blocking=True), x)
+
+
+def run(model: nn.Module, x: Any) -> Any:
+    """``model(x)``, or ``model(*x)`` for a tuple/list of inputs (as a batch of a multi-input data set)."""
+    return model(*x) if isinstance(x, (tuple, list)) else model(x)
+
+
+def logits(out: Any) -> torch.Tensor:
+    """The tensor the loss and the accuracy read: the output, or the first tensor of a tuple/dict output."""
+    if isinstance(out, torch.Tensor):
+        return out
+    first = next((t for t in tree_leaves(out) if isinstance(t, torch.Tensor)), None)
+    if first is None:
+        raise SnlFxError(f"the model returned {type(out).__name__} with no tensor: snl_fx trains on a tensor of logits")
+    return first
+
+
+def batch_loss(model: nn.Module, teacher: nn.Module | None, x: Any, y: torch.Tensor,
+               cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training loss of one batch (:func:`kd_loss`, the teacher's outputs under no_grad when
+    ``cfg.kd``) and the model's logits. ``x`` and ``y`` are on the model's device."""
+    out = logits(run(model, x))
+    with torch.no_grad():
+        target = logits(run(teacher, x)) if teacher is not None and cfg.kd else None
+    return kd_loss(out, target, y, temperature=cfg.temperature, weight=cfg.kd_weight), out
 
 
 def make_loader(
@@ -112,11 +159,8 @@ def train_epoch(
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not (cfg.progress and distributed.is_main()), dynamic_ncols=True)
     for step, (x, y) in enumerate(bar):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model(x)
-        with torch.no_grad():
-            target_logits = teacher(x) if teacher is not None and cfg.kd else None
-        loss = kd_loss(out, target_logits, y, temperature=cfg.temperature, weight=cfg.kd_weight)
+        x, y = to_device(x, device), y.to(device, non_blocking=True)
+        loss, out = batch_loss(model, teacher, x, y, cfg)
         if penalty is not None:
             loss = loss + penalty()
         if not torch.isfinite(loss):
@@ -139,7 +183,19 @@ def train_epoch(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset | DataLoader | None, cfg: TrainConfig) -> float | None:
-    """Top-1 accuracy in percent (None without data); the model's mode is restored."""
+    """Top-1 accuracy in percent (None without data); the model's mode is restored.
+
+    Args:
+        model: a classifier, on ``cfg``'s device; run in eval mode without gradients.
+        data: a Dataset or DataLoader of (input, label) pairs, or None.
+        cfg: the :class:`TrainConfig` giving the device, ``batch_size`` and ``num_workers``.
+
+    Returns:
+        The accuracy in [0, 100], or None when ``data`` is None.
+
+    Example:
+        >>> snl_fx.train.evaluate(result.model, val_set, snl_fx.TrainConfig(batch_size=256))
+    """
     if data is None:
         return None
     device = cfg.resolved_device()
@@ -148,7 +204,7 @@ def evaluate(model: nn.Module, data: Dataset | DataLoader | None, cfg: TrainConf
     correct = seen = 0
     try:
         for x, y in make_loader(data, cfg, shuffle=False):
-            out = model(x.to(device))
+            out = logits(run(model, to_device(x, device)))
             correct += int((out.argmax(1).cpu() == y).sum())
             seen += len(y)
     finally:

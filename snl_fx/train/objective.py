@@ -23,6 +23,20 @@ class GateObjective:
     ``penalty()`` is added to the loss times lambda; ``hard(eps)`` is the value of the gates
     thresholded at ``eps`` and ``soft()`` the gates' mass in the same unit (both steer lambda);
     the phase stops once ``hard(eps) <= limit``; ``start`` is the value before training.
+
+    Args:
+        penalty: no argument -> the differentiable penalty (a scalar tensor), e.g. ``sum|c|``.
+        hard: ``eps`` -> the gates' value thresholded at ``eps`` (e.g. the ReLU count).
+        soft: no argument -> the gates' mass in the same unit (a float, no gradient).
+        start: the value before training (e.g. the model's ReLUs per sample).
+        limit: the phase stops once ``hard(eps) <= limit`` (e.g. the ReLU budget).
+        unit: what the values count, for log lines (default ``"ReLUs"``).
+
+    Example:
+        >>> objective = snl_fx.budget.count_objective(gm, 2000)  # gm: prepared resnet18 at 64x64
+        >>> objective.start, objective.limit, objective.unit
+        (188416, 2000, 'ReLUs')
+        >>> loss = task_loss + lam * objective.penalty()
     """
 
     penalty: Callable[[], torch.Tensor]
@@ -35,6 +49,14 @@ class GateObjective:
 
 def count_objective(gm: GraphModule, budget: int) -> GateObjective:
     """The ReLU count's objective: ``sum|c|``, the count ``#(c > eps)`` down to ``budget``.
+
+    Args:
+        gm: a model from :func:`snl_fx.prepare`.
+        budget: ReLUs per sample at which the gate phase stops.
+
+    Returns:
+        A :class:`GateObjective` over :func:`lasso_penalty`, :func:`relu_count_gated` and
+        :func:`soft_relu_count`, starting at :func:`total_relus`.
 
     Example:
         >>> objective = count_objective(gm, 2000)

@@ -57,7 +57,25 @@ EpochRecord = TypedDict(  # functional form: "lambda" is a keyword
     },
     total=False,
 )
-EpochRecord.__doc__ = "One epoch of a phase, as kept in ``LinearizeResult.history`` and ``report.json``."
+EpochRecord.__doc__ = """One epoch of a phase, as kept in ``LinearizeResult.history`` and ``report.json``.
+
+    A dict (TypedDict) with these keys:
+
+    Args:
+        phase: ``"gates"`` or ``"finetune"``.
+        epoch: 1-based, per phase.
+        relu_count: gates: ``#(c > eps)`` at the end of the epoch; finetune: the binarized count.
+        lambda: gates: lambda at the start of the epoch; finetune: None.
+        loss: mean training loss of the epoch (gates: penalty included).
+        train_acc: top-1 accuracy in percent on the epoch's training batches.
+        val_acc: top-1 accuracy in percent on the validation data; None without it.
+        seconds: wall time of the epoch's training steps.
+        path: gates only: ``(step, count, lambda)`` about 20 times per epoch.
+
+    Example:
+        >>> history = snl_fx.train_gates(gm, train_set, 2000)
+        >>> [(r["epoch"], r["relu_count"], r["lambda"]) for r in history]
+    """
 
 
 def train_gates(
@@ -103,6 +121,9 @@ def train_gates(
     store = Checkpoint(checkpoint)
     state = _resume_state(store, resume, "gates")
     plan = bind(budget, gm)
+    if not gate_parameters(gm) or not all(w.requires_grad for w in gate_parameters(gm)):
+        raise SnlFxError("the gates of this model are binarized and frozen: train_gates needs the soft gates of "
+                         "snl_fx.prepare (after binarize, fine-tune with snl_fx.finetune)")
     if state is not None and not plan.matches(state.get("budget")):
         raise SnlFxError(f"the checkpoint in {store.path} is for budget {state.get('budget')}, not {plan.key}: "
                          "use another folder or drop resume")
@@ -215,6 +236,9 @@ def finetune(
     state = _resume_state(store, resume, "finetune")
     final = relu_count_gated(gm)
     params = [p for p in gm.parameters() if p.requires_grad]
+    if not params:
+        warnings.warn("the model has no trainable weights (all frozen): fine-tune skipped", stacklevel=2)
+        return []
     optimizer = torch.optim.SGD(params, lr=cfg.finetune_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(e, cfg.finetune_epochs, cfg.finetune_schedule))
     records: list[EpochRecord] = []

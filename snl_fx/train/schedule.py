@@ -15,7 +15,7 @@ from snl_fx.errors import SnlFxError
 from snl_fx.gated import gate_parameters
 from snl_fx.train import distributed
 from snl_fx.train.config import SCHEDULES, Schedule, TrainConfig
-from snl_fx.train.loop import kd_loss, make_loader
+from snl_fx.train.loop import batch_loss, make_loader, to_device
 
 __all__ = ["LambdaSchedule", "gate_lr", "gradient_scale", "starting_lambda"]
 
@@ -43,6 +43,30 @@ class LambdaSchedule:
     ``max_epochs`` (geometric fall assumed), ``k`` being the epochs in a row it has been behind.
     Call :meth:`after_step` after every optimizer step and :meth:`step` after every epoch; each
     mode ignores the call it does not use.
+
+    Args:
+        lam: the current lambda, the starting one when made (default 1e-5; > 0 for ``target``).
+        kappa: growth factor of ``budget`` and ``paper``, >= 1 (default 1.1).
+        mode: ``"target"`` (default), ``"budget"`` or ``"paper"``.
+        budget: the ReLU count to reach.
+        max_epochs: ``budget`` mode: the epochs in which to reach it (default 100).
+        lowest: the lowest count so far; set it to the model's ReLU count before training
+            (required by ``target``).
+        total_steps: ``target``: optimizer steps the gate phase may take (epochs * batches), >= 1.
+        reach: ``target``: the trajectory meets the budget after this share of the steps (default 0.85).
+        gain: ``target``: largest change of log(lambda) per step; None (default):
+            ``max(0.002, 20 / total_steps)``.
+        band: ``target``: relative error of the mass at which the change is largest (default 0.05).
+        count_share: ``target``: gain share while the mass is on target but the count is above
+            (default 0.5).
+        behind, steps, start, history: state (epochs behind, steps taken, the trajectory's start,
+            per-epoch records), saved by :meth:`state_dict`; leave them at their defaults.
+
+    Example:
+        >>> schedule = snl_fx.train.LambdaSchedule(lam=1e-4, budget=2000, lowest=188416, total_steps=1000)
+        >>> schedule.target(850)  # the target count after 850 steps: the budget
+        2000.0
+        >>> lam = schedule.after_step(snl_fx.train.relu_count_gated(gm), snl_fx.train.soft_relu_count(gm))
     """
 
     lam: float = 1e-5
@@ -142,13 +166,11 @@ def starting_lambda(gm: GraphModule, teacher: nn.Module | None, data: Dataset | 
     if cfg.schedule != "target":
         return 1e-5
     x, y = next(iter(make_loader(data, cfg, shuffle=False)))
-    x, y = x.to(cfg.resolved_device()), y.to(cfg.resolved_device())
+    x, y = to_device(x, cfg.resolved_device()), y.to(cfg.resolved_device())
     was_training = gm.training
     gm.eval()
     try:
-        with torch.no_grad():
-            target = teacher(x) if teacher is not None and cfg.kd else None
-        scale = gradient_scale(gm, kd_loss(gm(x), target, y, temperature=cfg.temperature, weight=cfg.kd_weight))
+        scale = gradient_scale(gm, batch_loss(gm, teacher, x, y, cfg)[0])
     finally:
         gm.train(was_training)
     return distributed.from_rank0(scale)
