@@ -8,7 +8,7 @@ over those features (rounds and exact byte counts rounded to integers), compute 
 non-negative least squares of relative errors over MACs, ReLUs, comparisons and rounds (the two
 small_resnet files included: tiny graphs alone time mostly overhead). small_resnet (all ReLUs,
 and 10% kept per pixel) is left out of the bytes and rounds fit and checks it. The constants go to
-``snl_fx/pi_constants.json`` with backend, date and command; other backends' entries are kept.
+``snl_fx/cost/pi_constants.json`` with backend, date and command; other backends' entries are kept.
 Usage:
 
     python benchmarks/pi_calibrate.py [--backend crypten] [--backend spu-cheetah] [--runs 3]
@@ -353,7 +353,7 @@ def main() -> None:
             entry["check"] = {k: v for k, v in results[backend].items() if k != "graphs"}
             constants["protocols"][backend] = entry
     constants["about"] = ("PI cost model constants per backend, fitted by benchmarks/pi_calibrate.py: "
-                          "cost = sum of coefficient x feature (see snl_fx/_cost.py); bytes both directions")
+                          "cost = sum of coefficient x feature (see snl_fx/cost/model.py); bytes both directions")
     out.write_text(json.dumps(constants, indent=2) + "\n")
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(results, indent=2) + "\n")

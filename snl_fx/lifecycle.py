@@ -17,6 +17,7 @@ from torch.fx import GraphModule
 from torch.utils.data import DataLoader, Dataset
 
 from snl_fx import passes
+from snl_fx._files import check_writable_dir
 from snl_fx._validate import check_data
 from snl_fx.budget import Cost, Plan, bind
 from snl_fx.errors import InternalError, SnlFxError
@@ -145,6 +146,8 @@ def linearize(
     distributed.init_from_env(device)
     for name, given in (("data", data), ("val_data", val_data)):  # (input, label) pairs shaped like the example
         check_data(given, example_input, name)
+    if out_dir is not None:
+        check_writable_dir(out_dir, "out_dir")  # found now, not after the first epoch
     gm = prepare(model, example_input, granularity, skip=skip, concrete_args=concrete_args, leaf_modules=leaf_modules)
     check_exports(gm, example_input)  # an unexportable model fails in seconds, before training
     plan = bind(budget, gm)

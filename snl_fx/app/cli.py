@@ -160,6 +160,7 @@ def relu_count_main(argv: Sequence[str] | None = None) -> int:
 def _linearize(args: argparse.Namespace) -> int:
     import torch
 
+    from snl_fx._files import file_ids
     from snl_fx.inspect import relu_count
     from snl_fx.lifecycle import linearize
     from snl_fx.train import distributed
@@ -168,9 +169,9 @@ def _linearize(args: argparse.Namespace) -> int:
 
     from . import jobs
     from .data import split_train_val
-    from .plots import plot_relus_per_layer
 
     budget = _check_linearize_args(args)
+    before = file_ids(args.out)  # what an earlier run left there: its outputs that this run does not rewrite go
     cfg = TrainConfig(**{name: getattr(args, name) for name in TRAIN_OPTIONS}, kd=not args.no_kd,
                       refine=args.refine, progress=not args.quiet)
     torch.manual_seed(args.seed)
@@ -197,10 +198,10 @@ def _linearize(args: argparse.Namespace) -> int:
     acc_after = evaluate(result.model, test, cfg)
     result.model.cpu()
     extra = {"model_spec": args.model, "data": args.data, "test_acc_before": acc_before, "test_acc_after": acc_after}
-    report = jobs.write_outputs(result, example, args.out, extra, profile=args.profile)
-    if not distributed.is_main():  # under torchrun, rank 0 alone plots and prints
+    report = jobs.write_outputs(result, example, args.out, extra, profile=args.profile, before=before,
+                                resume=args.resume, plot_title=f"{args.model}: ReLUs per layer")
+    if not distributed.is_main():  # under torchrun, rank 0 alone writes and prints
         return 0
-    plot_relus_per_layer(result.sites, f"{args.out}/relus_per_layer.png", f"{args.model}: ReLUs per layer")
     if args.json:
         print(json.dumps(report, default=str))
     else:
@@ -212,12 +213,13 @@ def _linearize(args: argparse.Namespace) -> int:
             print(f"predicted {lim['protocol']} cost on {lim['network']['name']}: {b['bytes'] / 1e6:.2f} MB, {b['rounds']} rounds, "
                   f"{b['seconds']:.3f} s -> {a['bytes'] / 1e6:.2f} MB, {a['rounds']} rounds, {a['seconds']:.3f} s "
                   f"(budget {lim['limit']:g} {lim['unit']})")
-        print(f"outputs in {args.out}: model.onnx, model_state_dict.pt, gated_state_dict.pt, report.json, relus_per_layer.png")
+        print(f"outputs in {args.out}: {', '.join(report['outputs'])}")
     return 0
 
 
 def _check_linearize_args(args: argparse.Namespace) -> Any:
     """Refuse bad ``snl-fx linearize`` options before any work; returns the parsed budget."""
+    from snl_fx._files import check_writable_dir
     from snl_fx.budget import as_budget
 
     budget = as_budget(args.budget, args.protocol, args.network)
@@ -225,10 +227,9 @@ def _check_linearize_args(args: argparse.Namespace) -> Any:
         raise SnlFxError(f"--pretrain-epochs must be >= 0, got {args.pretrain_epochs}")
     if args.subset is not None and args.subset < 1:
         raise SnlFxError(f"--subset must be a number of training images >= 1, got {args.subset}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise SnlFxError(f"--out {args.out} is a file, not a folder: name a folder for the outputs")
     if args.weights and not os.path.isfile(args.weights):
         raise SnlFxError(f"--weights {args.weights}: no such file")
+    check_writable_dir(args.out, "--out")  # not after the first epoch; leaves no folder or file behind
     return budget
 
 

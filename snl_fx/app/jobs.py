@@ -17,7 +17,15 @@ import torch.nn as nn
 from torch.utils.data import Dataset, Subset
 
 from snl_fx import passes
-from snl_fx._files import load_checked, save_atomic, write_text_atomic
+from snl_fx._files import (
+    FileIds,
+    check_writable_dir,
+    load_checked,
+    save_atomic,
+    write_atomic,
+    write_text_atomic,
+    written_since,
+)
 from snl_fx.errors import SnlFxError
 from snl_fx.export import Profile, export_onnx
 from snl_fx.inspect.report import ReluReport
@@ -37,6 +45,12 @@ from snl_fx.train.loop import (
 from .data import DATASETS
 
 log = logging.getLogger("snl_fx")
+
+# the files a run writes into its output folder, in the order they are listed; the pretrain cache
+# (pretrained-*.pt and .json) is listed when the run wrote it, never removed, and other files are left alone
+CACHE_PREFIX = "pretrained-"
+OUTPUTS = ("model.onnx", "model_state_dict.pt", "gated_state_dict.pt", "report.json", "relus_per_layer.png",
+           "checkpoint.pt")
 
 
 
@@ -90,7 +104,7 @@ def pretrain(
     key = json.dumps({**(cache_key or {}), "epochs": epochs, "lr": lr, "seed": cfg.seed,
                       **({"cosine": True} if cosine else {})}, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"pretrained-{digest}.pt" if cache_dir is not None else None
+    path = Path(cache_dir) / f"{CACHE_PREFIX}{digest}.pt" if cache_dir is not None else None
     device = cfg.resolved_device()
     model.to(device)
     if path is not None and path.exists():
@@ -101,6 +115,8 @@ def pretrain(
             raise SnlFxError(f"{path} holds weights of another model: delete it to pretrain again") from exc
         log.info("reusing pretrained weights %s", path)
         return model
+    if path is not None and distributed.is_main():
+        check_writable_dir(path.parent, "the pretrain cache folder")  # before training, not after
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     if cosine:
         scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
@@ -141,28 +157,59 @@ def check_checkpoint_matches(out_dir: str | os.PathLike, model: nn.Module) -> No
 
 def write_outputs(
     result: LinearizeResult, example_input: torch.Tensor, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None,
-    profile: Profile = "default",
+    profile: Profile = "default", *, before: FileIds | None = None, resume: bool = False, plot_title: str | None = None,
 ) -> dict[str, Any]:
     """Write the lowered model (state_dict), the gated state_dict, the ONNX file and report.json.
 
+    Each file is written atomically, the ONNX file first and only once it passed its checks
+    (a refused export changes nothing). Then the folder is left holding only this run's
+    outputs: a file of :data:`OUTPUTS` that this run did not write (an earlier run's
+    ``gated_state_dict.pt`` when nothing was removed) is deleted. Which files this run wrote
+    comes from ``before``, :func:`snl_fx._files.file_ids` of the folder at the start of the run
+    (a checkpoint or pretrain cache written since counts as this run's); without it only the
+    files written here count, and ``checkpoint.pt`` and ``relus_per_layer.png`` are left alone.
+    ``resume``: the run was asked to continue from ``checkpoint.pt``, which is then kept.
+    ``plot_title``: also plot the ReLUs per layer to ``relus_per_layer.png``.
+
+    Returns report.json's content; its ``outputs`` names exactly the files this run wrote.
     Under torchrun rank 0 writes and every rank gets its report.
     """
-    return distributed.on_rank0(lambda: _write_outputs(result, example_input, out_dir, extra, profile))
+    return distributed.on_rank0(
+        lambda: _write_outputs(result, example_input, out_dir, extra, profile, before, resume, plot_title)
+    )
 
 
 def _write_outputs(
     result: LinearizeResult, example_input: torch.Tensor, out_dir: str | os.PathLike, extra: dict[str, Any] | None,
-    profile: Profile,
+    profile: Profile, before: FileIds | None, resume: bool, plot_title: str | None,
 ) -> dict[str, Any]:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(result.model.state_dict(), out / "model_state_dict.pt")
-    if result.gated is not None:
-        torch.save(result.gated.state_dict(), out / "gated_state_dict.pt")
+    check_writable_dir(out, "the output folder")  # one line naming it, not a temporary file
     exported = export_onnx(result.model, example_input[:1].cpu(), out / "model.onnx", profile=profile)
+    written = {"model.onnx"}
+    save_atomic(result.model.state_dict(), out / "model_state_dict.pt")
+    written.add("model_state_dict.pt")
+    if result.gated is not None:
+        save_atomic(result.gated.state_dict(), out / "gated_state_dict.pt")
+        written.add("gated_state_dict.pt")
+    if plot_title is not None:
+        from .plots import plot_relus_per_layer
+
+        write_atomic(out / "relus_per_layer.png", lambda tmp: plot_relus_per_layer(result.sites, tmp, plot_title), ".png")
+        written.add("relus_per_layer.png")
+    if before is not None:
+        written |= {n for n in written_since(out, before) if n in OUTPUTS or n.startswith(CACHE_PREFIX)}
+        kept = {"checkpoint.pt"} if resume else set()
+    else:
+        kept = {"checkpoint.pt", "relus_per_layer.png"}
+    written.add("report.json")
+    for name in set(OUTPUTS) - written - kept:
+        (out / name).unlink(missing_ok=True)
+    first = {name: i for i, name in enumerate(OUTPUTS)}
+    outputs = sorted(written, key=lambda n: (first.get(n, len(first)), n))
     report = {**result.to_dict(), **(extra or {}), "onnx": str(exported.path), "onnx_relu_count": exported.relu_count,
-              "onnx_max_abs_error": exported.max_abs_error}
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+              "onnx_max_abs_error": exported.max_abs_error, "outputs": outputs}
+    write_text_atomic(json.dumps(report, indent=2, default=str) + "\n", out / "report.json")
     return report
 
 
