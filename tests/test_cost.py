@@ -209,7 +209,7 @@ def test_one_table_of_protocols_and_backends():
     [
         ({"protocol": "garbled"}, "unknown protocol 'garbled'"),
         ({"network": "fast"}, "network must be lan, wan or MBPS,RTT_MS"),
-        ({"network": "0,10"}, "bandwidth must be > 0"),
+        ({"network": "0,10"}, "bandwidth must be a finite number > 0"),
         ({"network": "100,40,3"}, "network must be"),
     ],
 )
