@@ -60,7 +60,58 @@ def prepare(
     gm = passes.insert_gates(passes.make_out_of_place(gm), granularity, skip)
     if not passes.get_meta(gm).gates:
         raise SnlFxError(f"every ReLU site matches a skip pattern {list(skip)}: nothing to linearize")
+    _check_prepared(model, gm, example_input)
     return gm
+
+
+PREPARE_RTOL = 1e-5
+"""How far the prepared model (all gates open) may be from the original, relative to the largest
+output magnitude (at least 1): only rounding, never a changed computation."""
+
+
+def _check_prepared(model: nn.Module, gm: GraphModule, example_input: Any) -> None:
+    """Raise unless ``gm`` (gates open, eval mode) computes what ``model`` computes on the example input.
+
+    Runs a deep copy of ``model`` and clones of the input (eval mode, no_grad): the caller's
+    model, its buffers and the input stay as they were. A model whose output varies from run to
+    run (noise in its forward) cannot be compared and is let through.
+    """
+    import copy
+
+    args = passes.as_args(example_input)
+    original = copy.deepcopy(model).eval()
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            try:
+                expected = original(*_clones(args))
+            except Exception as exc:  # noqa: BLE001 - the user's forward: say where it failed, in one line
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                raise SnlFxError(f"{type(model).__name__} fails on the example input in eval mode: "
+                                 f"{type(exc).__name__}: {first}") from exc
+            got = gm(*_clones(args))
+            scale = max((float(t.abs().max()) for t in tree_leaves(expected)
+                         if isinstance(t, torch.Tensor) and t.numel() and t.is_floating_point()), default=1.0)
+            tolerance = PREPARE_RTOL * max(scale, 1.0)
+            diff = _output_diff(expected, got)
+            if not diff > tolerance or _output_diff(expected, original(*_clones(args))) > tolerance:
+                return  # equal, or the original does not repeat itself: nothing to compare with
+    finally:
+        gm.train(was_training)
+    inplace = [s.name for s in passes.get_meta(gm).sites if s.inplace]
+    where = (f"likely at the in-place ReLU site(s) {', '.join(inplace)}: write them out of place (torch.relu(x), "
+             "nn.ReLU() without inplace=True) and use their results" if inplace else
+             "the traced graph computes something else than the model's forward (Python state or "
+             "randomness in forward?)")
+    raise SnlFxError(
+        f"the prepared {type(model).__name__} (every gate open) differs from the original by {diff:.3g} on the "
+        f"example input; {where}"
+    )
+
+
+def _clones(args: tuple) -> tuple:
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def gates(gm: GraphModule) -> dict[str, passes.Gate]:
@@ -305,16 +356,25 @@ def max_abs_diff(a: nn.Module, b: nn.Module, example_input: Any) -> float:
     try:
         with torch.no_grad():
             args = passes.as_args(example_input)
-            out_a, out_b = a(*args), b(*args)
+            out_a, out_b = a(*(t.clone() for t in args)), b(*(t.clone() for t in args))  # never the caller's tensors
     finally:
         a.train(modes[0]), b.train(modes[1])
+    return _output_diff(out_a, out_b)
+
+
+def _output_diff(out_a: Any, out_b: Any) -> float:
+    """``max |a - b|`` over the tensor leaves of two outputs; infinity when structures or shapes differ
+    (or non-float tensors differ at all)."""
     leaves_a, leaves_b = tree_leaves(out_a), tree_leaves(out_b)  # a tensor, or a tuple/dict of them
     if len(leaves_a) != len(leaves_b):
         return math.inf
-    diffs = [float((u - v).abs().max()) for u, v in zip(leaves_a, leaves_b)
-             if isinstance(u, torch.Tensor) and u.numel() and u.shape == getattr(v, "shape", None)]
-    mismatched = any(isinstance(u, torch.Tensor) and u.shape != getattr(v, "shape", None) for u, v in zip(leaves_a, leaves_b))
-    return math.inf if mismatched else max(diffs, default=0.0)
+    pairs = [(u, v) for u, v in zip(leaves_a, leaves_b) if isinstance(u, torch.Tensor)]
+    if any(u.shape != getattr(v, "shape", None) for u, v in pairs):
+        return math.inf
+    if any(not (u.is_floating_point() or u.is_complex()) and not torch.equal(u, v) for u, v in pairs):
+        return math.inf
+    numeric = [(u, v) for u, v in pairs if u.numel() and (u.is_floating_point() or u.is_complex())]
+    return max((float((u - v).abs().max()) for u, v in numeric), default=0.0)
 
 
 __all__ = [

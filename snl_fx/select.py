@@ -117,7 +117,7 @@ def linearization_scores(gm: GraphModule, example_input: Any) -> dict[str, torch
     try:
         gm.eval()
         with torch.no_grad():
-            gm(*passes.as_args(example_input))
+            gm(*(t.clone() for t in passes.as_args(example_input)))  # an in-place op must not reach the caller
     finally:
         gm.train(was_training)
         for h in hooks:

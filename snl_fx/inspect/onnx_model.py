@@ -10,6 +10,7 @@ import graphlib
 import math
 import os
 from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
@@ -20,11 +21,13 @@ from google.protobuf.message import Error as ProtobufError
 from onnx import numpy_helper
 
 from snl_fx.errors import SnlFxError
+from snl_fx.relu_rule import RELU, clamp_kind
 from snl_fx.inspect.report import (
     LinearCount,
     OtherCount,
     ReluReport,
     SiteCount,
+    not_per_sample_note,
     relu_depth,
 )
 
@@ -55,13 +58,16 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
 
     ``input_shapes`` gives one shape per graph input (initializers excluded), batch first; it
     is needed only when an input has dynamic dims beyond dim 0 (a dynamic dim 0 is pinned to 1).
+    The batch is dim 0 of the batched inputs (:func:`_batched_inputs`: not an option vector or a
+    scalar); a node that no batched input flows into (a Relu on a weight) is not per sample: it
+    is named in a note, not counted.
     Raises :class:`SnlFxError` for unreadable files, unpinned dynamic dims and unknown shapes.
     """
     model = _load(path)
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     inputs = [v for v in graph.input if v.name not in initializers]
-    batch = _pin_inputs(inputs, input_shapes)
+    batch, batched_inputs = _pin_inputs(inputs, input_shapes)
     del graph.value_info[:]  # stale exporter annotations may disagree with the pinned dims
     try:
         inferred = _infer_shapes(model)
@@ -69,10 +75,13 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
         raise SnlFxError(f"ONNX shape inference failed on {os.fspath(path)}: {_first_line(e)}") from e
     base_dir = os.path.dirname(os.path.abspath(path))
     shapes = _Shapes(_value_shapes(inferred.graph), model, inputs, base_dir)
+    integral = _integral_values(inferred.graph)
     consts = _Constants(graph, initializers, base_dir)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    batched = _batched_values(graph, batched_inputs)
 
     sites: list[SiteCount] = []
+    constant: list[tuple[str, str, int]] = []  # (name, kind, elements) of layers no batched input flows into
     others: list[OtherCount] = []
     linear: list[LinearCount] = []
     notes: list[str] = []
@@ -85,6 +94,10 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
             subgraph_ops.add(node.op_type)
         if node.domain not in ("", "ai.onnx"):
             continue
+        per_sample = any(v in batched for v in _reads(node))
+        if node.op_type in _LINEAR_OPS and not per_sample:
+            constant.append((name, node.op_type, math.prod(shapes.get(node.output[0]) or (0,))))
+            continue
         if node.op_type in _LINEAR_OPS:
             layer = _linear_count(node, name, shapes, initializers, batch)
             if layer is None:
@@ -92,7 +105,7 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
             else:
                 linear.append(layer)
             continue
-        relu_op, kind = _classify(node, consts, opset)
+        relu_op, kind = _classify(node, consts, opset, integral)
         if node.op_type == "ReduceMean" and not _is_spatial_mean(node, consts, opset, shapes):
             kind = None
         if relu_op is not None:
@@ -103,9 +116,14 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
                     f"cannot infer the shape of '{value}' at {node.op_type} node '{name}'; "
                     "pass --input-shape with concrete dims for every input"
                 )
+            if not per_sample:
+                constant.append((name, "relu", math.prod(shape)))
+                continue
             sites.append(SiteCount(name, relu_op, shape[1:], _per_sample(shape, batch)))
             relu_nodes.add(idx)
             ops_counted[relu_op] += 1
+        elif kind is not None and not per_sample:
+            constant.append((name, kind, math.prod(shapes.get(node.output[0]) or (0,))))
         elif kind is not None:
             other = _other_count(node, name, kind, shapes, batch)
             if other is None:
@@ -123,6 +141,8 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
         )
     if subgraph_ops:
         notes.append(f"subgraphs of {', '.join(sorted(subgraph_ops))} nodes were not inspected")
+    if note := not_per_sample_note(constant):
+        notes.append(note)
     return ReluReport(
         source=os.fspath(path),
         sites=sites,
@@ -130,7 +150,7 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
         others=others,
         notes=notes,
         linear=linear,
-        outputs=sum(_per_sample(shapes.get(v.name) or (), batch) for v in graph.output),
+        outputs=sum(_per_sample(shapes.get(v.name) or (), batch) for v in graph.output if v.name in batched),
     )
 
 
@@ -172,8 +192,9 @@ def _load(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
-def _pin_inputs(inputs: list[onnx.ValueInfoProto], input_shapes: list[tuple[int, ...]] | None) -> int:
-    """Write concrete dims into the graph inputs; returns the batch size (dim 0 of the first input)."""
+def _pin_inputs(inputs: list[onnx.ValueInfoProto], input_shapes: list[tuple[int, ...]] | None) -> tuple[int, set[str]]:
+    """Write concrete dims into the graph inputs; returns the batch size and the batched inputs' names
+    (:func:`_batched_inputs`)."""
     if input_shapes is None:
         for v in inputs:
             dims = _dims(v)
@@ -189,9 +210,11 @@ def _pin_inputs(inputs: list[onnx.ValueInfoProto], input_shapes: list[tuple[int,
         raise SnlFxError(
             f"the model has {len(inputs)} input(s) ({names}) but {len(input_shapes)} input shape(s) were given"
         )
+    dynamic = []
     for v, given in zip(inputs, input_shapes):
         given = tuple(given)
         dims = _dims(v)
+        dynamic.append(dims is None or not dims or not isinstance(dims[0], int))
         if not v.type.HasField("tensor_type"):
             raise SnlFxError(f"input '{v.name}' is not a tensor; only tensor inputs are supported")
         if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in given):
@@ -208,8 +231,53 @@ def _pin_inputs(inputs: list[onnx.ValueInfoProto], input_shapes: list[tuple[int,
         shape.ClearField("dim")
         for g in given:
             shape.dim.add().dim_value = g
-    first = input_shapes[0] if input_shapes else ()
-    return int(first[0]) if len(first) else 1
+    if not inputs:
+        return 1, set()
+    batch, flags = _batched_inputs([tuple(g) for g in input_shapes], dynamic)
+    return batch, {v.name for v, flag in zip(inputs, flags) if flag}
+
+
+def _batched_inputs(shapes: list[tuple[int, ...]], dynamic: list[bool]) -> tuple[int, tuple[bool, ...]]:
+    """The batch size, and which inputs carry it in dim 0: the torch inspector's rule
+    (``snl_fx.passes.trace.batched_inputs``, which this module cannot import; a test holds them equal).
+
+    Inputs of rank >= 2 (images, token ids, feature rows) are batch first; inputs of rank <= 1
+    (option vectors, lengths, scalars) are not batched, unless no input has rank >= 2 (then the
+    rank-1 inputs are). The file can say more than an example tensor: where some of these inputs
+    have a dynamic dim 0 (``dynamic``), only those are batched. The batch size is dim 0 of the
+    first batched input; an input whose dim 0 differs is not batched either. A value is per
+    sample only when a batched input flows into it (:func:`_batched_values`).
+    """
+    min_rank = 2 if any(len(s) >= 2 for s in shapes) else 1
+    candidates = [len(s) >= min_rank for s in shapes]
+    if any(c and d for c, d in zip(candidates, dynamic)):
+        candidates = [c and d for c, d in zip(candidates, dynamic)]
+    first = next((s for s, c in zip(shapes, candidates) if c), None)
+    if first is None:
+        raise SnlFxError("no input of the ONNX model has a batch dimension (dim 0); every input is a scalar")
+    return first[0], tuple(c and s[0] == first[0] for s, c in zip(shapes, candidates))
+
+
+def _reads(node: onnx.NodeProto) -> Iterator[str]:
+    """The values ``node`` reads: its inputs, and those its subgraphs (If, Loop, Scan) read."""
+    yield from (v for v in node.input if v)
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for inner in g.node:
+                yield from _reads(inner)
+
+
+def _batched_values(graph: onnx.GraphProto, batched_inputs: set[str]) -> set[str]:
+    """The values a batched input flows into: the per-sample ones (ONNX values are written once)."""
+    batched = set(batched_inputs)
+    size = -1
+    while size != len(batched):  # nodes are sorted in a valid file; the loop only guards against one that is not
+        size = len(batched)
+        for node in graph.node:
+            if any(v in batched for v in _reads(node)):
+                batched.update(o for o in node.output if o)
+    return batched
 
 
 def _dims(v: onnx.ValueInfoProto) -> tuple[int | str, ...] | None:
@@ -245,6 +313,21 @@ def _value_shapes(graph: onnx.GraphProto) -> dict[str, tuple[int, ...]]:
         if dims is not None and all(isinstance(d, int) for d in dims):
             out[v.name] = dims  # type: ignore[assignment]
     return out
+
+
+_FLOAT_TYPES = frozenset({
+    onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+    *(getattr(onnx.TensorProto, n) for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")
+      if hasattr(onnx.TensorProto, n)),
+})
+
+
+def _integral_values(graph: onnx.GraphProto) -> frozenset[str]:
+    """Values whose element type is known and not floating point (integers, booleans)."""
+    typed = [(t.name, t.data_type) for t in graph.initializer]
+    typed += [(v.name, v.type.tensor_type.elem_type) for v in [*graph.input, *graph.value_info, *graph.output]
+              if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type]
+    return frozenset(name for name, elem in typed if elem not in _FLOAT_TYPES)
 
 
 class _Shapes:
@@ -330,22 +413,24 @@ class _Constants:
         return np.asarray(value)
 
 
-def _classify(node: onnx.NodeProto, consts: _Constants, opset: int) -> tuple[str | None, str | None]:
-    """(ReLU spelling, None) for a ReLU, (None, other kind) for another nonlinearity, else (None, None)."""
+def _classify(node: onnx.NodeProto, consts: _Constants, opset: int,
+              integral: frozenset[str] = frozenset()) -> tuple[str | None, str | None]:
+    """(ReLU spelling, None) for a ReLU, (None, other kind) for another nonlinearity, else (None, None).
+
+    ``integral`` names the values known to hold integers (a clamp of those is no ReLU).
+    """
     op = node.op_type
     if op == "Relu":
         return "Relu", None
-    if op == "Clip":
-        lo, hi = _clip_bounds(node, consts, opset)
-        if lo is None and hi is None:
-            return None, None  # no bounds: identity
-        if lo == 0.0 and hi is None:
-            return "Clip(min=0)", None
-        return None, "relu6" if (lo, hi) == (0.0, 6.0) else "clamp"
-    if op == "Max":
+    if op == "Clip":  # the torch side's rule for clamp (snl_fx.relu_rule): a ReLU when min 0, no max
+        kind = clamp_kind(*_clip_bounds(node, consts, opset), floating=node.input[0] not in integral)
+        return ("Clip(min=0)", None) if kind == RELU else (None, kind)
+    if op == "Max":  # Max(x, c) is clamp(x, min=c): the same rule, with a constant c of one value
         if len(node.input) == 2:
             a, b = (consts.get(i) for i in node.input)
-            if (a is None) != (b is None) and _all_equal(a if a is not None else b, 0.0):
+            x = node.input[0] if a is None else node.input[1]
+            c = a if a is not None else b
+            if (a is None) != (b is None) and clamp_kind(_single_value(c), None, floating=x not in integral) == RELU:
                 return "Max(x,0)", None
         return (None, "max") if len(node.input) > 1 else (None, None)
     if op in ("MaxPool", "GlobalMaxPool"):
@@ -394,8 +479,12 @@ def _clip_bounds(node: onnx.NodeProto, consts: _Constants, opset: int) -> tuple[
     return lo, hi
 
 
-def _all_equal(value: np.ndarray, target: float) -> bool:
-    return value.size > 0 and bool(np.all(value == target))
+def _single_value(value: np.ndarray) -> float | str:
+    """The one value every element of a constant holds, else ``"varies"`` (an empty one too)."""
+    flat = value.reshape(-1)
+    if flat.size == 0 or not bool(np.all(flat == flat[0])):
+        return "varies"
+    return float(flat[0])
 
 
 def _other_count(node: onnx.NodeProto, name: str, kind: str, shapes: _Shapes, batch: int) -> OtherCount | None:

@@ -140,3 +140,27 @@ class ReluReport:
             lines.append(f"not gateable: {u['name']} ({u['module_type']}) computes {relus} ReLUs per sample inside a leaf module")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def not_per_sample_note(items: Iterable[tuple[str, str, int]]) -> str | None:
+    """The note both inspectors give on layers that no batched input flows into, or None if none.
+
+    Args:
+        items: (name, kind, elements) of each such nonlinearity or linear layer, e.g. a ReLU on a
+            weight: ``("relu", "relu", 128)``.
+
+    Returns:
+        One line: they are computed once per inference on the same values for every sample
+        (weights, constants), so they are never gated and left out of the total and the costs.
+
+    Example:
+        >>> not_per_sample_note([("w_relu", "relu", 128)])
+        "not per sample: relu 'w_relu' (128 elements); no batched input flows into them ..."
+    """
+    items = list(items)
+    if not items:
+        return None
+    shown = ", ".join(f"{kind} '{name}' ({n:,} elements)" for name, kind, n in items)
+    return (f"not per sample: {shown}; no batched input flows into them (they read only weights and "
+            "constants), so they are computed once per inference, never gated, and left out of the "
+            "total and the costs")

@@ -19,8 +19,9 @@ from torch.fx import GraphModule, Node
 
 from snl_fx import passes
 from snl_fx.errors import SnlFxError
-from snl_fx.inspect.report import LinearCount, OtherCount, ReluReport, SiteCount
+from snl_fx.inspect.report import LinearCount, OtherCount, ReluReport, SiteCount, not_per_sample_note
 from snl_fx.inspect.report import relu_depth as _relu_depth
+from snl_fx.passes.find import batched_nodes
 
 
 def module_report(model: nn.Module, example_input: Any) -> ReluReport:
@@ -37,7 +38,12 @@ def module_report(model: nn.Module, example_input: Any) -> ReluReport:
 
 
 def report_from_graph(gm: GraphModule, source: str) -> ReluReport:
-    """Build the report of a graph that :func:`passes.find_relus` has run on."""
+    """Build the report of a graph that :func:`passes.find_relus` has run on.
+
+    Sizes are per sample: only values that a batched input flows into count (the passes'
+    ``batched_nodes``); nonlinearities and linear layers on weights and constants alone are
+    named in a note, as the ONNX inspector names them.
+    """
     meta = passes.get_meta(gm)
     sites = [SiteCount(s.name, s.op, s.shape, s.numel) for s in meta.sites]
     others = [OtherCount(o.name, o.kind, o.shape, o.comparisons) for o in meta.others]
@@ -46,20 +52,25 @@ def report_from_graph(gm: GraphModule, source: str) -> ReluReport:
     if meta.ungateable:
         notes.append("ReLUs inside leaf modules are listed under 'not gateable' and not in the total")
     batch = meta.batch_size
-    results = [n for out in gm.graph.nodes if out.op == "output" for n in out.all_input_nodes]
+    batched = batched_nodes(gm)
+    modules = dict(gm.named_modules())
+    linear, constant = [], [(c.name, c.kind, c.comparisons) for c in meta.constant]
+    for node in gm.graph.nodes:
+        layer = linear_layer(node, modules, batch)
+        if layer is not None and node in batched:
+            linear.append(layer)
+        elif layer is not None:
+            constant.append((layer.name, layer.op, _numel(node)))
+    if note := not_per_sample_note(constant):
+        notes.append(note)
+    results = [n for out in gm.graph.nodes if out.op == "output" for n in out.all_input_nodes if n in batched]
     outputs = sum(_numel(n) for n in results) // batch
-    return ReluReport(source, sites, relu_depth(gm), others, ungateable, notes, _linear_layers(gm, batch), outputs)
+    return ReluReport(source, sites, relu_depth(gm), others, ungateable, notes, linear, outputs)
 
 
 _LINEAR_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _WEIGHTED_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear}
 _MATMULS = {torch.matmul, operator.matmul, torch.mm, torch.bmm, "matmul", "mm", "bmm"}
-
-
-def _linear_layers(gm: GraphModule, batch: int) -> list[LinearCount]:
-    """Convolutions, linear layers and matmuls of ``gm``, with per-sample sizes (weights whole)."""
-    modules = dict(gm.named_modules())
-    return [layer for node in gm.graph.nodes if (layer := linear_layer(node, modules, batch)) is not None]
 
 
 def linear_layer(node: Node, modules: Mapping[str, nn.Module], batch: int) -> LinearCount | None:

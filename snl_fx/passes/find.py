@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+import operator
 import re
 
+import torch
 from torch.fx import GraphModule, Node
 
 from .errors import PassError
 from .meta import Nonlinearity, Site, Ungateable, get_meta
 from .spellings import is_inplace, maxpool_window, other_nonlinearity, relu_op
+from .trace import batched_inputs
 
 
 def find_relus(gm: GraphModule) -> GraphModule:
@@ -17,10 +20,13 @@ def find_relus(gm: GraphModule) -> GraphModule:
 
     Needs shapes from :func:`passes.trace`. Site names are stable and hierarchical: the module
     path of the call (``layer1.0.relu``), with ``_1``, ``_2``... for later calls of the same name.
+    A nonlinearity that no batched input flows into (a ReLU on a weight or a constant,
+    :func:`batched_nodes`) is not per sample: it goes to ``meta.constant``, never to the sites.
     """
     meta = get_meta(gm)
     modules = dict(gm.named_modules())
-    meta.sites, meta.others, meta.ungateable = [], [], []
+    meta.sites, meta.others, meta.ungateable, meta.constant = [], [], [], []
+    batched = batched_nodes(gm)
     taken: dict[str, int] = {}
     for node in gm.graph.nodes:
         op = relu_op(node, modules)
@@ -29,10 +35,18 @@ def find_relus(gm: GraphModule) -> GraphModule:
             if source is None:
                 raise PassError(f"ReLU call without a tensor input: {node.format_node()}")
             name = _unique(_scope_name(node, "relu"), taken)
+            if source not in batched:
+                shape = _whole_shape(source)
+                meta.constant.append(Nonlinearity(name, "relu", shape, math.prod(shape)))
+                continue
             meta.sites.append(Site(name, node.name, op, _sample_shape(source, gm), is_inplace(node, op, modules)))
             continue
         kind = other_nonlinearity(node, modules)
-        if kind is not None and "tensor_meta" in node.meta:
+        if kind is not None and "tensor_meta" in node.meta and node not in batched:
+            shape = _whole_shape(node)
+            name = _unique(_scope_name(node, kind.split("(")[0]), taken)
+            meta.constant.append(Nonlinearity(name, kind, shape, math.prod(shape)))
+        elif kind is not None and "tensor_meta" in node.meta:
             out_shape = _sample_shape(node, gm)
             per_output = 1
             if kind == "maxpool":
@@ -44,6 +58,82 @@ def find_relus(gm: GraphModule) -> GraphModule:
             module = modules[str(node.target)]
             meta.ungateable.append(Ungateable(str(node.target), type(module).__name__, node.meta["hidden_relus"]))
     return gm
+
+
+def batched_nodes(gm: GraphModule) -> set[Node]:
+    """The nodes a batched input flows into: the values that are per sample.
+
+    The batched inputs are the placeholders that :func:`passes.trace.batched_inputs` picks
+    (from their recorded shapes). A node is batched when any of its inputs is; a node that
+    writes into one of its inputs in place (``x[:, 0] = h``, ``w.add_(h)``, ``copy_``) makes
+    that input, and the tensors it is a view of, batched too, until nothing changes.
+    Everything else (weights, constants, values computed from them alone) is the same for every
+    sample: computed once per inference, never gated, never counted per sample.
+    """
+    nodes = list(gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder" and hasattr(n.meta.get("tensor_meta"), "shape")]
+    if not placeholders:
+        return set()
+    _, flags = batched_inputs([tuple(n.meta["tensor_meta"].shape) for n in placeholders])
+    batched = {n for n, flag in zip(placeholders, flags) if flag}
+    changed = True
+    while changed:
+        changed = False
+        for node in nodes:
+            if node.op in ("placeholder", "get_attr") or node in batched:
+                continue
+            if any(i in batched for i in node.all_input_nodes):
+                batched.add(node)
+                changed = True
+        for node in nodes:
+            if node in batched and _writes_first_input(node) and node.all_input_nodes:
+                target: Node | None = node.all_input_nodes[0]
+                while target is not None and target not in batched:
+                    batched.add(target)
+                    changed = True
+                    target = target.all_input_nodes[0] if _is_view(target) and target.all_input_nodes else None
+    return batched
+
+
+_VIEWS = frozenset({
+    "getitem", "view", "view_as", "reshape", "reshape_as", "narrow", "select", "slice", "permute", "transpose",
+    "t", "expand", "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "as_strided", "chunk", "split",
+    "unbind", "movedim", "swapaxes", "diagonal", "detach", "contiguous", "real", "imag", "alias",
+})
+
+
+_WRITES = frozenset({operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                     operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor})
+
+_WRITE_METHODS = frozenset({"__setitem__"} | {f"__{w.__name__}__" for w in _WRITES if w is not operator.setitem})
+
+
+def _op_name(node: Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.split("::")[-1]
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
+
+
+def _writes_first_input(node: Node) -> bool:
+    """Whether ``node`` writes into its first input (setitem, ``add_``, ``copy_``, a mutable ATen op)."""
+    if node.op == "call_function" and any(node.target is w for w in _WRITES):
+        return True
+    if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = _op_name(node)
+    return name in _WRITE_METHODS or (name.endswith("_") and not name.startswith("_"))
+
+
+def _is_view(node: Node) -> bool:
+    return node.op in ("call_function", "call_method") and _op_name(node).rstrip("_") in _VIEWS
+
+
+def _whole_shape(node: Node) -> tuple[int, ...]:
+    tm = node.meta.get("tensor_meta")
+    return tuple(int(d) for d in tm.shape) if hasattr(tm, "shape") else ()
 
 
 def _sample_shape(node: Node, gm: GraphModule) -> tuple[int, ...]:

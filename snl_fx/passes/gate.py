@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import operator
 import warnings
 from collections.abc import Sequence
 from typing import Any, Literal, get_args
@@ -11,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Node
+from torch.utils._pytree import tree_leaves
 
 from .errors import PassError
 from .meta import Site, get_meta
@@ -92,11 +94,17 @@ def make_out_of_place(gm: GraphModule) -> GraphModule:
 
     FX does not model aliasing: after ``y = torch.relu_(x)`` a later ``x + y`` reads the ReLU'd
     ``x``; once the site becomes a gate that no longer overwrites ``x``, that reader must read ``y``.
-    Aliases of ``x`` made before the call (views) are not tracked.
+    Other tensors sharing ``x``'s memory (``x`` a view of ``h``, as in ``torch.relu_(h[:, :2])``)
+    would change too, which no out-of-place op can express: when such a tensor is read after the
+    site, this raises PassError naming the site (found by one fake-tensor run, no real compute;
+    if that run fails, ``snl_fx.prepare`` still compares the gated model with the original).
     """
     meta = get_meta(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    inplace = [(site, nodes[site.node]) for site in meta.sites if site.inplace]
+    if inplace:
+        _refuse_aliased_writes(gm, inplace, order)
     for site in meta.sites:
         if not site.inplace:
             continue
@@ -109,6 +117,111 @@ def make_out_of_place(gm: GraphModule) -> GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _refuse_aliased_writes(gm: GraphModule, inplace: list[tuple[Site, Node]], order: dict[Node, int]) -> None:
+    """Raise for an in-place site whose input shares elements with another tensor read after it."""
+    memory = _tensor_memory(gm)
+    if memory is None:
+        return  # the model cannot run on fake tensors; prepare's output check still holds
+    for site, node in inplace:
+        source = node.all_input_nodes[0]
+        written = memory.get(source, [])[:1]
+        for other in gm.graph.nodes:
+            if order[other] >= order[node]:
+                break
+            if other is source:
+                continue
+            if any(_overlap(w, m) for w in written for m in _read_after(other, node, order, memory)):
+                raise PassError(
+                    f"site {site.name} applies an in-place ReLU ({site.op}) to `{source.name}`, which shares "
+                    f"memory with `{other.name}` (a view or an alias), and `{other.name}` is read after it: the "
+                    f"ReLU changes `{other.name}` too, which a gate cannot do; write the ReLU out of place and "
+                    "read its result, e.g. h = torch.cat([torch.relu(h[:, :2]), h[:, 2:]], 1) instead of "
+                    "torch.relu_(h[:, :2])"
+                )
+
+
+_Memory = tuple[Any, int, tuple[int, ...], tuple[int, ...]]  # storage, offset, shape, strides
+
+
+def _read_after(other: Node, node: Node, order: dict[Node, int], memory: dict[Node, list[_Memory]]) -> list[_Memory]:
+    """The memory of ``other``'s value that nodes after ``node`` read: all of it, or only the items
+    taken by ``getitem`` from a tuple of tensors (``a, b = h.chunk(2)`` reads ``b`` alone later)."""
+    leaves = memory.get(other, [])
+    read: list[_Memory] = []
+    for user in other.users:
+        if order[user] <= order[node]:
+            continue
+        index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
+        if type(index) is not int or len(leaves) != _items(other) or not -len(leaves) <= index < len(leaves):
+            return leaves
+        read.append(leaves[index])
+    return read
+
+
+def _items(node: Node) -> int:
+    """How many tensors a node's tuple value holds (from its recorded metadata), or -1."""
+    tm = node.meta.get("tensor_meta")
+    if hasattr(tm, "shape") or not isinstance(tm, (tuple, list)):  # one tensor's metadata is a NamedTuple too
+        return -1
+    return len(tm) if all(hasattr(t, "shape") for t in tm) else -1
+
+
+def _tensor_memory(gm: GraphModule) -> dict[Node, list[_Memory]] | None:
+    """Where every node's tensors live (storage, offset, shape, strides), from one fake-tensor run.
+
+    The inputs are fake tensors made from the placeholders' recorded shapes. Every value is kept
+    alive for the run, so no storage is reused. None when the graph cannot run on fake tensors.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx import Interpreter
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from .trace import _torch_logs_off
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    device = next((t.device for t in (*gm.parameters(), *gm.buffers())), torch.device("cpu"))
+    memory: dict[Node, list[_Memory]] = {}
+
+    class Recorder(Interpreter):
+        def run_node(self, n: Node) -> Any:
+            result = super().run_node(n)
+            memory[n] = [(StorageWeakRef(t.untyped_storage()), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+                         for t in tree_leaves(result) if isinstance(t, torch.Tensor)]
+            return result
+
+    was_training = gm.training
+    gm.eval()
+    try:
+        with _torch_logs_off(), torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            args = []
+            for p in placeholders:
+                tm = p.meta.get("tensor_meta")
+                if hasattr(tm, "shape"):
+                    args.append(torch.empty_strided(tuple(tm.shape), tuple(tm.stride), dtype=tm.dtype, device=device))
+                elif p.args:
+                    args.append(p.args[0])  # a default value
+                else:
+                    return None
+            Recorder(gm, garbage_collect_values=False).run(*args)
+    except Exception:  # noqa: BLE001 - no fake run, no alias check: prepare compares outputs instead
+        return None
+    finally:
+        gm.train(was_training)
+    return memory
+
+
+def _overlap(a: _Memory, b: _Memory) -> bool:
+    """Whether two strided tensors in memory share an element."""
+    if a[0] != b[0] or 0 in a[2] or 0 in b[2]:
+        return False
+    spans = [(m[1], m[1] + sum((n - 1) * abs(st) for n, st in zip(m[2], m[3]))) for m in (a, b)]
+    if spans[0][1] < spans[1][0] or spans[1][1] < spans[0][0]:
+        return False
+    marks = torch.zeros(max(spans[0][1], spans[1][1]) + 1, dtype=torch.bool)
+    marks.as_strided(a[2], a[3], a[1]).fill_(True)
+    return bool(marks.as_strided(b[2], b[3], b[1]).any())
 
 
 def insert_gates(gm: GraphModule, granularity: Granularity = "pixel", skip: Sequence[str] = ()) -> GraphModule:

@@ -30,7 +30,7 @@ class Site:
 
 @dataclass(frozen=True)
 class Nonlinearity:
-    """A non-ReLU nonlinearity (max-pool, GELU, ReLU6, clamp(min=0), ...), counted apart."""
+    """A non-ReLU nonlinearity (max-pool, GELU, ReLU6, a clamp with a max or another min, ...), counted apart."""
 
     name: str
     kind: str
@@ -55,6 +55,9 @@ class SNLMeta:
     sites: list[Site] = field(default_factory=list)
     others: list[Nonlinearity] = field(default_factory=list)
     ungateable: list[Ungateable] = field(default_factory=list)
+    # nonlinearities on values no batched input flows into (weights, constants): not per sample,
+    # never gated; ``shape`` is the whole value and ``comparisons`` its elements
+    constant: list[Nonlinearity] = field(default_factory=list)
     gates: dict[str, str] = field(default_factory=dict)  # site name -> gate submodule path
     granularity: str | None = None
 

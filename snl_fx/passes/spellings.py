@@ -1,7 +1,9 @@
 """One declarative table of how ReLU (and its look-alikes) is spelled in an FX graph.
 
 Everything that recognises a ReLU call site or another nonlinearity reads these tables;
-nothing else in the project compares node targets against ``torch.relu`` and friends.
+nothing else in the project compares node targets against ``torch.relu`` and friends. A clamp
+is a ReLU site when :func:`snl_fx.relu_rule.clamp_kind` says so (min 0, no max): the rule the
+ONNX inspector applies to ``Clip`` and ``Max``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
+from ..relu_rule import RELU, clamp_kind
+
 # --- exactly ReLU: these call sites are gated ----------------------------------------------
 RELU_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU,)
 RELU_FUNCTIONS: dict[Any, str] = {
@@ -24,7 +28,27 @@ RELU_FUNCTIONS: dict[Any, str] = {
     torch.ops.aten.relu_.default: "aten.relu_",
 }
 RELU_METHODS: dict[str, str] = {"relu": "Tensor.relu", "relu_": "Tensor.relu_"}
-INPLACE_RELU_OPS = frozenset({"torch.relu_", "aten.relu_", "Tensor.relu_"})
+# clamps: a ReLU call site when their bounds make them one (relu_rule.clamp_kind), spelled e.g.
+# "torch.clamp(min=0)"; otherwise another nonlinearity ("clamp", "relu6"). clamp_min takes no max.
+CLAMP_FUNCTIONS: dict[Any, str] = {
+    torch.clamp: "torch.clamp",
+    torch.clip: "torch.clip",
+    torch.clamp_: "torch.clamp_",
+    torch.clip_: "torch.clip_",
+    torch.clamp_min: "torch.clamp_min",
+    torch.clamp_min_: "torch.clamp_min_",
+    torch.ops.aten.clamp.default: "aten.clamp",
+    torch.ops.aten.clamp_.default: "aten.clamp_",
+    torch.ops.aten.clamp_min.default: "aten.clamp_min",
+    torch.ops.aten.clamp_min_.default: "aten.clamp_min_",
+}
+CLAMP_METHODS: dict[str, str] = {
+    m: f"Tensor.{m}" for m in ("clamp", "clamp_", "clip", "clip_", "clamp_min", "clamp_min_")
+}
+INPLACE_RELU_OPS = frozenset(
+    {"torch.relu_", "aten.relu_", "Tensor.relu_"}
+    | {f"{s}(min=0)" for s in (*CLAMP_FUNCTIONS.values(), *CLAMP_METHODS.values()) if s.endswith("_")}
+)
 
 # --- other nonlinearities: counted apart, never gated ---------------------------------------
 OTHER_MODULES: dict[type[nn.Module], str] = {
@@ -76,9 +100,6 @@ OTHER_FUNCTIONS: dict[Any, str] = {
     F.tanh: "tanh",
     F.softmax: "softmax",
     torch.softmax: "softmax",
-    torch.clamp: "clamp",
-    torch.clamp_min: "clamp",
-    torch.clip: "clamp",
     F.max_pool1d: "maxpool",
     F.max_pool2d: "maxpool",
     F.max_pool3d: "maxpool",
@@ -106,11 +127,6 @@ OTHER_METHODS: dict[str, str] = {
     "tanh": "tanh",
     "tanh_": "tanh",
     "softmax": "softmax",
-    "clamp": "clamp",
-    "clamp_": "clamp",
-    "clamp_min": "clamp",
-    "clamp_min_": "clamp",
-    "clip": "clamp",
     "mean": "avgpool",  # only over spatial dims: see _is_spatial_mean
 }
 
@@ -121,10 +137,14 @@ def relu_op(node: Node, modules: dict[str, nn.Module]) -> str | None:
         module = modules.get(str(node.target))
         return "nn.ReLU" if isinstance(module, RELU_MODULES) else None
     if node.op == "call_function":
-        return RELU_FUNCTIONS.get(node.target) if _hashable(node.target) else None
-    if node.op == "call_method":
-        return RELU_METHODS.get(str(node.target))
-    return None
+        op = RELU_FUNCTIONS.get(node.target) if _hashable(node.target) else None
+    elif node.op == "call_method":
+        op = RELU_METHODS.get(str(node.target))
+    else:
+        return None
+    if op is None and _clamp_bounds_kind(node) == RELU:
+        op = f"{_clamp_spelling(node)}(min=0)"
+    return op
 
 
 def is_inplace(node: Node, op: str, modules: dict[str, nn.Module]) -> bool:
@@ -142,7 +162,7 @@ def is_inplace(node: Node, op: str, modules: dict[str, nn.Module]) -> bool:
 def other_nonlinearity(node: Node, modules: dict[str, nn.Module]) -> str | None:
     """The kind of a non-ReLU nonlinearity at ``node`` (``"maxpool"``, ``"gelu"``, ...), else None.
 
-    ``clamp`` is reported as ``"clamp(min=0)"`` when it is a ReLU in disguise (min 0, no max).
+    A clamp with min 0 and no max is a ReLU site (:func:`relu_op`), never one of these.
     """
     kind: str | None = None
     if node.op == "call_module":
@@ -158,8 +178,9 @@ def other_nonlinearity(node: Node, modules: dict[str, nn.Module]) -> str | None:
         kind = OTHER_METHODS.get(str(node.target))
     if kind == "avgpool" and node.op != "call_module" and node.target in (torch.mean, "mean") and not _is_spatial_mean(node):
         kind = None
-    if kind == "clamp" and _clamp_is_relu(node):
-        kind = "clamp(min=0)"
+    if kind is None and node.op != "call_module":
+        kind = _clamp_bounds_kind(node)  # a clamp that is no ReLU ("clamp", "relu6"); a ReLU one is a site
+        kind = None if kind == RELU else kind
     return kind
 
 
@@ -193,11 +214,29 @@ def _is_spatial_mean(node: Node) -> bool:
     return bool(dims) and all(isinstance(d, int) and d % rank >= 2 for d in dims)
 
 
-def _clamp_is_relu(node: Node) -> bool:
+def _clamp_spelling(node: Node) -> str | None:
+    """``"torch.clamp"``, ``"Tensor.clamp_min_"``, ... for a clamp call, else None."""
+    if node.op == "call_function":
+        return CLAMP_FUNCTIONS.get(node.target) if _hashable(node.target) else None
+    if node.op == "call_method":
+        return CLAMP_METHODS.get(str(node.target))
+    return None
+
+
+def _clamp_bounds_kind(node: Node) -> str | None:
+    """:func:`relu_rule.clamp_kind` of a clamp call's bounds (a graph value is a run-time bound), else None."""
+    spelling = _clamp_spelling(node)
+    if spelling is None:
+        return None
     args = list(node.args[1:])
     lo = node.kwargs.get("min", args[0] if args else None)
-    hi = node.kwargs.get("max", args[1] if len(args) > 1 else None)
-    return isinstance(lo, (int, float)) and lo == 0 and hi is None
+    if "clamp_min" in spelling:
+        hi = None
+    else:
+        hi = node.kwargs.get("max", args[1] if len(args) > 1 else None)
+    tm = node.all_input_nodes[0].meta.get("tensor_meta") if node.all_input_nodes else None
+    dtype = getattr(tm, "dtype", None)
+    return clamp_kind(lo, hi, floating=dtype is None or dtype.is_floating_point)
 
 
 def _is_elementwise_max(node: Node) -> bool:

@@ -53,10 +53,12 @@ def trace(
 ) -> GraphModule:
     """Deep-copy ``model``, trace its eval-mode graph, and record shapes (:func:`propagate_shapes`).
 
-    The caller's model is never modified (its mode and tensors are left as they were). Models
-    with shape-dependent Python control flow fall back to ``torch.export(strict=False)``.
-    The returned graph carries an empty :class:`SNLMeta` in ``gm.meta["snl_fx"]``.
-    ``share_weights=True`` copies the modules but not their parameters and buffers, which the
+    The caller's model and example input are never modified (their mode and tensors are left
+    as they were): shapes come from fake tensors, and any real run is on copies. Models with
+    shape-dependent Python control flow fall back to ``torch.export(strict=False)``.
+    The returned graph carries an empty :class:`SNLMeta` in ``gm.meta["snl_fx"]``, whose
+    ``batch_size`` follows :func:`batched_inputs`.
+    ``share_weights=True`` copies the modules and buffers but not the parameters, which the
     graph then shares with ``model``: for read-only uses such as counting (ResNet-50: ~0.3 s
     less), never for training.
     """
@@ -65,16 +67,37 @@ def trace(
     args = as_args(example_input)
     if not args or not all(isinstance(a, torch.Tensor) for a in args):
         raise PassError("example_input must be a tensor or a tuple of tensors (batch first)")
-    if args[0].dim() == 0:
-        raise PassError("example_input needs a batch dimension (dim 0)")
-    shared = {id(t): t for t in (*model.parameters(), *model.buffers())} if share_weights else {}
+    batch, _ = batched_inputs([tuple(a.shape) for a in args])
+    shared = {id(t): t for t in model.parameters()} if share_weights else {}  # buffers are copied: a forward may write them
     model = copy.deepcopy(model, shared).eval()
     gm = _symbolic_trace(model, args, concrete_args, tuple(leaf_modules))
     _check_input_count(gm, len(args))
     _warn_if_train_graph_differs(model, gm, concrete_args, tuple(leaf_modules))
     propagate_shapes(gm, args)
-    gm.meta[META_KEY] = SNLMeta(batch_size=int(args[0].shape[0]))
+    gm.meta[META_KEY] = SNLMeta(batch_size=batch)
     return gm
+
+
+def batched_inputs(shapes: Sequence[tuple[int, ...]]) -> tuple[int, tuple[bool, ...]]:
+    """The batch size, and which inputs carry it in dim 0: the one rule of both inspectors.
+
+    Inputs of rank >= 2 (images, token ids, feature rows) are batch first; inputs of rank <= 1
+    (option vectors, lengths, scalars) are not batched, unless no input has rank >= 2 (then the
+    rank-1 inputs are). The batch size is dim 0 of the first batched input; an input whose dim 0
+    differs is not batched either. A value is per sample only when a batched input flows into it
+    (:func:`snl_fx.passes.find.batched_nodes`). The ONNX inspector, which cannot import torch,
+    applies the same rule (``snl_fx.inspect.onnx_model._batched_inputs``; a test holds them equal).
+
+    Example:
+        >>> batched_inputs([(2,), (4, 3, 32, 32)])
+        (4, (False, True))
+    """
+    shapes = [tuple(int(d) for d in s) for s in shapes]
+    min_rank = 2 if any(len(s) >= 2 for s in shapes) else 1
+    first = next((s for s in shapes if len(s) >= min_rank), None)
+    if first is None:
+        raise PassError("example_input needs a batch dimension (dim 0)")
+    return first[0], tuple(len(s) >= min_rank and s[0] == first[0] for s in shapes)
 
 
 def _symbolic_trace(model, args, concrete_args, leaf_types) -> GraphModule:
@@ -200,12 +223,43 @@ def propagate_shapes(gm: GraphModule, args: tuple) -> None:
     try:
         with torch.no_grad():
             try:
-                with _torch_logs_off(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                with _torch_logs_off(), FakeTensorMode(allow_non_fake_inputs=True) as mode, \
+                        _tensors_replaced(gm, mode.from_tensor):  # ops on real weights alone would run for real
                     _RecordingShapeProp(gm, fake=True).run(*(mode.from_tensor(a) for a in args))
             except Exception:  # noqa: BLE001 - the real run below repeats it and reports the error
-                _RecordingShapeProp(gm).run(*(a.clone() for a in args))
+                with _tensors_replaced(gm, lambda t: t.detach().clone()):  # a forward may write its buffers
+                    _RecordingShapeProp(gm).run(*(a.clone() for a in args))
     finally:
         gm.train(was_training)
+
+
+@contextlib.contextmanager
+def _tensors_replaced(gm: GraphModule, convert: Any) -> Iterator[None]:
+    """Every parameter, buffer and tensor constant of ``gm`` replaced by ``convert(tensor)`` meanwhile.
+
+    Shape propagation then reads and writes only these stand-ins: the graph's own tensors, and
+    the caller's where ``trace(share_weights=True)`` shares them, stay as they were. Tied
+    tensors stay tied.
+    """
+    memo: dict[int, torch.Tensor] = {}
+    saved: list[tuple[dict, str, torch.Tensor]] = []
+    for module in gm.modules():
+        stores = [module._parameters, module._buffers, {k: v for k, v in vars(module).items()
+                                                        if isinstance(v, torch.Tensor)}]
+        for i, store in enumerate(stores):
+            for name, tensor in list(store.items()):
+                if tensor is None:
+                    continue
+                if id(tensor) not in memo:
+                    memo[id(tensor)] = convert(tensor)
+                target = store if i < 2 else module.__dict__
+                saved.append((target, name, tensor))
+                target[name] = memo[id(tensor)]
+    try:
+        yield
+    finally:
+        for store, name, tensor in reversed(saved):
+            store[name] = tensor
 
 
 def hides_relu(module: nn.Module) -> bool:
