@@ -86,14 +86,17 @@ Z = torch.randn(8, 5, generator=torch.Generator().manual_seed(2))
     ],
     ids=["tuple-output", "two-inputs", "numpy-labels", "batchnorm-last-batch-of-one"],
 )
-def test_valid_models_and_data_are_linearized(model, example, data):
+def test_valid_models_and_data_are_linearized(model, example, data, tmp_path):
     torch.manual_seed(0)
     m = model()
     result = snl_fx.linearize(m, example, 30, data, **FAST)
     assert result.relu_count == 30 == sum(s["after"] for s in result.sites.values())
     args = example if isinstance(example, tuple) else (example,)
-    assert snl_fx.relu_count(result.model, tuple(a[:1] for a in args)).total == 30
+    one = tuple(a[:1] for a in args)
+    assert snl_fx.relu_count(result.model, one).total == 30
     assert result.accuracy_after is not None
+    exported = snl_fx.export_onnx(result.model, one, tmp_path / "m.onnx")  # checks ONNX Runtime == torch
+    assert exported.relu_count == snl_fx.relu_count(str(exported.path)).total == 30
 
 
 def test_frozen_weights_train_the_gates_and_skip_the_fine_tune():
