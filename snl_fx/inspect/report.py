@@ -53,13 +53,16 @@ class OtherCount:
     """A nonlinearity that is not a ReLU; max-pool counts k*k-1 comparisons per output.
 
     Kind ``avgpool`` (average pools, spatial means) is linear but costs fixed-point backends a
-    truncation per output; ``comparisons`` is then its outputs.
+    truncation per output; ``comparisons`` is then its outputs. For element-wise kinds
+    (gelu, silu, sigmoid, softmax, ...) ``comparisons`` is the elements per sample, and for the
+    kinds that normalise rows (softmax, layernorm, rmsnorm) ``row`` is the row length.
     """
 
     name: str
     kind: str
     shape: tuple[int, ...]
     comparisons: int
+    row: int | None = None  # softmax, layernorm, rmsnorm: the length of the rows they normalise over
 
 
 @dataclass(frozen=True)

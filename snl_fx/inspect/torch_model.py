@@ -46,7 +46,7 @@ def report_from_graph(gm: GraphModule, source: str) -> ReluReport:
     """
     meta = passes.get_meta(gm)
     sites = [SiteCount(s.name, s.op, s.shape, s.numel) for s in meta.sites]
-    others = [OtherCount(o.name, o.kind, o.shape, o.comparisons) for o in meta.others]
+    others = [OtherCount(o.name, o.kind, o.shape, o.comparisons, o.row) for o in meta.others]
     ungateable = [asdict(u) for u in meta.ungateable]
     notes = []
     if meta.ungateable:

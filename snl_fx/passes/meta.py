@@ -36,6 +36,7 @@ class Nonlinearity:
     kind: str
     shape: tuple[int, ...]  # output shape without the batch dim
     comparisons: int  # per sample; max-pool: outputs * (window - 1), else elements
+    row: int | None = None  # softmax, layernorm, rmsnorm: the length of the rows they normalise over
 
 
 @dataclass(frozen=True)
