@@ -1,4 +1,4 @@
-"""A small model zoo for SNL experiments: CIFAR ResNets, WRN-22-8 and a tiny CPU ResNet.
+"""A small model zoo for SNL experiments: CIFAR ResNets, WRN-22-8, a tiny CPU ResNet and a tiny ViT.
 
 Every ReLU is its own ``nn.ReLU`` module (never reused, never functional), so each ReLU site
 has a stable dotted name such as ``layer1.0.relu1`` that the passes and reports can refer to.
@@ -11,6 +11,9 @@ ReLU counts per sample (the number SNL budgets against):
 * ``small_resnet`` at 28x28: 43,904 (56,448 with ``stem_relu=True``).
 
 Following the SNL paper the CIFAR ResNets leave out the ReLU after the stem by default.
+
+``vit_tiny_fm`` (a ViT for 1x28x28 Fashion-MNIST) has no ReLU: its nonlinearities are GELU,
+softmax and LayerNorm, and its attention calls ``F.scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -19,16 +22,19 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 __all__ = [
     "MODELS",
     "BasicBlock",
     "CifarResNet",
     "PreActBlock",
+    "ViT",
     "WideResNet",
     "cifar_resnet18",
     "cifar_resnet34",
     "small_resnet",
+    "vit_tiny_fm",
     "wrn22_8",
 ]
 
@@ -202,9 +208,69 @@ def small_resnet(num_classes: int = 10, in_channels: int = 1, stem_relu: bool = 
     return CifarResNet([1, 1, 1], [16, 32, 64], num_classes, in_channels, stem_channels=16, stem_relu=stem_relu)
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention: one qkv projection, ``F.scaled_dot_product_attention``, out projection."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, d)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)) with a GELU."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A small Vision Transformer: conv patch embedding, class token, learned positions, pre-norm blocks."""
+
+    def __init__(self, image_size: int = 28, patch: int = 7, in_channels: int = 1, num_classes: int = 10,
+                 dim: int = 64, depth: int = 4, heads: int = 4, mlp_ratio: int = 2) -> None:
+        super().__init__()
+        if image_size % patch or dim % heads:
+            raise ValueError("image_size must be a multiple of patch, dim a multiple of heads")
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, (image_size // patch) ** 2 + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*(Block(dim, heads, mlp_ratio) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, tokens, dim)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def vit_tiny_fm(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """A ViT for 1x28x28 inputs (Fashion-MNIST): patch 7 (16 tokens + class token), dim 64,
+    4 blocks of 4 heads, MLP ratio 2 with GELU; about 140k parameters, no ReLU.
+
+    Per sample: 4 blocks x 4 heads x 17 softmax rows of 17, and 4 x 17 x 128 GELU elements.
+    """
+    return ViT(28, 7, in_channels, num_classes, dim=64, depth=4, heads=4, mlp_ratio=2)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet18": cifar_resnet18,
     "cifar_resnet34": cifar_resnet34,
     "wrn22_8": wrn22_8,
     "small_resnet": small_resnet,
+    "vit_tiny_fm": vit_tiny_fm,
 }

@@ -1,10 +1,11 @@
 """Pure torch.fx graph passes for Selective Network Linearization (GraphModule in, GraphModule out).
 
-Order of use: ``trace`` -> ``find_relus`` -> ``make_out_of_place`` -> ``insert_gates`` ->
+Order of use: ``trace`` -> ``decompose_attention`` -> ``find_relus`` -> ``make_out_of_place`` -> ``insert_gates`` ->
 (train, binarize: the ``snl_fx`` package) -> ``lower_gates`` -> ``merge_linear`` (optional).
 It imports nothing of the library above it but the error class (``snl_fx.errors``).
 """
 
+from .attention import decompose_attention
 from .errors import PassError
 from .find import find_relus
 from .gate import (
@@ -40,6 +41,7 @@ __all__ = [
     "as_args",
     "binary_mask",
     "count_aten_relus",
+    "decompose_attention",
     "default_should_merge",
     "element_weights",
     "find_relus",
