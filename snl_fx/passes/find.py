@@ -11,7 +11,7 @@ from torch.fx import GraphModule, Node
 
 from .errors import PassError
 from .meta import Nonlinearity, Site, Ungateable, get_meta
-from .spellings import is_inplace, maxpool_window, other_nonlinearity, relu_op
+from .spellings import is_inplace, maxpool_window, other_nonlinearity, relu_op, row_length
 from .trace import batched_inputs
 
 
@@ -22,6 +22,10 @@ def find_relus(gm: GraphModule) -> GraphModule:
     path of the call (``layer1.0.relu``), with ``_1``, ``_2``... for later calls of the same name.
     A nonlinearity that no batched input flows into (a ReLU on a weight or a constant,
     :func:`batched_nodes`) is not per sample: it goes to ``meta.constant``, never to the sites.
+    The other nonlinearities (``meta.others``, kinds from :mod:`.spellings`) count the elements
+    of their output per sample (max-pool: its comparisons), and softmax, LayerNorm and RMSNorm
+    carry their row length. A division counts only when its divisor is batched, a product only
+    when both factors are: by a Python number or a weight they are free under secret sharing.
     """
     meta = get_meta(gm)
     modules = dict(gm.named_modules())
@@ -41,19 +45,21 @@ def find_relus(gm: GraphModule) -> GraphModule:
                 continue
             meta.sites.append(Site(name, node.name, op, _sample_shape(source, gm), is_inplace(node, op, modules)))
             continue
-        kind = other_nonlinearity(node, modules)
-        if kind is not None and "tensor_meta" in node.meta and node not in batched:
-            shape = _whole_shape(node)
+        kind = other_nonlinearity(node, modules, batched)
+        if kind is not None and _has_tensor(node):
+            source = node.all_input_nodes[0] if node.all_input_nodes else node
+            row = row_length(node, modules, kind, _whole_shape(source))
             name = _unique(_scope_name(node, kind.split("(")[0]), taken)
-            meta.constant.append(Nonlinearity(name, kind, shape, math.prod(shape)))
-        elif kind is not None and "tensor_meta" in node.meta:
-            out_shape = _sample_shape(node, gm)
-            per_output = 1
-            if kind == "maxpool":
-                in_shape = _sample_shape(node.all_input_nodes[0], gm)
-                per_output = maxpool_window(node, modules, in_shape, out_shape) - 1
-            name = _unique(_scope_name(node, kind.split("(")[0]), taken)
-            meta.others.append(Nonlinearity(name, kind, out_shape, math.prod(out_shape) * per_output))
+            if node not in batched:
+                shape = _whole_shape(node)
+                meta.constant.append(Nonlinearity(name, kind, shape, math.prod(shape), row))
+            else:
+                out_shape = _sample_shape(node, gm)
+                per_output = 1
+                if kind == "maxpool":
+                    in_shape = _sample_shape(source, gm)
+                    per_output = maxpool_window(node, modules, in_shape, out_shape) - 1
+                meta.others.append(Nonlinearity(name, kind, out_shape, math.prod(out_shape) * per_output, row))
         if node.op == "call_module" and "hidden_relus" in node.meta:
             module = modules[str(node.target)]
             meta.ungateable.append(Ungateable(str(node.target), type(module).__name__, node.meta["hidden_relus"]))
@@ -131,15 +137,27 @@ def _is_view(node: Node) -> bool:
     return node.op in ("call_function", "call_method") and _op_name(node).rstrip("_") in _VIEWS
 
 
-def _whole_shape(node: Node) -> tuple[int, ...]:
+def _tensor_meta(node: Node):
+    """The TensorMetadata of ``node``'s value; of its first output for a tuple (aten.native_layer_norm)."""
     tm = node.meta.get("tensor_meta")
-    return tuple(int(d) for d in tm.shape) if hasattr(tm, "shape") else ()
+    while not hasattr(tm, "shape") and isinstance(tm, (tuple, list)) and tm:  # TensorMetadata is a tuple too
+        tm = tm[0]
+    return tm if hasattr(tm, "shape") else None
+
+
+def _has_tensor(node: Node) -> bool:
+    return _tensor_meta(node) is not None
+
+
+def _whole_shape(node: Node) -> tuple[int, ...]:
+    tm = _tensor_meta(node)
+    return tuple(int(d) for d in tm.shape) if tm is not None else ()
 
 
 def _sample_shape(node: Node, gm: GraphModule) -> tuple[int, ...]:
     """Shape of ``node``'s tensor value without the batch dim."""
-    tm = node.meta.get("tensor_meta")
-    if tm is None or not hasattr(tm, "shape"):
+    tm = _tensor_meta(node)
+    if tm is None:
         raise PassError(f"no tensor shape recorded for {node.format_node()} (run passes.trace first)")
     shape = tuple(int(d) for d in tm.shape)
     if not shape:

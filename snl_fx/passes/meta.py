@@ -30,12 +30,19 @@ class Site:
 
 @dataclass(frozen=True)
 class Nonlinearity:
-    """A non-ReLU nonlinearity (max-pool, GELU, ReLU6, a clamp with a max or another min, ...), counted apart."""
+    """A non-ReLU nonlinearity (max-pool, GELU, softmax, LayerNorm, ReLU6, a secret product, ...), counted apart.
+
+    ``kind`` is one of the kinds of :mod:`snl_fx.passes.spellings`: gelu (erf form), gelu_tanh,
+    silu, sigmoid, tanh, softmax (log-softmax too), layernorm, rmsnorm, exp, div (by a secret
+    divisor), mul (of two secret factors), maxpool, avgpool, relu6, hardtanh, leaky_relu, prelu,
+    elu, selu, celu, mish, hardswish, hardsigmoid, clamp, max. Sizes are per sample, except in
+    ``SNLMeta.constant``, where they are of the whole value.
+    """
 
     name: str
     kind: str
     shape: tuple[int, ...]  # output shape without the batch dim
-    comparisons: int  # per sample; max-pool: outputs * (window - 1), else elements
+    comparisons: int  # per sample; max-pool: outputs * (window - 1), else output elements
     row: int | None = None  # softmax, layernorm, rmsnorm: the length of the rows they normalise over
 
 

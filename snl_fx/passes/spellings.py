@@ -4,11 +4,19 @@ Everything that recognises a ReLU call site or another nonlinearity reads these 
 nothing else in the project compares node targets against ``torch.relu`` and friends. A clamp
 is a ReLU site when :func:`snl_fx.relu_rule.clamp_kind` says so (min 0, no max): the rule the
 ONNX inspector applies to ``Clip`` and ``Max``.
+
+The other nonlinearities are tables from a spelling (module type, function, ATen overload of the
+``torch.export`` fallback, method name) to a kind: ``gelu`` (``gelu_tanh`` with
+``approximate="tanh"``), ``silu``, ``sigmoid``, ``tanh``, ``softmax`` (log-softmax and softmin
+too), ``layernorm``, ``rmsnorm``, ``exp``, ``div`` (by a secret divisor), ``mul`` (of two secret
+factors), the pools, and the ReLU look-alikes (``relu6``, ``hardtanh``, ``clamp``, ...).
 """
 
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Container
 from typing import Any
 
 import torch
@@ -67,6 +75,11 @@ OTHER_MODULES: dict[type[nn.Module], str] = {
     nn.Sigmoid: "sigmoid",
     nn.Tanh: "tanh",
     nn.Softmax: "softmax",
+    nn.Softmax2d: "softmax",
+    nn.LogSoftmax: "softmax",
+    nn.Softmin: "softmax",
+    nn.LayerNorm: "layernorm",
+    nn.RMSNorm: "rmsnorm",
     nn.MaxPool1d: "maxpool",
     nn.MaxPool2d: "maxpool",
     nn.MaxPool3d: "maxpool",
@@ -98,8 +111,32 @@ OTHER_FUNCTIONS: dict[Any, str] = {
     F.sigmoid: "sigmoid",
     torch.tanh: "tanh",
     F.tanh: "tanh",
+    torch.special.expit: "sigmoid",
+    torch.sigmoid_: "sigmoid",
+    torch.tanh_: "tanh",
     F.softmax: "softmax",
     torch.softmax: "softmax",
+    F.log_softmax: "softmax",
+    torch.log_softmax: "softmax",
+    F.softmin: "softmax",
+    F.layer_norm: "layernorm",
+    torch.layer_norm: "layernorm",
+    F.rms_norm: "rmsnorm",
+    torch.rms_norm: "rmsnorm",
+    torch.exp: "exp",
+    torch.exp_: "exp",
+    # division and product: kinds only when the operands are secret (see _secret_operands)
+    operator.truediv: "div",
+    operator.itruediv: "div",
+    torch.div: "div",
+    torch.divide: "div",
+    torch.true_divide: "div",
+    torch.reciprocal: "div",  # 1 / x: its divisor is its input
+    torch.reciprocal_: "div",
+    operator.mul: "mul",
+    operator.imul: "mul",
+    torch.mul: "mul",
+    torch.multiply: "mul",
     F.max_pool1d: "maxpool",
     F.max_pool2d: "maxpool",
     F.max_pool3d: "maxpool",
@@ -120,6 +157,35 @@ OTHER_FUNCTIONS: dict[Any, str] = {
     torch.mean: "avgpool",  # only over spatial dims: see _is_spatial_mean
     torch.maximum: "max",
     torch.max: "max",
+    # the ATen forms the torch.export fallback writes
+    torch.ops.aten.gelu.default: "gelu",
+    torch.ops.aten.gelu_.default: "gelu",
+    torch.ops.aten.silu.default: "silu",
+    torch.ops.aten.silu_.default: "silu",
+    torch.ops.aten.sigmoid.default: "sigmoid",
+    torch.ops.aten.sigmoid_.default: "sigmoid",
+    torch.ops.aten.special_expit.default: "sigmoid",
+    torch.ops.aten.tanh.default: "tanh",
+    torch.ops.aten.tanh_.default: "tanh",
+    torch.ops.aten._softmax.default: "softmax",
+    torch.ops.aten.softmax.int: "softmax",
+    torch.ops.aten._log_softmax.default: "softmax",
+    torch.ops.aten.log_softmax.int: "softmax",
+    torch.ops.aten.native_layer_norm.default: "layernorm",
+    torch.ops.aten.layer_norm.default: "layernorm",
+    torch.ops.aten.rms_norm.default: "rmsnorm",
+    torch.ops.aten.exp.default: "exp",
+    torch.ops.aten.exp_.default: "exp",
+    torch.ops.aten.div.Tensor: "div",
+    torch.ops.aten.div.Tensor_mode: "div",
+    torch.ops.aten.div_.Tensor: "div",
+    torch.ops.aten.true_divide.Tensor: "div",
+    torch.ops.aten.divide.Tensor: "div",
+    torch.ops.aten.reciprocal.default: "div",
+    torch.ops.aten.reciprocal_.default: "div",
+    torch.ops.aten.multiply.Tensor: "mul",
+    torch.ops.aten.mul.Tensor: "mul",
+    torch.ops.aten.mul_.Tensor: "mul",
 }
 OTHER_METHODS: dict[str, str] = {
     "sigmoid": "sigmoid",
@@ -127,8 +193,24 @@ OTHER_METHODS: dict[str, str] = {
     "tanh": "tanh",
     "tanh_": "tanh",
     "softmax": "softmax",
+    "log_softmax": "softmax",
+    "exp": "exp",
+    "exp_": "exp",
+    "div": "div",
+    "div_": "div",
+    "divide": "div",
+    "true_divide": "div",
+    "reciprocal": "div",
+    "reciprocal_": "div",
+    "mul": "mul",
+    "mul_": "mul",
+    "multiply": "mul",
     "mean": "avgpool",  # only over spatial dims: see _is_spatial_mean
 }
+RECIPROCALS = frozenset({torch.reciprocal, torch.reciprocal_, torch.ops.aten.reciprocal.default,
+                         torch.ops.aten.reciprocal_.default, "reciprocal", "reciprocal_"})
+# kinds whose cost follows the length of the rows they normalise over (Nonlinearity.row)
+ROW_KINDS = frozenset({"softmax", "layernorm", "rmsnorm"})
 
 
 def relu_op(node: Node, modules: dict[str, nn.Module]) -> str | None:
@@ -159,10 +241,15 @@ def is_inplace(node: Node, op: str, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
-def other_nonlinearity(node: Node, modules: dict[str, nn.Module]) -> str | None:
+def other_nonlinearity(node: Node, modules: dict[str, nn.Module], secret: Container[Node] | None = None) -> str | None:
     """The kind of a non-ReLU nonlinearity at ``node`` (``"maxpool"``, ``"gelu"``, ...), else None.
 
-    A clamp with min 0 and no max is a ReLU site (:func:`relu_op`), never one of these.
+    A clamp with min 0 and no max is a ReLU site (:func:`relu_op`), never one of these. GELU is
+    ``"gelu"`` in its erf form and ``"gelu_tanh"`` with ``approximate="tanh"``. A division is
+    ``"div"`` only when its divisor is a tensor in ``secret``, a product ``"mul"`` only when both
+    factors are (a scale by a Python number or a weight is free under secret sharing); ``secret``
+    is the set of values a batched input flows into (``find.batched_nodes``), and None takes
+    every tensor in the graph for one.
     """
     kind: str | None = None
     if node.op == "call_module":
@@ -178,10 +265,69 @@ def other_nonlinearity(node: Node, modules: dict[str, nn.Module]) -> str | None:
         kind = OTHER_METHODS.get(str(node.target))
     if kind == "avgpool" and node.op != "call_module" and node.target in (torch.mean, "mean") and not _is_spatial_mean(node):
         kind = None
+    if kind in ("mul", "div"):
+        a, b = _operands(node)
+        operands = (a, b) if kind == "mul" else (a,) if node.target in RECIPROCALS else (b,)
+        if not all(_is_secret_tensor(o, secret) for o in operands):
+            kind = None
+    if kind == "gelu" and _gelu_form(node, modules) == "tanh":
+        kind = "gelu_tanh"
     if kind is None and node.op != "call_module":
         kind = _clamp_bounds_kind(node)  # a clamp that is no ReLU ("clamp", "relu6"); a ReLU one is a site
         kind = None if kind == RELU else kind
     return kind
+
+
+def row_length(node: Node, modules: dict[str, nn.Module], kind: str, in_shape: tuple[int, ...]) -> int | None:
+    """The length of the rows a softmax, LayerNorm or RMSNorm at ``node`` normalises over, else None.
+
+    ``in_shape`` is the input's whole shape (batch dim included). Softmax: the size of its dim
+    (from the call's ``dim`` or the module's, negative dims counted from the end, the legacy
+    implicit dim as torch picks it). LayerNorm and RMSNorm: the product of ``normalized_shape``.
+    """
+    if kind not in ROW_KINDS or not in_shape:
+        return None
+    module = modules.get(str(node.target)) if node.op == "call_module" else None
+    if kind == "softmax":
+        if isinstance(module, nn.Softmax2d):
+            dim: Any = -3
+        elif module is not None:
+            dim = getattr(module, "dim", None)
+        else:
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if dim is None:  # legacy implicit dim: F._get_softmax_dim
+            dim = 0 if len(in_shape) in (0, 1, 3) else 1
+        return int(in_shape[dim % len(in_shape)]) if isinstance(dim, int) else None
+    if module is not None:
+        normalized = getattr(module, "normalized_shape", None)
+    else:
+        normalized = node.kwargs.get("normalized_shape", node.args[1] if len(node.args) > 1 else None)
+    if isinstance(normalized, int):
+        return normalized
+    if isinstance(normalized, (tuple, list, torch.Size)) and all(isinstance(d, int) for d in normalized):
+        return math.prod(normalized)
+    return None
+
+
+def _operands(node: Node) -> tuple[Any, Any]:
+    """The two operands of a product or division call (``a * b``, ``torch.div(a, b)``, ``a.mul(b)``, ATen)."""
+    a = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    return a, b
+
+
+def _is_secret_tensor(value: Any, secret: Container[Node] | None) -> bool:
+    """Whether ``value`` is a graph value holding a tensor (not a Python number) that is in ``secret``."""
+    if not isinstance(value, Node) or not hasattr(value.meta.get("tensor_meta"), "shape"):
+        return False
+    return secret is None or value in secret
+
+
+def _gelu_form(node: Node, modules: dict[str, nn.Module]) -> str:
+    """``"none"`` (erf) or ``"tanh"``: the ``approximate`` of an nn.GELU, F.gelu or aten.gelu call."""
+    if node.op == "call_module":
+        return str(getattr(modules.get(str(node.target)), "approximate", "none"))
+    return str(node.kwargs.get("approximate", "none"))  # keyword-only in F.gelu and aten.gelu
 
 
 def maxpool_window(node: Node, modules: dict[str, nn.Module], in_shape, out_shape) -> int:
