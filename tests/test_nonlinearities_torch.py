@@ -401,3 +401,26 @@ def test_small_vit_softmax_after_decompose_attention():
     assert sum(o.kind == "softmax" for o in one.others) == 2
     assert {k: totals[k] for k in ("gelu", "layernorm")} == {k: elements[k] for k in ("gelu", "layernorm")}
     assert "mul" not in totals and "div" not in totals  # the scale is a Python number: free
+
+
+class PreActivation(nn.Module):
+    """conv-BN-ReLU (the BatchNorm folds into the conv) and a BatchNorm after an add (it cannot)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.c1(x)))
+        return self.fc(torch.relu(self.bn2(self.c2(h) + h)).flatten(1))
+
+
+@pytest.mark.parametrize("profile", ["pi", "default"])
+def test_a_batchnorm_that_cannot_fold_is_a_secret_product_in_both_inspectors(tmp_path, profile):
+    model, x = PreActivation().eval(), torch.randn(2, 2, 8, 8)
+    assert snl_fx.relu_count(model, x).other_totals() == {"mul": 4 * 8 * 8}
+    path = tmp_path / "m.onnx"
+    snl_fx.export_onnx(model, x[:1], path, profile=profile)
+    assert snl_fx.relu_count(str(path)).other_totals() == {"mul": 4 * 8 * 8}

@@ -29,11 +29,15 @@ from snl_fx.cost.tables import (
 )
 from snl_fx.inspect.report import LinearCount, ReluReport
 
-KINDS = ("linear", "relu", "maxpool", "avgpool", "other", "output")
+# Kinds of layers, in the order of the per-kind split (``PiCost.by_kind``). Each nonlinearity kind
+# the inspectors report is its own row; "other" gathers any kind not listed here (elu, mish, ...).
+NONLINEAR_KINDS = ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "erf", "softmax", "layernorm", "rmsnorm",
+                   "exp", "div", "mul")
+KINDS = ("linear", "relu", "maxpool", "avgpool", *NONLINEAR_KINDS, "other", "output")
 
 # Network and table names are re-exported: they lived here before the package was split.
 __all__ = [
-    "CONSTANTS_PATH", "KINDS", "MEASURED_PROTOCOLS", "NETWORKS", "PROTOCOLS", "CostTable", "LayerCost", "Network",
+    "CONSTANTS_PATH", "KINDS", "MEASURED_PROTOCOLS", "NETWORKS", "NONLINEAR_KINDS", "PROTOCOLS", "CostTable", "LayerCost", "Network",
     "PiCost", "cheetah_matmul", "cost_from_report", "cost_table", "layer_features", "linear_cost",
     "linear_features", "parse_network", "pi_cost", "price", "protocols", "relu_site_cost",
 ]
@@ -161,6 +165,18 @@ def avgpool_features(outputs: int) -> dict[str, float]:
     return {"avgpool_output": outputs, "avgpool_layer": 1}
 
 
+def nonlinearity_features(kind: str, elements: int, row: int | None = None) -> dict[str, float]:
+    """Features of a layer of another nonlinearity (gelu, softmax, mul, ...): a feature named after
+    its kind (its elements per sample), one per layer, and for the kinds that normalise rows
+    (softmax, layernorm, rmsnorm) its rows. A protocol prices the kind only once its table has
+    measured coefficients for these; until then the layer is unpriced (``PiCost.unpriced``).
+    """
+    out = {kind: elements, f"{kind}_layer": 1}
+    if row:
+        out[f"{kind}_rows"] = elements // row
+    return out
+
+
 def output_features(elements: int) -> dict[str, float]:
     """Features of one inference as a whole: revealing ``elements`` outputs, fixed costs."""
     return {"output": elements, "fixed": 1}
@@ -231,7 +247,7 @@ class LayerCost:
     """One layer's cost for one sample; None where the protocol does not say (see ``note``)."""
 
     name: str
-    kind: str  # linear, relu, maxpool, avgpool, other, output
+    kind: str  # one of KINDS: linear, relu, maxpool, avgpool, gelu, softmax, ..., mul, other, output
     op: str
     elements: int  # kept ReLUs, linear/max-pool/avg-pool/other outputs, revealed outputs
     bytes: float | None
@@ -259,8 +275,47 @@ class PiCost:
 
     @property
     def bytes(self) -> float:
-        """Known bytes (layers whose cost the protocol does not give are left out: see notes)."""
+        """Known bytes: layers whose cost the protocol does not give are left out, so that when the
+        cost is not :attr:`complete` this is a lower bound (see :attr:`unpriced`)."""
         return self._sum("bytes") or 0.0
+
+    @property
+    def unpriced(self) -> list[dict[str, str]]:
+        """The layers whose bytes or rounds the protocol does not give: name, kind, op, and what is
+        missing (``"bytes"``, ``"rounds"`` or ``"bytes, rounds"``). Totals leave them out."""
+        out = []
+        for la in self.layers:
+            missing = [a for a in ("bytes", "rounds") if getattr(la, a) is None]
+            if missing:
+                out.append({"name": la.name, "kind": la.kind, "op": la.op, "missing": ", ".join(missing)})
+        return out
+
+    @property
+    def complete(self) -> bool:
+        """Whether every layer is priced (bytes and rounds): else the totals are lower bounds."""
+        return not self.unpriced
+
+    def lower_bound(self) -> str:
+        """"" when :attr:`complete`, else one line naming what the totals leave out, e.g.
+        ``lower bound: gelu (12 layers), softmax (4) not priced under spu-semi2k``; layers whose
+        bytes are priced but whose rounds are not follow: ``; relu (3 layers) rounds not given``."""
+        unpriced = self.unpriced
+        if not unpriced:
+            return ""
+        parts = []
+        for says, rows in ((f"not priced under {self.protocol}", [u for u in unpriced if "bytes" in u["missing"]]),
+                           ("rounds not given", [u for u in unpriced if u["missing"] == "rounds"])):
+            counts: dict[str, int] = {}
+            for u in sorted(rows, key=lambda u: _kind_order(u["kind"])):
+                counts[u["kind"]] = counts.get(u["kind"], 0) + 1
+            shown = [f"{kind} ({n})" for kind, n in counts.items()]
+            if shown:
+                n = next(iter(counts.values()))
+                shown[0] = shown[0][:-1] + (" layers)" if n != 1 else " layer)")
+                parts.append(f"{', '.join(shown)} {says}")
+        if not any("bytes" in u["missing"] for u in unpriced):
+            parts[0] += f" under {self.protocol}"
+        return f"lower bound: {'; '.join(parts)}"
 
     @property
     def rounds(self) -> int | None:
@@ -277,7 +332,9 @@ class PiCost:
         return self.compute_seconds + self.network.seconds(self.bytes, self.rounds or 0)
 
     def by_kind(self) -> dict[str, dict[str, float | int | None]]:
-        """Bytes, rounds and latency of each kind of layer (linear, relu, maxpool, avgpool, other, output)."""
+        """Bytes, rounds and latency of each kind of layer present, in the order of :data:`KINDS`
+        (linear, relu, maxpool, avgpool, gelu, ..., softmax, layernorm, ..., mul, other, output);
+        None where the protocol prices no layer of that kind."""
         out = {}
         for kind in KINDS:
             if any(layer.kind == kind for layer in self.layers):
@@ -285,10 +342,13 @@ class PiCost:
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: protocol, network, bytes, rounds, seconds, by_kind, layers, source, notes."""
+        """JSON-ready: protocol, network, bytes, rounds, seconds (lower bounds unless ``complete``),
+        complete, unpriced, by_kind, layers, source, notes."""
         return {
             "protocol": self.protocol,
             "network": asdict(self.network),
+            "complete": self.complete,
+            "unpriced": self.unpriced,
             "bytes": self.bytes,
             "rounds": self.rounds,
             "compute_seconds": self.compute_seconds,
@@ -308,8 +368,10 @@ class PiCost:
             'crypten, network wan (100 Mbit/s, 40 ms RTT): 22.772 MB, 65 rounds, 4.870 s per sample'
         """
         rounds = "? rounds" if self.rounds is None else f"{self.rounds:,} rounds"
-        return (f"{self.protocol}, network {self.network.describe()}: {self.bytes / 1e6:,.3f} MB, {rounds}, "
-                f"{self.seconds:.3f} s per sample")
+        at_least = "" if self.complete else "at least "
+        bound = "" if self.complete else f" ({self.lower_bound()})"
+        return (f"{self.protocol}, network {self.network.describe()}: {at_least}{self.bytes / 1e6:,.3f} MB, {rounds}, "
+                f"{self.seconds:.3f} s per sample{bound}")
 
     def table(self) -> str:
         """Per-layer rows, then totals per kind and the whole model, for people."""
@@ -329,10 +391,13 @@ class PiCost:
         total_bytes, total_rounds = self.bytes, self.rounds
         for kind, c in self.by_kind().items():
             share = f" ({c['bytes'] / total_bytes:.1%} of bytes)" if c["bytes"] is not None and total_bytes else ""
-            lines.append(f"  {kind:8s} {fmt(c['bytes'] and c['bytes'] / 1e6, '10.3f')} MB{share}  "
+            lines.append(f"  {kind:10s} {fmt(c['bytes'] and c['bytes'] / 1e6, '10.3f'):>10s} MB{share}  "
                          f"{fmt(c['rounds'], 'd')} rounds  {fmt(c['seconds'], '.3f')} s")
-        lines.append(f"  total    {total_bytes / 1e6:10.3f} MB  {fmt(total_rounds, 'd')} rounds  "
-                     f"{self.seconds:.3f} s (compute {self.compute_seconds:.3f} s)")
+        at_least = "" if self.complete else "at least "
+        lines.append(f"  total      {at_least}{total_bytes / 1e6:.3f} MB  {at_least}{fmt(total_rounds, 'd')} rounds  "
+                     f"{at_least}{self.seconds:.3f} s (compute {self.compute_seconds:.3f} s)")
+        if not self.complete:
+            lines.append(f"  {self.lower_bound()}")
         lines.append(f"source: {self.source}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -393,7 +458,10 @@ def layer_features(report: ReluReport) -> list[tuple[str, str, str, int, dict[st
         elif other.kind == "avgpool":
             rows.append((other.name, "avgpool", "avgpool", outputs, avgpool_features(outputs)))
         else:
-            rows.append((other.name, "other", other.kind, other.comparisons, {other.kind: other.comparisons}))
+            kind = other.kind if other.kind in NONLINEAR_KINDS else "other"
+            op = other.kind if other.row is None else f"{other.kind}(rows of {other.row})"
+            rows.append((other.name, kind, op, other.comparisons,
+                         nonlinearity_features(other.kind, other.comparisons, other.row)))
     rows.append(("output", "output", "reveal", report.outputs, output_features(report.outputs)))
     return rows
 
@@ -408,7 +476,7 @@ def cost_from_report(report: ReluReport, table: CostTable, network: Network) -> 
         note = ""
         if nbytes is None:
             note = f"not known for {table.name}: {table.leaves_out or 'its source prices ReLUs only'}" if literature \
-                else f"{op} not calibrated for {table.name}"
+                else f"{op.split('(rows')[0]} not calibrated for {table.name}"
         layers.append(LayerCost(name, kind, op, elements, nbytes, rounds, compute, seconds, note))
     notes = sorted({f"{layer.kind} layers: {layer.note}" for layer in layers if layer.note})
     if table.rounds is None:
@@ -439,6 +507,10 @@ def _setup_note(layers: list[LayerCost], setup: dict[str, Any], refill: dict[str
             f"{per_instance / 1e6:.2f} MB each with their first silent-OT refills); later refills add "
             f"{refill.get('bytes', 0) / 1e6:.2f} MB in {refill.get('messages', 0):,} one-way messages per "
             f"{refill.get('ots', 0):,} OTs an instance uses in one direction")
+
+
+def _kind_order(kind: str) -> int:
+    return KINDS.index(kind) if kind in KINDS else len(KINDS)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -96,7 +96,9 @@ SPU_PROTOCOLS: dict[str, str] = {p.backend: p.spu for p in PROTOCOLS if p.backen
 class CostTable:
     """One protocol's coefficients per feature: ``bytes``, ``rounds`` and compute ``seconds``.
 
-    A feature missing from a table means its cost is not known for this protocol (``None``);
+    A feature missing from a table means its cost is not known for this protocol (``None``): the
+    nonlinearities other than ReLU and pools (gelu, softmax, layernorm, mul, ...) stay so until a
+    backend measures them, and a :class:`~snl_fx.cost.PiCost` lists such layers as ``unpriced``;
     ``rounds`` is None when the protocol's rounds are not known at all. ``measured``: the
     calibration's backend, date and command (None for a literature table); ``leaves_out``: what a
     literature table does not price, noted on each layer it leaves unpriced.

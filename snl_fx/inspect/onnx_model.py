@@ -1,5 +1,10 @@
 """Count ReLUs per sample in an ONNX file: Relu, Clip(min=0) and Max(x, 0), plus other nonlinearities.
 
+Other nonlinearities are counted per kind, with the torch inspector's names: gelu (the Gelu op, or
+written out with Erf), gelu_tanh, silu (Sigmoid * x), sigmoid, tanh, erf, softmax, layernorm and
+rmsnorm (with their row lengths), exp, div (by a value of the input), mul (a secret product: of two
+values of the input, or of one and a weight tensor), max-pools, and more (:class:`_Composites`).
+
 Shapes come from ONNX shape inference after the graph inputs are pinned to concrete dims, so
 the counts are exact for any static graph, whichever exporter wrote it.
 """
@@ -32,20 +37,46 @@ from snl_fx.inspect.report import (
 )
 
 # ONNX op -> the torch side's kind name (passes/spellings.py); comparisons = output elements.
+# Gelu, Erf, Sigmoid and Tanh may be parts of a GELU or SiLU written out (:class:`_Composites`).
 _ELEMENTWISE_KINDS: dict[str, str] = {
     "LeakyRelu": "leaky_relu",
     "PRelu": "prelu",
     "Elu": "elu",
     "Selu": "selu",
     "Celu": "celu",
-    "Gelu": "gelu",
+    "Gelu": "gelu",  # approximate="tanh": gelu_tanh (_classify)
+    "Erf": "erf",
     "Sigmoid": "sigmoid",
     "Tanh": "tanh",
     "Softmax": "softmax",
+    "LogSoftmax": "softmax",
+    "LayerNormalization": "layernorm",
+    "RMSNormalization": "rmsnorm",
+    "Exp": "exp",
+    "Log": "log",
+    "Sqrt": "sqrt",
+    "Reciprocal": "reciprocal",
+    "Pow": "pow",
+    "Softplus": "softplus",
+    "Softsign": "softsign",
+    "Abs": "abs",
+    "Sign": "sign",
+    "Floor": "round",
+    "Ceil": "round",
+    "Round": "round",
+    "InstanceNormalization": "instancenorm",
+    "GroupNormalization": "groupnorm",
     "HardSigmoid": "hardsigmoid",
     "HardSwish": "hardswish",
     "Mish": "mish",
 }
+# kinds that normalise rows: OtherCount.row is the row length
+_ROW_KINDS = frozenset({"softmax", "layernorm", "rmsnorm"})
+# ops on values that depend on the input's data (not only its shape): secret in 2PC, a kind each
+_COMPARE_OPS = frozenset({"Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Equal"})
+_REDUCE_MAX_OPS = frozenset({"ReduceMax", "ReduceMin", "ArgMax", "ArgMin"})
+# ops that move a weight without computing on it (a Mul by their output is a Mul by the weight)
+_MOVES = frozenset({"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Expand"})
 _LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 _GRAPH_ATTRS = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
@@ -79,6 +110,8 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
     consts = _Constants(graph, initializers, base_dir)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     batched = _batched_values(graph, batched_inputs)
+    data = _batched_values(graph, batched_inputs, through_shape=False)
+    composites = _Composites(graph, consts, data, initializers, integral)
 
     sites: list[SiteCount] = []
     constant: list[tuple[str, str, int]] = []  # (name, kind, elements) of layers no batched input flows into
@@ -99,7 +132,7 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
             constant.append((name, node.op_type, math.prod(shapes.get(node.output[0]) or (0,))))
             continue
         if node.op_type in _LINEAR_OPS:
-            layer = _linear_count(node, name, shapes, initializers, batch)
+            layer = _linear_count(node, name, shapes, initializers, batch, data)
             if layer is None:
                 notes.append(f"{node.op_type} node '{name}' has no inferred shapes; left out of the linear layers")
             else:
@@ -108,6 +141,8 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
         relu_op, kind = _classify(node, consts, opset, integral)
         if node.op_type == "ReduceMean" and not _is_spatial_mean(node, consts, opset, shapes):
             kind = None
+        if relu_op is None:
+            kind = composites.kind(idx, node, kind)
         if relu_op is not None:
             value = node.output[0] if relu_op == "Max(x,0)" else node.input[0]
             shape = shapes.get(value)
@@ -122,10 +157,10 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
             sites.append(SiteCount(name, relu_op, shape[1:], _per_sample(shape, batch)))
             relu_nodes.add(idx)
             ops_counted[relu_op] += 1
-        elif kind is not None and not per_sample:
+        elif kind is not None and not any(v in data for v in _reads(node)):  # weights, constants, shapes only
             constant.append((name, kind, math.prod(shapes.get(node.output[0]) or (0,))))
         elif kind is not None:
-            other = _other_count(node, name, kind, shapes, batch)
+            other = _other_count(node, name, kind, shapes, batch, opset)
             if other is None:
                 notes.append(f"{node.op_type} node '{name}' has no inferred shape; left out of other nonlinearities")
             else:
@@ -134,6 +169,9 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
     if ops_counted.keys() - {"Relu"}:
         counted = ", ".join(f"{ops_counted[op]} {op}" for op in ("Relu", "Clip(min=0)", "Max(x,0)") if ops_counted[op])
         notes.append(f"counted as ReLU: {counted} nodes (Clip with min 0 and no max, and Max(x, 0), compute a ReLU)")
+    if composites.found:
+        notes.append("counted once per composite (its Erf, Tanh or Sigmoid node's elements; its Muls not as mul): "
+                     + ", ".join(f"{n} {kind}" for kind, n in sorted(composites.found.items())))
     if shapes.from_runtime:
         notes.append(
             f"shapes of {shapes.from_runtime} values came from one ONNX Runtime run on zeros "
@@ -154,8 +192,13 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
     )
 
 
-def _linear_count(node: onnx.NodeProto, name: str, shapes: _Shapes, initializers: dict, batch: int) -> LinearCount | None:
-    """Sizes of a Conv/ConvTranspose/Gemm/MatMul node; None when a shape is unknown."""
+def _linear_count(node: onnx.NodeProto, name: str, shapes: _Shapes, initializers: dict, batch: int,
+                  data: set[str] | frozenset[str] = frozenset()) -> LinearCount | None:
+    """Sizes of a Conv/ConvTranspose/Gemm/MatMul node; None when a shape is unknown.
+
+    A MatMul of two values that depend on the input (``data``: q @ k^T, attention @ v) is labelled
+    ``MatMul(activations)``; its second operand's elements are per sample.
+    """
     a, b, y = shapes.get(node.input[0]), shapes.get(node.input[1]), shapes.get(node.output[0])
     if a is None or b is None or y is None:
         return None
@@ -168,7 +211,10 @@ def _linear_count(node: onnx.NodeProto, name: str, shapes: _Shapes, initializers
         trans_a = any(at.name == "transA" and at.i for at in node.attribute)
         per_output = a[0] if trans_a else a[-1]
     weight = math.prod(b) if node.input[1] in initializers or len(b) < 3 else _per_sample(b, batch)
-    return LinearCount(name, node.op_type, _per_sample(a, batch), weight, output, output * per_output)
+    op = node.op_type
+    if op == "MatMul" and node.input[0] in data and node.input[1] in data:
+        op = "MatMul(activations)"
+    return LinearCount(name, op, _per_sample(a, batch), weight, output, output * per_output)
 
 
 def _load(path: str | os.PathLike) -> onnx.ModelProto:
@@ -268,13 +314,19 @@ def _reads(node: onnx.NodeProto) -> Iterator[str]:
                 yield from _reads(inner)
 
 
-def _batched_values(graph: onnx.GraphProto, batched_inputs: set[str]) -> set[str]:
-    """The values a batched input flows into: the per-sample ones (ONNX values are written once)."""
+def _batched_values(graph: onnx.GraphProto, batched_inputs: set[str], through_shape: bool = True) -> set[str]:
+    """The values a batched input flows into: the per-sample ones (ONNX values are written once).
+
+    ``through_shape=False``: only the values that depend on the inputs' data, not merely on their
+    shapes (the outputs of Shape and Size, and what is computed from them alone, are public).
+    """
     batched = set(batched_inputs)
     size = -1
     while size != len(batched):  # nodes are sorted in a valid file; the loop only guards against one that is not
         size = len(batched)
         for node in graph.node:
+            if not through_shape and node.op_type in ("Shape", "Size"):
+                continue
             if any(v in batched for v in _reads(node)):
                 batched.update(o for o in node.output if o)
     return batched
@@ -435,8 +487,12 @@ def _classify(node: onnx.NodeProto, consts: _Constants, opset: int,
         return (None, "max") if len(node.input) > 1 else (None, None)
     if op in ("MaxPool", "GlobalMaxPool"):
         return None, "maxpool"
+    if op == "Min":
+        return (None, "min") if len(node.input) > 1 else (None, None)
     if op in ("AveragePool", "GlobalAveragePool", "ReduceMean"):
         return None, "avgpool"  # linear, but a fixed-point division: one truncation per output
+    if op == "Gelu" and any(a.name == "approximate" and a.s == b"tanh" for a in node.attribute):
+        return None, "gelu_tanh"
     return None, _ELEMENTWISE_KINDS.get(op)
 
 
@@ -487,11 +543,21 @@ def _single_value(value: np.ndarray) -> float | str:
     return float(flat[0])
 
 
-def _other_count(node: onnx.NodeProto, name: str, kind: str, shapes: _Shapes, batch: int) -> OtherCount | None:
+def _other_count(node: onnx.NodeProto, name: str, kind: str, shapes: _Shapes, batch: int,
+                 opset: int = 17) -> OtherCount | None:
+    """Elements (comparisons for max-pool and max/min kinds) per sample of one nonlinearity node,
+    and the row length of the kinds that normalise rows."""
     out_shape = shapes.get(node.output[0])
     if out_shape is None:
         return None
     outputs = _per_sample(out_shape, batch)
+    if kind in _ROW_KINDS:
+        return OtherCount(name, kind, out_shape[1:], outputs, _row(node, out_shape, opset))
+    if node.op_type in _REDUCE_MAX_OPS:
+        in_shape = shapes.get(node.input[0])
+        if in_shape is None:
+            return None
+        return OtherCount(name, kind, out_shape[1:], _per_sample(in_shape, batch) - outputs)
     if node.op_type == "MaxPool":
         kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), [1])
         comparisons = outputs * (math.prod(kernel) - 1)
@@ -500,11 +566,226 @@ def _other_count(node: onnx.NodeProto, name: str, kind: str, shapes: _Shapes, ba
         if in_shape is None:
             return None
         comparisons = outputs * (math.prod(in_shape[2:]) - 1)
-    elif node.op_type == "Max":
+    elif node.op_type in ("Max", "Min"):
         comparisons = outputs * (len(node.input) - 1)
     else:
         comparisons = outputs
     return OtherCount(name, kind, out_shape[1:], comparisons)
+
+
+def _row(node: onnx.NodeProto, shape: tuple[int, ...], opset: int) -> int:
+    """The row length of a Softmax/LogSoftmax (the size of its axis; before opset 13, the product of
+    the dims from its axis, default 1) or a LayerNormalization/RMSNormalization (the product of the
+    dims from its axis, default -1)."""
+    legacy = node.op_type in ("Softmax", "LogSoftmax") and opset < 13
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1 if legacy else -1)
+    axis = axis % len(shape) if shape else 0
+    if node.op_type in ("Softmax", "LogSoftmax") and not legacy:
+        return shape[axis] if shape else 1
+    return math.prod(shape[axis:])
+
+
+class _Composites:
+    """Nonlinearities written out of several nodes, and the element-wise kinds that need data flow.
+
+    * GELU, erf form (``x * 0.5 * (1 + erf(x / sqrt 2))``): kind ``gelu``, counted at its Erf node;
+    * GELU, tanh form (``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))``): ``gelu_tanh``,
+      counted at its Tanh node;
+    * SiLU (``x * sigmoid(x)``): ``silu``, counted at its Sigmoid node.
+    Their Muls of two secret values are part of them, not ``mul``s. Elsewhere, with ``data`` the
+    values that depend on the inputs' data (not only their shapes):
+    * ``mul``: a Mul of two such values, or of one and a weight tensor of more than one element
+      (an initializer, maybe reshaped: BatchNorm written as Mul + Add, a layer scale), or a
+      BatchNormalization node (one the exporter did not fold into a conv): weights are
+      secret-shared in 2PC, so all are secret products. A Mul by a scalar constant is not a kind;
+    * ``div``: a Div whose divisor depends on the data;
+    * ``compare`` (Less, Greater, Equal, ...), ``where`` (a Where with such a condition), and
+      ``max``/``min`` for ReduceMax/ReduceMin/ArgMax/ArgMin of such values.
+    A lone Erf stays ``erf``, a lone Tanh ``tanh``, a lone Sigmoid ``sigmoid``.
+    """
+
+    def __init__(self, graph: onnx.GraphProto, consts: _Constants, data: set[str],
+                 initializers: dict[str, onnx.TensorProto], integral: frozenset[str]) -> None:
+        self._nodes = list(graph.node)
+        self._consts, self._data, self._initializers, self._integral = consts, data, initializers, integral
+        self._producer = {out: i for i, node in enumerate(self._nodes) for out in node.output if out}
+        self._consumers: dict[str, list[int]] = {}
+        for i, node in enumerate(self._nodes):
+            for v in node.input:
+                if v:
+                    self._consumers.setdefault(v, []).append(i)
+        self._weights: dict[str, bool] = {}
+        self.kinds: dict[int, str] = {}  # node index -> the composite counted there
+        self.absorbed: set[int] = set()  # Muls that are part of a composite
+        self.found: Counter[str] = Counter()
+        for i, node in enumerate(self._nodes):
+            if node.domain not in ("", "ai.onnx") or not node.input or not node.output:
+                continue
+            match = {"Erf": self._gelu_erf, "Tanh": self._gelu_tanh, "Sigmoid": self._silu}.get(node.op_type)
+            parts = match(node) if match else None
+            if parts is not None:
+                kind = {"Erf": "gelu", "Tanh": "gelu_tanh", "Sigmoid": "silu"}[node.op_type]
+                self.kinds[i] = kind
+                self.absorbed |= parts
+                self.found[kind] += 1
+
+    def kind(self, idx: int, node: onnx.NodeProto, kind: str | None) -> str | None:
+        """The kind to count at node ``idx``: a composite's, a data-flow kind, else ``kind`` as classified."""
+        if idx in self.kinds:
+            return self.kinds[idx]
+        if idx in self.absorbed:
+            return None
+        op = node.op_type
+        if op == "BatchNormalization":  # one that follows no conv (else folded): x * scale + shift by weights
+            return "mul" if node.input and node.input[0] in self._data else None
+        if op in ("Mul", "Div", "Where") or op in _COMPARE_OPS or op in _REDUCE_MAX_OPS:
+            if op in ("Mul", "Div") and (not node.output or node.output[0] in self._integral):
+                return None  # integer arithmetic (indices, lengths): no fixed-point product
+            ins = [v for v in node.input if v]
+            if op == "Mul" and len(ins) == 2:
+                a, b = (v in self._data for v in ins)
+                if (a and b) or (a and self._weight(ins[1])) or (b and self._weight(ins[0])):
+                    return "mul"
+                return None
+            if op == "Div" and len(ins) == 2:
+                return "div" if ins[1] in self._data else None
+            if op == "Where":
+                return "where" if ins and ins[0] in self._data else None
+            if op in _COMPARE_OPS:
+                return "compare" if any(v in self._data for v in ins) else None
+            if ins and ins[0] in self._data:  # ReduceMax, ArgMax, ...
+                return "max" if op in ("ReduceMax", "ArgMax") else "min"
+            return None
+        return kind
+
+    # --- helpers ---
+    def _scalar(self, v: str) -> float | None:
+        value = self._consts.get(v) if v else None
+        if value is None or value.size != 1:
+            return None
+        try:
+            return float(value.reshape(()))
+        except (TypeError, ValueError):
+            return None
+
+    def _node(self, v: str) -> onnx.NodeProto | None:
+        i = self._producer.get(v)
+        return None if i is None else self._nodes[i]
+
+    def _strip(self, v: str) -> str:
+        """``v`` with its scalings by constants taken off: c*x, x*c, x/c -> x."""
+        for _ in range(8):
+            node = self._node(v)
+            if node is None or node.op_type not in ("Mul", "Div") or len(node.input) != 2:
+                return v
+            a, b = node.input
+            if self._scalar(b) is not None:
+                v = a
+            elif node.op_type == "Mul" and self._scalar(a) is not None:
+                v = b
+            else:
+                return v
+        return v
+
+    def _scaled(self, v: str) -> list[str]:
+        """``v`` and the values made from it by scalings with constants (x -> c*x, x/c)."""
+        out, todo = [v], [v]
+        while todo and len(out) < 16:
+            v = todo.pop()
+            for i in self._consumers.get(v, []):
+                node = self._nodes[i]
+                if node.op_type in ("Mul", "Div") and len(node.input) == 2 and node.output:
+                    other = node.input[0] if node.input[1] == v else node.input[1]
+                    if self._scalar(other) is not None and (node.op_type == "Mul" or other == node.input[1]):
+                        out.append(node.output[0])
+                        todo.append(node.output[0])
+        return out
+
+    def _closing_mul(self, value: str, x: str) -> set[int] | None:
+        """The Mul that multiplies ``1 + value`` (maybe scaled) by ``x`` (maybe scaled): {its index}."""
+        for v in self._scaled(value):
+            for i in self._consumers.get(v, []):
+                add = self._nodes[i]
+                if add.op_type != "Add" or len(add.input) != 2 or not add.output:
+                    continue
+                other = add.input[1] if add.input[0] == v else add.input[0]
+                one = self._scalar(other)
+                if one is None or abs(one - 1.0) > 1e-3:
+                    continue
+                for s in self._scaled(add.output[0]):
+                    for j in self._consumers.get(s, []):
+                        mul = self._nodes[j]
+                        if mul.op_type == "Mul" and len(mul.input) == 2:
+                            rest = mul.input[1] if mul.input[0] == s else mul.input[0]
+                            if self._strip(rest) == x:
+                                return {j}
+        return None
+
+    def _gelu_erf(self, node: onnx.NodeProto) -> set[int] | None:
+        pre = self._node(node.input[0])
+        if pre is None or pre.op_type not in ("Div", "Mul") or len(pre.input) != 2:
+            return None
+        a, b = pre.input
+        want = math.sqrt(2) if pre.op_type == "Div" else 1 / math.sqrt(2)
+        if (c := self._scalar(b)) is not None and abs(c - want) < 1e-3:
+            x = a
+        elif pre.op_type == "Mul" and (c := self._scalar(a)) is not None and abs(c - want) < 1e-3:
+            x = b
+        else:
+            return None
+        return self._closing_mul(node.output[0], x)
+
+    def _gelu_tanh(self, node: onnx.NodeProto) -> set[int] | None:
+        add = self._node(self._strip(node.input[0]))
+        if add is None or add.op_type != "Add" or len(add.input) != 2:
+            return None
+        for x, rest in (add.input, add.input[::-1]):
+            cube = self._cube(self._strip(rest), x)
+            if cube is not None:
+                closing = self._closing_mul(node.output[0], x)
+                return None if closing is None else cube | closing
+        return None
+
+    def _cube(self, v: str, x: str) -> set[int] | None:
+        """The nodes computing ``x**3`` as Mul(x, Mul(x, x)) or Pow(x, 3), if ``v`` is that."""
+        i = self._producer.get(v)
+        node = None if i is None else self._nodes[i]
+        if node is None or len(node.input) != 2:
+            return None
+        if node.op_type == "Pow":
+            return {i} if node.input[0] == x and self._scalar(node.input[1]) == 3.0 else None
+        if node.op_type != "Mul" or x not in node.input:
+            return None
+        other = node.input[1] if node.input[0] == x else node.input[0]
+        j = self._producer.get(other)
+        square = None if j is None else self._nodes[j]
+        if square is not None and square.op_type == "Mul" and list(square.input) == [x, x]:
+            return {i, j}
+        if square is not None and square.op_type == "Pow" and square.input[0] == x and self._scalar(square.input[1]) == 2.0:
+            return {i, j}
+        return None
+
+    def _silu(self, node: onnx.NodeProto) -> set[int] | None:
+        x, s = node.input[0], node.output[0]
+        for i in self._consumers.get(s, []):
+            mul = self._nodes[i]
+            if mul.op_type == "Mul" and sorted(mul.input) == sorted([x, s]):
+                return {i}
+        return None
+
+    def _weight(self, v: str) -> bool:
+        """Whether ``v`` is a weight tensor of more than one element: an initializer, maybe moved
+        (reshaped, transposed, cast), not a value of the data."""
+        if v in self._weights:
+            return self._weights[v]
+        self._weights[v] = False  # guards against a cycle
+        if v in self._initializers:
+            found = math.prod(self._initializers[v].dims) > 1
+        else:
+            node = self._node(v)
+            found = node is not None and node.op_type in _MOVES and bool(node.input) and self._weight(node.input[0])
+        self._weights[v] = found
+        return found
 
 
 def _per_sample(shape: tuple[int, ...], batch: int) -> int:

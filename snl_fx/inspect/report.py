@@ -118,7 +118,7 @@ class ReluReport:
         }
 
     def other_totals(self) -> dict[str, int]:
-        """Comparisons (max-pool) or elements per sample for each kind of other nonlinearity."""
+        """Comparisons (max-pool, max, min) or elements per sample for each kind of other nonlinearity."""
         totals: dict[str, int] = {}
         for o in self.others:
             totals[o.kind] = totals.get(o.kind, 0) + o.comparisons
@@ -136,8 +136,10 @@ class ReluReport:
             if kind == "avgpool":
                 lines.append(f"average pool (linear; one truncation per output): {n:,} outputs per sample")
                 continue
-            unit = "comparisons" if kind == "maxpool" else "elements"
-            lines.append(f"other nonlinearity (not counted above): {kind}: {n:,} {unit} per sample")
+            unit = "comparisons" if kind in ("maxpool", "max", "min") else "elements"
+            rows = sorted({o.row for o in self.others if o.kind == kind and o.row is not None})
+            in_rows = f" in rows of {', '.join(f'{r:,}' for r in rows)}" if rows else ""
+            lines.append(f"other nonlinearity (not counted above): {kind}: {n:,} {unit} per sample{in_rows}")
         for u in self.ungateable:
             relus = "unknown" if u["relus"] is None else f"{u['relus']:,}"
             lines.append(f"not gateable: {u['name']} ({u['module_type']}) computes {relus} ReLUs per sample inside a leaf module")
@@ -164,6 +166,6 @@ def not_per_sample_note(items: Iterable[tuple[str, str, int]]) -> str | None:
     if not items:
         return None
     shown = ", ".join(f"{kind} '{name}' ({n:,} elements)" for name, kind, n in items)
-    return (f"not per sample: {shown}; no batched input flows into them (they read only weights and "
-            "constants), so they are computed once per inference, never gated, and left out of the "
+    return (f"not per sample: {shown}; no batched input flows into them (they read only weights, "
+            "constants and input shapes), so they are computed once per inference, never gated, and left out of the "
             "total and the costs")

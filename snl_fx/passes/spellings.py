@@ -272,10 +272,27 @@ def other_nonlinearity(node: Node, modules: dict[str, nn.Module], secret: Contai
             kind = None
     if kind == "gelu" and _gelu_form(node, modules) == "tanh":
         kind = "gelu_tanh"
+    if kind is None and _is_unfolded_batchnorm(node, modules):
+        kind = "mul"  # an affine by the server's secret-shared weights: an element-wise secret product
     if kind is None and node.op != "call_module":
         kind = _clamp_bounds_kind(node)  # a clamp that is no ReLU ("clamp", "relu6"); a ReLU one is a site
         kind = None if kind == RELU else kind
     return kind
+
+
+FOLDS_BATCHNORM: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _is_unfolded_batchnorm(node: Node, modules: dict[str, nn.Module]) -> bool:
+    """A BatchNorm module that export cannot fold into the op before it: its input is not a conv or
+    linear layer read by nothing else (pre-activation blocks: BatchNorm after an add). The ``pi``
+    export profile writes it as Mul + Add by weights, which the ONNX inspector counts as ``mul``."""
+    if node.op != "call_module" or not isinstance(modules.get(str(node.target)), nn.modules.batchnorm._BatchNorm):
+        return False
+    source = node.all_input_nodes[0] if node.all_input_nodes else None
+    folds = (source is not None and source.op == "call_module" and len(source.users) == 1
+             and isinstance(modules.get(str(source.target)), FOLDS_BATCHNORM))
+    return not folds
 
 
 def row_length(node: Node, modules: dict[str, nn.Module], kind: str, in_shape: tuple[int, ...]) -> int | None:
