@@ -149,3 +149,17 @@ def test_party_failure_is_one_clear_error(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     with pytest.raises(SnlFxError, match="CrypTen party [01] failed: .*does not support ONNX op Sin"):
         pi_bench(path, runs=1)
+
+
+@pytest.mark.parametrize(
+    ("layers", "ops"),
+    [([nn.GELU()], "Erf"), ([nn.LayerNorm(8)], "LayerNormalization"), ([nn.GELU(), nn.LayerNorm(8)], "Erf.*LayerNorm")],
+)
+def test_ops_crypten_computes_wrongly_are_refused_by_name(tmp_path, layers, ops):
+    """CrypTen 0.4.1's erf is wrong beyond |x| ~ 3 and it has no LayerNorm: one line, never a wrong output."""
+    model = nn.Sequential(nn.Linear(8, 8), *layers, nn.Linear(8, 3)).eval()
+    path = tmp_path / "m.onnx"
+    snl_fx.export_onnx(model, torch.randn(1, 8), path, profile="pi")
+    with pytest.raises(snl_fx.SnlFxError, match=rf"cannot run under CrypTen 0.4.1 \({ops}") as err:
+        snl_fx.pi_bench(path, runs=1)
+    assert "\n" not in str(err.value) and "spu-semi2k" in str(err.value)

@@ -93,6 +93,24 @@ class PiBenchResult:
         return out
 
 
+# Ops CrypTen 0.4.1 loads but computes wrongly, or cannot load: refused by name, never run.
+CRYPTEN_REFUSED = {
+    "Erf": "its erf is an 8-term Taylor series, wrong beyond |x| of about 3 (torch's GELU exports through it)",
+    "Gelu": "it has no GELU",
+    "LayerNormalization": "it has no LayerNorm",
+}
+
+
+def _refuse_wrong_in_crypten(model_bytes: bytes, path: Path) -> None:
+    """One line naming the ops of the file CrypTen would compute wrongly or cannot load."""
+    import onnx
+
+    ops = sorted({n.op_type for n in onnx.load_from_string(model_bytes).graph.node} & CRYPTEN_REFUSED.keys())
+    if ops:
+        why = "; ".join(f"{op}: {CRYPTEN_REFUSED[op]}" for op in ops)
+        raise SnlFxError(f"{path} cannot run under CrypTen 0.4.1 ({why}): use --backend spu-semi2k or spu-cheetah")
+
+
 def pi_bench(
     onnx_path: str | os.PathLike,
     runs: int = 3,
@@ -139,6 +157,8 @@ def pi_bench(
     if runs < 1:
         raise SnlFxError(f"runs must be >= 1, got {runs}")
     model_bytes = path.read_bytes()
+    if backend == "crypten":
+        _refuse_wrong_in_crypten(model_bytes, path)
     x = _client_input(model_bytes, input, seed, crypten=backend == "crypten")
     reference = _ort_output(model_bytes, x)
     if backend != "crypten":
