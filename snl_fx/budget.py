@@ -44,7 +44,8 @@ from snl_fx.inspect.report import ReluReport
 from snl_fx.select import binarize
 from snl_fx.train.objective import GateObjective, count_objective
 
-__all__ = ["Budget", "Cost", "CostPlan", "CountPlan", "Plan", "Relus", "as_budget", "bind", "parse_cost"]
+__all__ = ["Budget", "Cost", "CostPlan", "CountPlan", "GateObjective", "Plan", "Relus", "as_budget", "bind",
+           "cost_summary", "count_objective", "parse_cost", "plan_cost", "resolve_budget"]
 
 log = logging.getLogger("snl_fx")
 
@@ -73,10 +74,14 @@ class Plan(abc.ABC):
         """The model as it is meets the budget."""
         return self.ceiling >= self.total
 
+    gated_sites: list[str]  # the sites with a gate (all but the skipped ones), in graph order
+
     @property
     def key(self) -> dict[str, Any]:
-        """The identity of this plan in checkpoints: the budget, the ReLU ceiling, the granularity."""
-        return {**self.budget.to_dict(), "relus": self.ceiling, "granularity": self.granularity}
+        """The identity of this plan in checkpoints: the budget, the ReLU ceiling, the granularity
+        and the gated sites (a resume with another ``skip`` is refused too)."""
+        return {**self.budget.to_dict(), "relus": self.ceiling, "granularity": self.granularity,
+                "gated": self.gated_sites}
 
     def matches(self, saved: Any) -> bool:
         """Whether a checkpoint's recorded key (``saved``) is this plan's: a resume may go on."""
@@ -97,7 +102,7 @@ class Plan(abc.ABC):
 
     def refine(self, gm: GraphModule, data: Any, config: Any, teacher: nn.Module | None) -> None:
         """Swap kept and removed ReLUs while the loss falls (``TrainConfig.refine``), where the plan allows it."""
-        warnings.warn(f"refine=True is not applied under a {type(self.budget).__name__} budget", stacklevel=3)
+        warnings.warn(f"refine=True is not applied under a {type(self.budget).__name__} budget", stacklevel=4)
 
     def finish(self, lowered: GraphModule, example_input: Any) -> tuple[GraphModule, dict[str, Any] | None]:
         """Last step on the lowered model: returns it (changed or not) and the result's ``cost``."""
@@ -147,9 +152,7 @@ class CountPlan(Plan):
         self.budget, self.total = budget, total_relus(gm)
         self.ceiling = budget.relus(self.total)
         self.granularity = passes.get_meta(gm).granularity or "pixel"
-
-    def matches(self, saved: Any) -> bool:
-        return saved == self.key or saved == self.ceiling  # checkpoints before budgets were plans recorded the count
+        self.gated_sites = list(passes.gates(gm))
 
     def objective(self, gm: GraphModule) -> GateObjective:
         return count_objective(gm, self.ceiling)
@@ -239,8 +242,6 @@ class Cost:
         """JSON-ready: unit, limit, protocol, network, penalty."""
         return {"unit": self.unit, "limit": self.limit, "protocol": self.protocol,
                 "network": dataclasses.asdict(parse_network(self.network)), "penalty": self.penalty}
-
-
 
 
 Budget = Relus | Cost  # what as_budget returns; each has .plan(gm) and .to_dict()
@@ -358,6 +359,7 @@ class CostPlan(Plan):
         self.base, self.per_site, self.per_relu = base, per_site, per_relu
         self.total = report.total
         self.granularity = granularity
+        self.gated_sites = list(gated)
         self.ceiling = self.relu_ceiling()
 
     def value(self, kept: dict[str, int]) -> float:
@@ -431,7 +433,7 @@ class CostPlan(Plan):
         gates = passes.gates(gm)
         names = list(gates)
         values = {n: (scores[n] if scores is not None else gates[n].weight).detach().float().flatten().cpu() for n in names}
-        sizes = {n: self.gated[n] // values[n].numel() for n in names}
+        sizes = passes.element_weights(gm)
         ranked = {n: torch.sort(values[n], descending=True).values for n in names}
 
         def fill(open_: list[str]) -> tuple[float, int, int] | None:
@@ -574,11 +576,6 @@ def cost_summary(budget: Cost, before: PiCost, after: PiCost, merged: int = 0) -
 
     return {"budget": budget.to_dict(), "before": row(before), "after": row(after),
             "met": budget.met_by(after), "merged_ops": merged}
-
-
-
-
-__all__ = ["Cost", "CostPlan", "GateObjective", "cost_summary", "count_objective", "parse_cost", "plan_cost"]
 
 
 def resolve_budget(budget: int | float, total: int) -> int:

@@ -52,7 +52,8 @@ def prepare(
     """
     if granularity not in passes.GRANULARITIES:
         raise SnlFxError(f"granularity must be one of {passes.GRANULARITIES}, got {granularity!r}")
-    gm = passes.find_relus(passes.trace(model, example_input, concrete_args=concrete_args, leaf_modules=leaf_modules))
+    traced = passes.trace(model, example_input, concrete_args=concrete_args, leaf_modules=leaf_modules)
+    gm = passes.find_relus(passes.decompose_attention(traced))  # the graph the inspector and pi_cost price
     if not passes.get_meta(gm).sites:
         hidden = passes.get_meta(gm).ungateable
         extra = f" (ReLUs hidden in leaf modules: {', '.join(u.name for u in hidden)})" if hidden else ""
@@ -203,9 +204,7 @@ def ungated_relus(gm: GraphModule) -> int:
     return sum(n for name, n in site_relu_counts(gm, None).items() if name not in gated)
 
 
-COUNT_EPS = 0.01
-"""The one threshold of the ReLU count: a gate element counts while ``c > COUNT_EPS`` (the default of
-``TrainConfig.eps``). Binary gates (after :func:`snl_fx.binarize`) count the same at any threshold."""
+COUNT_EPS = passes.COUNT_EPS  # the one threshold of the ReLU count (see snl_fx.passes.gate.COUNT_EPS)
 
 
 def site_relu_counts(gm: GraphModule, eps: float | None = COUNT_EPS) -> dict[str, int]:
@@ -284,14 +283,6 @@ def total_relus(gm: GraphModule) -> int:
     return relu_count_gated(gm, None)
 
 
-
-
-
-
-
-
-
-
 def freeze_gates(gm: GraphModule) -> None:
     """Stop gradients to the gates (after :func:`binarize`, or after loading binary gates).
 
@@ -307,8 +298,6 @@ def freeze_gates(gm: GraphModule) -> None:
     """
     for w in gate_parameters(gm):
         w.requires_grad_(False)
-
-
 
 
 def convert(gm: GraphModule) -> GraphModule:

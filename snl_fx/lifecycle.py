@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from snl_fx import passes
 from snl_fx._files import check_writable_dir
 from snl_fx._validate import check_data
-from snl_fx.budget import Cost, Plan, bind
+from snl_fx.budget import Cost, Plan, Relus, bind
 from snl_fx.errors import InternalError, SnlFxError
 from snl_fx.export import check_exports
 from snl_fx.gated import (
@@ -87,7 +87,7 @@ class LinearizeResult:
 def linearize(
     model: nn.Module,
     example_input: Any,
-    budget: int | float | Cost,
+    budget: int | float | str | Relus | Cost,
     data: Dataset | DataLoader | None = None,
     *,
     val_data: Dataset | DataLoader | None = None,
@@ -116,7 +116,8 @@ def linearize(
             network: the gate penalty then prices each gate by its cost (whole sites included),
             the selection meets the cost, linear ops are merged where cheaper, and
             ``result.cost`` states the cost before and after (``result.budget`` is then the ReLU
-            count the cost allowed).
+            count the cost allowed). Text works as on the command line (``"15000"``, ``"5%"``,
+            ``"1.5s"``, ``"200MB"``): see :func:`snl_fx.budget.as_budget`.
         data: a Dataset or DataLoader of (input, label) pairs; None: the one-shot selection.
         val_data: for model selection (default: 10% held out of ``data``, when it is a Dataset).
         granularity: ``"pixel"`` (one gate per element) or ``"channel"`` (paper eq. 6).

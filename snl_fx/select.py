@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -42,7 +43,9 @@ def binarize(
         2000
         >>> lowered = snl_fx.convert(gm)
     """
-    if isinstance(budget, bool) or not isinstance(budget, int):  # a fraction, text or a Cost: its plan selects
+    if isinstance(budget, numbers.Integral) and not isinstance(budget, bool):
+        budget = int(budget)  # also NumPy integers
+    else:  # a fraction, text or a Cost: its plan selects
         from snl_fx.budget import bind
 
         return bind(budget, gm).select(gm, scores, tie_break)

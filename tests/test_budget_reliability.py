@@ -103,3 +103,41 @@ def test_a_cost_already_met_with_skip_does_not_train(monkeypatch):
         result = snl_fx.linearize(model, x, Cost(seconds=2 * snl_fx.pi_cost(model, x[:1]).seconds), data,
                                   skip=["relu"], **FAST)
     assert result.method == "unchanged" and result.relu_count == 288
+
+
+def test_resuming_the_fine_tune_twice_keeps_the_true_count(tmp_path):
+    model, x, data = setup()
+    snl_fx.linearize(model, x, 50, data, out_dir=tmp_path, **FAST)
+    for epochs in (2, 3):
+        result = snl_fx.linearize(model, x, 50, data, out_dir=tmp_path, resume=True, **{**FAST, "finetune_epochs": epochs})
+        assert [h["relu_count"] for h in result.history if h["phase"] == "finetune"] == [50] * epochs
+        assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["relu_count"] == 50
+
+
+def test_resume_with_another_skip_is_refused(tmp_path):
+    model, x, data = setup()
+    snl_fx.linearize(model, x, 150, data, out_dir=tmp_path, **FAST)
+    with pytest.raises(SnlFxError, match="is for budget"):
+        snl_fx.linearize(model, x, 150, data, out_dir=tmp_path, resume=True, skip=["relu"], **FAST)
+
+
+class ReluAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(8, 24)
+        self.fc = nn.Linear(4 * 8, 3)
+
+    def forward(self, x):
+        q, k, v = torch.relu(self.qkv(x)).chunk(3, -1)
+        return self.fc(torch.nn.functional.scaled_dot_product_attention(q, k, v).flatten(1))
+
+
+def test_a_cost_prices_the_graph_pi_cost_prices():
+    """prepare decomposes attention as the inspector does: the softmax SDPA hides is seen, not free."""
+    torch.manual_seed(0)
+    model, x = ReluAttention(), torch.randn(4, 4, 8)
+    gm = snl_fx.prepare(model, x)
+    assert any(o.kind == "softmax" for o in snl_fx.passes.get_meta(gm).others)
+    assert not snl_fx.pi_cost(model, x[:1]).complete
+    with pytest.raises(SnlFxError, match=r"cannot price 1 layer\(s\) of this model: .*softmax"):
+        Cost(bytes=1e9).plan(gm)

@@ -53,7 +53,6 @@ OUTPUTS = ("model.onnx", "model_state_dict.pt", "gated_state_dict.pt", "report.j
            "checkpoint.pt")
 
 
-
 def load_datasets(name: str, root: str | None = None, subset: int | None = None, seed: int = 0) -> tuple[Dataset, Dataset]:
     """(train, test) for a name of :data:`snl_fx.app.data.DATASETS`; ``subset`` keeps a fixed random sample of each."""
     spec = DATASETS.get(name)

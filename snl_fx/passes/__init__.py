@@ -9,6 +9,7 @@ from .attention import decompose_attention
 from .errors import PassError
 from .find import find_relus
 from .gate import (
+    COUNT_EPS,
     GATES_PREFIX,
     GRANULARITIES,
     Gate,
@@ -27,6 +28,7 @@ from .meta import Nonlinearity, Site, SNLMeta, Ungateable, get_meta
 from .trace import as_args, count_aten_relus, trace
 
 __all__ = [
+    "COUNT_EPS",
     "GATES_PREFIX",
     "GRANULARITIES",
     "Gate",

@@ -276,7 +276,12 @@ def element_weights(gm: GraphModule) -> dict[str, int]:
     return {name: meta.site(name).numel // gate.weight.numel() for name, gate in gates(gm).items()}
 
 
-def site_counts(gm: GraphModule, threshold: float | None = 0.5) -> dict[str, int]:
+COUNT_EPS = 0.01
+"""The one threshold of the ReLU count: a gate element counts as a ReLU while ``c > COUNT_EPS``
+(``TrainConfig.eps``'s default). Binary gates count the same at any threshold in [0, 1)."""
+
+
+def site_counts(gm: GraphModule, threshold: float | None = COUNT_EPS) -> dict[str, int]:
     """ReLUs per sample at every site of a gated model, in graph order.
 
     A gated site counts its gate elements ``c > threshold``, a channel element weighing H*W; a

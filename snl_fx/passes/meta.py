@@ -17,7 +17,7 @@ class Site:
     """One ReLU call site (not a module: one nn.ReLU called twice is two sites)."""
 
     name: str  # stable hierarchical name, e.g. "layer1.0.relu_1"
-    node: str  # FX node name at discovery; also the key of its gate
+    node: str  # FX node name at discovery (its gate is keyed by the site name: gate.site_key)
     op: str  # spelling: "nn.ReLU", "F.relu", "torch.relu_", "Tensor.relu", ...
     shape: tuple[int, ...]  # activation shape without the batch dim
     inplace: bool = False

@@ -1,4 +1,4 @@
-"""Training loops of SNL: the gate phase (Algorithm 1) and the KD fine-tune, with checkpoints."""
+"""What both phases train with: the epoch loop, the (KD) loss of a batch, data loaders, evaluation, checkpoints."""
 
 from __future__ import annotations
 
@@ -23,9 +23,6 @@ from snl_fx.train import distributed
 from snl_fx.train.config import TrainConfig
 
 log = logging.getLogger("snl_fx")
-
-
-
 
 
 def kd_loss(

@@ -183,19 +183,9 @@ def train_gates(
         warnings.warn(
             f"the gates reached {count:,.0f} {obj.unit}, not the budget {obj.limit:,.0f}, in {cfg.epochs} epochs; binarizing to "
             "the budget anyway (raise epochs for a better-trained selection)",
-            stacklevel=3,
+            stacklevel=4,  # user -> linearize -> _train -> train_gates
         )
     return records
-
-
-
-
-
-
-
-
-
-
 
 
 def finetune(
@@ -234,10 +224,9 @@ def finetune(
     cfg = config or TrainConfig()
     store = Checkpoint(checkpoint)
     state = _resume_state(store, resume, "finetune")
-    final = relu_count_gated(gm)
     params = [p for p in gm.parameters() if p.requires_grad]
     if not params:
-        warnings.warn("the model has no trainable weights (all frozen): fine-tune skipped", stacklevel=2)
+        warnings.warn("the model has no trainable weights (all frozen): fine-tune skipped", stacklevel=4)
         return []
     optimizer = torch.optim.SGD(params, lr=cfg.finetune_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(e, cfg.finetune_epochs, cfg.finetune_schedule))
@@ -251,6 +240,7 @@ def finetune(
         scheduler.load_state_dict(state["scheduler"])
         start, best_acc, best_state = state["epoch"], state["best_acc"], state["best_model"]
         records = [r for r in state["history"] if r["phase"] == "finetune"]
+    final = relu_count_gated(gm)  # after a resumed state is loaded: the binarized count, never the fresh gates'
     with distributed.data_parallel(gm, cfg.resolved_device(), cfg.sync_bn) as net:
         for epoch in range(start + 1, cfg.finetune_epochs + 1):
             loader = make_loader(data, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "finetune", epoch), shard=True)

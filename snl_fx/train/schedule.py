@@ -20,10 +20,6 @@ from snl_fx.train.loop import batch_loss, make_loader, to_device
 __all__ = ["LambdaSchedule", "gate_lr", "gradient_scale", "starting_lambda"]
 
 
-
-
-
-
 @dataclass
 class LambdaSchedule:
     """Lambda of the Lasso penalty, driven by the ReLU count.
