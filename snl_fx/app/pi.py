@@ -64,7 +64,10 @@ class PiBenchResult:
     party as CrypTen's do). ``weight_bytes``: the server's one-time secret sharing of its weights
     (SPU 0.9.5's CHEETAH has no private inputs, so weights are shared and every conv is a
     secret x secret product). ``ops``: per SPU (pphlo) op of one inference: count, bytes sent
-    by both parties, seconds of the slower party.
+    by both parties, seconds of the slower party. ``kinds``: per nonlinear kind (relu, maxpool,
+    gelu, softmax, layernorm, sigmoid, tanh, exp, erf, div, sqrt, pow), each node run as an
+    executable of its own: bytes (both parties), rounds (send actions, busier party), seconds,
+    layers, elements and rows (softmax / layernorm rows; elements otherwise).
     """
 
     max_abs_error: float
@@ -85,6 +88,7 @@ class PiBenchResult:
     setup_rounds: int | None = None
     weight_bytes: int | None = None
     ops: dict[str, dict[str, Any]] | None = None
+    kinds: dict[str, dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: ``max_abs_error``, ``bytes``, ``rounds``, ``seconds``, ``relus`` and more."""
@@ -105,7 +109,11 @@ def _refuse_wrong_in_crypten(model_bytes: bytes, path: Path) -> None:
     """One line naming the ops of the file CrypTen would compute wrongly or cannot load."""
     import onnx
 
-    ops = sorted({n.op_type for n in onnx.load_from_string(model_bytes).graph.node} & CRYPTEN_REFUSED.keys())
+    try:
+        graph = onnx.load_from_string(model_bytes).graph
+    except Exception:  # noqa: BLE001 - not an ONNX file: reading the client's input says so in one line
+        return
+    ops = sorted({n.op_type for n in graph.node} & CRYPTEN_REFUSED.keys())
     if ops:
         why = "; ".join(f"{op}: {CRYPTEN_REFUSED[op]}" for op in ops)
         raise SnlFxError(f"{path} cannot run under CrypTen 0.4.1 ({why}): use --backend spu-semi2k or spu-cheetah")
