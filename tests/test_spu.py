@@ -179,3 +179,127 @@ def test_missing_spu_venv_is_a_clear_error(tmp_path, monkeypatch):
         pi_bench(tmp_path / "any.onnx", backend="spu-cheetah")
     with pytest.raises(SnlFxError, match="backend must be one of"):
         pi_bench(tmp_path / "any.onnx", backend="spu")
+
+
+# ---------------------------------------------------------------- issue 18: the nonlinearities of transformers
+
+class NonlinearOps(nn.Module):
+    """One linear layer, then each nonlinearity PI pays for on its own branch, concatenated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.ln = nn.LayerNorm(8)
+
+    def forward(self, x):  # x: (1, 2, 3, 8)
+        h = self.fc(x)
+        parts = [
+            nn.functional.gelu(h), nn.functional.gelu(h, approximate="tanh"), torch.softmax(h, -1), torch.log_softmax(h, -1), self.ln(h), torch.sigmoid(h),
+            torch.tanh(h), torch.exp(h / 4), h / (h * h + 1), h @ h.transpose(-1, -2),  # batched secret x secret
+        ]
+        return torch.cat([p.flatten(1) for p in parts], 1)
+
+
+@needs_spu
+def test_nonlinear_ops_match_onnx_runtime_with_per_kind_statistics(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 3, 8)
+    path = tmp_path / "ops.onnx"
+    snl_fx.export_onnx(NonlinearOps().eval(), x, path, profile="pi")
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert {"Erf", "Softmax", "LogSoftmax", "LayerNormalization", "Sigmoid", "Tanh", "Exp", "Div"} <= ops
+    r = pi_bench(path, runs=1, backend="spu-semi2k", input=x)
+    assert r.max_abs_error < 1e-2, r.max_abs_error  # SPU's exp, tanh, erf, reciprocal are approximations
+    n = 2 * 3 * 8
+    kinds = {"gelu", "gelu_tanh", "softmax", "layernorm", "sigmoid", "tanh", "exp", "div"}
+    assert r.relus == 0 and set(r.kinds) == kinds, r.kinds.keys()
+    for kind in ("gelu", "gelu_tanh", "sigmoid", "tanh", "exp"):
+        assert (r.kinds[kind]["elements"], r.kinds[kind]["layers"]) == (n, 1), kind
+    assert r.kinds["softmax"] == {**r.kinds["softmax"], "layers": 2, "elements": 2 * n, "rows": 2 * 6}
+    assert (r.kinds["layernorm"]["rows"], r.kinds["div"]["elements"]) == (6, n)
+    for kind in r.kinds.values():
+        assert kind["bytes"] > 0 and kind["rounds"] > 0 and kind["seconds"] > 0
+    assert sum(k["bytes"] for k in r.kinds.values()) < r.bytes and r.to_dict()["kinds"] == r.kinds
+
+
+@needs_spu
+def test_opset20_gelu_masks_and_powers(tmp_path):
+    """A hand-made opset-20 graph: Gelu (both forms), Sqrt, Reciprocal, Pow, Where(Less), Equal, ConstantOfShape."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in [
+        ("w", rng.normal(size=(6, 6))), ("half", 0.5), ("three", 3.0), ("one", 1.0), ("zero", 0.0),
+    ]] + [numpy_helper.from_array(np.array([1, 6], np.int64), "shape")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Gelu", ["h"], ["g0"]),
+        helper.make_node("Gelu", ["h"], ["g1"], approximate="tanh"),
+        helper.make_node("Mul", ["h", "h"], ["h2"]),
+        helper.make_node("Add", ["h2", "one"], ["p"]),
+        helper.make_node("Sqrt", ["p"], ["s"]),
+        helper.make_node("Reciprocal", ["p"], ["rc"]),
+        helper.make_node("Pow", ["p", "half"], ["pw"]),
+        helper.make_node("Pow", ["h", "three"], ["cube"]),
+        helper.make_node("Less", ["h", "zero"], ["neg"]),
+        helper.make_node("Where", ["neg", "zero", "h"], ["wh"]),
+        helper.make_node("ConstantOfShape", ["shape"], ["ones"], value=numpy_helper.from_array(np.ones(1, np.float32))),
+        helper.make_node("Equal", ["ones", "one"], ["eq"]),
+        helper.make_node("Where", ["eq", "h", "zero"], ["kept"]),
+        helper.make_node("Concat", ["g0", "g1", "s", "rc", "pw", "cube", "wh", "kept"], ["y"], axis=1),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48])], inits)
+    path = tmp_path / "gelu20.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9), path)
+    r = pi_bench(path, runs=1, backend="spu-semi2k")
+    assert r.max_abs_error < 1e-2, r.max_abs_error
+    assert {"gelu", "gelu_tanh", "sqrt", "div", "pow"} <= set(r.kinds)
+    assert r.kinds["gelu"]["elements"] == r.kinds["gelu_tanh"]["elements"] == 6
+
+
+def _vit(tmp_path):
+    from snl_fx.app.jobs import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "vit.onnx"
+    snl_fx.export_onnx(build_model("vit_tiny_fm", "fashion-mnist").eval(), torch.randn(1, 1, 28, 28), path,
+                       profile="pi")
+    return path
+
+
+# Measured on random weights (output scale ~1): SEMI2K 8e-4, CHEETAH ~1e-3; the bound leaves room
+# for SPU's fixed-point exp / reciprocal / erf approximations (FM64, 18 fraction bits).
+VIT_TOLERANCE = 1e-2
+
+
+@needs_spu
+def test_zoo_vit_under_semi2k(tmp_path):
+    r = pi_bench(_vit(tmp_path), runs=1, backend="spu-semi2k")
+    assert r.max_abs_error < VIT_TOLERANCE, r.max_abs_error
+    assert r.relus == 0 and set(r.kinds) == {"gelu", "softmax", "layernorm"}
+    assert r.kinds["softmax"]["layers"] == 4 and r.kinds["softmax"]["rows"] == 4 * 4 * 17
+    assert r.kinds["gelu"]["elements"] == 4 * 17 * 128 and r.kinds["layernorm"]["layers"] == 9
+    assert all(k["bytes"] > 0 and k["rounds"] > 0 for k in r.kinds.values())
+
+
+@needs_spu
+@pytest.mark.slow
+def test_zoo_vit_under_cheetah(tmp_path):
+    r = pi_bench(_vit(tmp_path), runs=1, backend="spu-cheetah")
+    assert r.max_abs_error < VIT_TOLERANCE, r.max_abs_error
+    assert set(r.kinds) == {"gelu", "softmax", "layernorm"}
+    assert all(k["bytes"] > 0 and k["rounds"] > 0 for k in r.kinds.values())
+
+
+@needs_spu
+def test_softmax_denominator_option(tmp_path, monkeypatch):
+    """SPU's enable_optimize_denominator_with_broadcast: fewer bytes per softmax, outputs within 1e-2."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 17, 17)
+    path = tmp_path / "softmax.onnx"
+    snl_fx.export_onnx(nn.Softmax(-1), x, path, profile="pi")
+    plain = pi_bench(path, runs=1, backend="spu-semi2k", input=x)
+    monkeypatch.setenv("SNL_FX_SPU_OPTIMIZE_DENOMINATOR", "1")
+    fast = pi_bench(path, runs=1, backend="spu-semi2k", input=x)
+    assert plain.max_abs_error < 1e-2 and fast.max_abs_error < 1e-2
+    assert fast.kinds["softmax"]["bytes"] < plain.kinds["softmax"]["bytes"]
+    assert fast.kinds["softmax"]["rows"] == plain.kinds["softmax"]["rows"] == 4 * 17

@@ -7,6 +7,8 @@ processes of that interpreter (server and client, SPU's brpc link on loopback), 
 its own SPU profile, and the two reports are combined here. With ``SNL_FX_SPU_REPORTS=FILE`` set,
 both parties' raw reports (every inference, every executable's bytes and send actions) are also
 written to FILE as JSON: ``benchmarks/pi_calibrate.py`` reads CHEETAH's silent-OT refills there.
+``SNL_FX_SPU_OPTIMIZE_DENOMINATOR=1`` (or ``run_spu(..., optimize_denominator=True)``) compiles with
+SPU's ``enable_optimize_denominator_with_broadcast`` (softmax divides by one reciprocal per row).
 """
 
 from __future__ import annotations
@@ -56,10 +58,16 @@ def _free_ports(n: int) -> list[int]:
 
 
 def run_spu(
-    backend: str, model_path: Path, x: np.ndarray, runs: int, timeout: float
+    backend: str, model_path: Path, x: np.ndarray, runs: int, timeout: float, optimize_denominator: bool | None = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Run both parties; return the client's output and the combined measurements (see ``pi_bench``)."""
+    """Run both parties; return the client's output and the combined measurements (see ``pi_bench``).
+
+    ``optimize_denominator``: SPU's softmax option (see the module's doc); None: the environment's
+    ``SNL_FX_SPU_OPTIMIZE_DENOMINATOR`` (off when unset).
+    """
     python = spu_python()
+    if optimize_denominator is None:
+        optimize_denominator = os.environ.get("SNL_FX_SPU_OPTIMIZE_DENOMINATOR", "0").lower() not in ("", "0", "false")
     with tempfile.TemporaryDirectory(prefix="snl_fx_spu_") as tmp:
         np.save(f"{tmp}/input.npy", x)
         ports = ",".join(map(str, _free_ports(2)))
@@ -70,6 +78,8 @@ def run_spu(
                 "--input-shape", ",".join(map(str, x.shape)), "--ports", ports, "--runs", str(runs),
                 "--timeout", str(timeout), "--out", f"{tmp}/result{rank}.json", "--log", f"{tmp}/party{rank}.log",
             ]
+            if optimize_denominator:
+                cmd.append("--optimize-denominator")
             if rank == 1:  # only the client sees the input and the output
                 cmd += ["--input", f"{tmp}/input.npy", "--output", f"{tmp}/output.npy"]
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
@@ -138,6 +148,14 @@ def combine(reports: list[dict[str, Any]]) -> dict[str, Any]:
                 o["bytes"] += op["sent"]
                 o["seconds"][rank] += op["seconds"]
                 o["count"] += op["count"] if rank == 0 else 0
+    kinds: dict[str, dict[str, Any]] = {}
+    for kind in dict.fromkeys(s["kind"] for s in segs if s["kind"] != "linear"):
+        idx = [i for i, s in enumerate(segs) if s["kind"] == kind]
+        kinds[kind] = {
+            "bytes": seg_bytes(idx), "rounds": seg_actions(idx), "seconds": seg_seconds(idx), "layers": len(idx),
+            "elements": sum(segs[i].get("elements", segs[i]["relus"]) for i in idx),
+            "rows": sum(segs[i].get("rows", segs[i]["relus"]) for i in idx),
+        }
     op_table = {k: {"count": v["count"], "bytes": v["bytes"], "seconds": max(v["seconds"])} for k, v in ops.items()}
     warm = server["passes"][0]["sent"] + client["passes"][0]["sent"]
     warm_actions = max(server["passes"][0]["actions"], client["passes"][0]["actions"])
@@ -159,4 +177,5 @@ def combine(reports: list[dict[str, Any]]) -> dict[str, Any]:
         "setup_rounds": warm_actions - actions,
         "weight_bytes": server["weight_sent"],
         "ops": op_table,
+        "kinds": kinds,
     }

@@ -31,10 +31,19 @@ from typing import Any
 import numpy as np
 
 SUPPORTED = (
-    "Add AveragePool BatchNormalization Concat Constant Conv Div Expand Flatten Gather Gemm GlobalAveragePool "
-    "Identity MatMul MaxPool Mul ReduceMean Relu Reshape ScatterElements Shape Squeeze Sub Transpose Unsqueeze"
+    "Add AveragePool BatchNormalization Cast Concat Constant ConstantOfShape Conv Div Equal Erf Exp Expand Flatten "
+    "Gather Gelu Gemm GlobalAveragePool Greater Identity LayerNormalization Less LogSoftmax MatMul MaxPool Mod Mul "
+    "Neg Pow Reciprocal ReduceMean Relu Reshape ScatterElements Shape Sigmoid Slice Softmax Sqrt Squeeze Sub Tanh "
+    "Transpose Unsqueeze Where"
 ).split()
-NONLINEAR = {"Relu": "relu", "MaxPool": "maxpool"}
+# op -> kind: each such node (with a secret input) is a segment of its own, so its link statistics are measured.
+# Erf inside x * 0.5 * (1 + erf(x / sqrt 2)) (torch's GELU at opset < 20) is one "gelu" segment with the
+# Div/Add/Mul around it; an Erf elsewhere is "erf". Div is "div" only where the divisor is secret.
+NONLINEAR = {
+    "Relu": "relu", "MaxPool": "maxpool", "Gelu": "gelu", "Erf": "erf", "Softmax": "softmax",
+    "LogSoftmax": "softmax", "LayerNormalization": "layernorm", "Sigmoid": "sigmoid", "Tanh": "tanh",
+    "Exp": "exp", "Div": "div", "Reciprocal": "div", "Sqrt": "sqrt", "Pow": "pow",
+}
 
 
 class RunnerError(Exception):
@@ -114,11 +123,95 @@ class Plan:
                 shapes.update({o: tuple(r.shape) for o, r in zip(node.output, result)})
         self.shapes = shapes
 
+    def kind(self, node: Any) -> str:
+        """The segment kind of a secret node: a NONLINEAR kind, or 'linear' (local ops and products)."""
+        kind = NONLINEAR.get(node.op_type, "linear")
+        if node.op_type == "Gelu" and self.attrs[id(node)].get("approximate", b"none") in (b"tanh", "tanh"):
+            return "gelu_tanh"
+        if node.op_type == "Div" and node.input[1] in self.static:
+            return "linear"  # division by a public constant: a local truncation
+        if node.op_type == "Pow" and node.input[1] in self.static:
+            e = np.asarray(self.static[node.input[1]], np.float64).reshape(-1)
+            if e.size == 1 and e[0] == int(e[0]) and 0 <= e[0] <= 8:
+                return "linear"  # a small integer power: secret products, as x * x
+        return kind
+
+    def _gelu_groups(self) -> dict[int, tuple[str, list[Any]]]:
+        """id(node) -> (kind, the nodes of its GELU pattern), as torch exports GELU below opset 20.
+
+        erf form, "gelu": [x / sqrt 2] -> Erf -> + 1 -> * x -> * 0.5. tanh form, "gelu_tanh":
+        x*x*x, * 0.044715, + x, * sqrt(2/pi) -> Tanh -> + 1 -> * x -> * 0.5. The element-wise
+        arithmetic around the Erf / Tanh that only it reads joins it; the pattern's input x must be
+        its one secret input and be multiplied back in.
+        """
+        secret = {id(n) for n in self.secret_nodes}
+        producer = {o: n for n in self.secret_nodes for o in n.output}
+        consumers: dict[str, list[Any]] = {}
+        for n in self.secret_nodes:
+            for i in n.input:
+                consumers.setdefault(i, []).append(n)
+        outputs = set(self.output_names)
+        arith = ("Add", "Sub", "Mul", "Div", "Pow")
+
+        def only_consumer(name: str) -> Any:
+            users = consumers.get(name, [])
+            return users[0] if len(users) == 1 and name not in outputs else None
+
+        groups: dict[int, tuple[str, list[Any]]] = {}
+        for core in self.secret_nodes:
+            if core.op_type not in ("Erf", "Tanh") or id(core) in groups:
+                continue
+            group = [core]
+            changed = True
+            while changed:  # backward: arithmetic whose outputs only the group reads
+                changed = False
+                for n in list(group):
+                    for i in n.input:
+                        p = producer.get(i)
+                        if p is None or p in group or p.op_type not in arith or p.output[0] in outputs:
+                            continue
+                        if all(any(u is g for g in group) for u in consumers.get(p.output[0], [])):
+                            group.insert(0, p)
+                            changed = True
+            ins = {i for n in group for i in n.input if i in self.shapes and i not in self.static
+                   and i not in self.weights and i not in {o for g in group for o in g.output}}
+            if len(ins) != 1:
+                continue
+            (x,) = ins
+            cur, used_x = core, False
+            for _ in range(3):  # forward: + 1, * x, * 0.5
+                nxt = only_consumer(cur.output[0])
+                if nxt is None or nxt.op_type not in ("Add", "Mul") or id(nxt) not in secret:
+                    break
+                other = nxt.input[1] if nxt.input[0] == cur.output[0] else nxt.input[0]
+                if other in self.static or other in self.weights:
+                    group.append(nxt)
+                elif other == x and nxt.op_type == "Mul" and not used_x:
+                    group.append(nxt)
+                    used_x = True
+                else:
+                    break
+                cur = nxt
+            if used_x:
+                order = {id(n): k for k, n in enumerate(self.secret_nodes)}
+                group.sort(key=lambda n: order[id(n)])
+                kind = "gelu" if core.op_type == "Erf" else "gelu_tanh"
+                for n in group:
+                    groups[id(n)] = (kind, group)
+        return groups
+
     def segments(self) -> list[tuple[str, list[Any]]]:
-        """(kind, nodes): each Relu / MaxPool alone, the nodes between them together ('linear')."""
+        """(kind, nodes): each nonlinear node (Relu, MaxPool, Softmax, a GELU pattern, ...) alone, the
+        nodes between them together ('linear'). A GELU pattern runs at the place of its last node."""
+        groups = self._gelu_groups()
         out: list[tuple[str, list[Any]]] = []
         for node in self.secret_nodes:
-            kind = NONLINEAR.get(node.op_type, "linear")
+            if id(node) in groups:
+                kind, group = groups[id(node)]
+                if node is group[-1]:
+                    out.append((kind, group))
+                continue
+            kind = self.kind(node)
             if kind == "linear" and out and out[-1][0] == "linear":
                 out[-1][1].append(node)
             else:
@@ -162,6 +255,68 @@ def _apply(node: Any, a: dict[str, Any], env: dict[str, Any]) -> list[Any]:
         return [fn(x[0], x[1])]
     if op == "Relu":
         return [jnp.maximum(x[0], 0)]
+    if op == "Neg":
+        return [-x[0]]
+    if op in ("Erf", "Exp", "Sigmoid", "Tanh", "Sqrt", "Reciprocal"):
+        fn = {"Erf": lax.erf, "Exp": jnp.exp, "Sigmoid": jax.nn.sigmoid, "Tanh": jnp.tanh, "Sqrt": jnp.sqrt,
+              "Reciprocal": lambda v: 1.0 / v}[op]
+        return [fn(x[0])]
+    if op == "Gelu":
+        approx = a.get("approximate", b"none")
+        approx = approx.decode() if isinstance(approx, bytes) else approx
+        return [jax.nn.gelu(x[0], approximate=approx == "tanh")]
+    if op in ("Softmax", "LogSoftmax"):
+        fn = jax.nn.softmax if op == "Softmax" else jax.nn.log_softmax
+        return [fn(x[0], axis=a.get("axis", -1))]
+    if op == "LayerNormalization":
+        axis = a.get("axis", -1) % len(x[0].shape)
+        axes = tuple(range(axis, len(x[0].shape)))
+        mean = jnp.mean(x[0], axis=axes, keepdims=True)
+        d = x[0] - mean
+        y = d * lax.rsqrt(jnp.mean(d * d, axis=axes, keepdims=True) + a.get("epsilon", 1e-5))
+        y = y * x[1]
+        if len(x) > 2 and x[2] is not None:
+            y = y + x[2]
+        return [y]
+    if op == "Pow":
+        e = x[1]
+        if not isinstance(e, jax.core.Tracer) and np.asarray(e).size == 1:
+            e0 = float(np.asarray(e, np.float64).reshape(-1)[0])
+            if e0 == int(e0) and 0 <= e0 <= 8:
+                return [lax.integer_pow(jnp.asarray(x[0]), int(e0))]
+        return [jnp.power(x[0], e)]
+    if op in ("Equal", "Less", "Greater"):
+        fn = {"Equal": jnp.equal, "Less": jnp.less, "Greater": jnp.greater}[op]
+        return [fn(x[0], x[1])]
+    if op == "Where":
+        return [jnp.where(x[0], x[1], x[2])]
+    if op == "Cast":
+        from onnx import helper
+
+        dtype = helper.tensor_dtype_to_np_dtype(a["to"])
+        if isinstance(x[0], jax.core.Tracer):
+            return [x[0].astype(jnp.float32 if dtype.kind == "f" else dtype)]
+        return [np.asarray(x[0]).astype(dtype)]
+    if op == "Mod":
+        if a.get("fmod", 0):
+            return [np.fmod(static(x[0], "input"), static(x[1], "divisor"))]
+        return [jnp.mod(x[0], x[1])]
+    if op == "ConstantOfShape":
+        from onnx import numpy_helper
+
+        value = numpy_helper.to_array(a["value"]) if "value" in a else np.zeros(1, np.float32)
+        return [np.full(tuple(static(x[0], "shape").tolist()), value.reshape(-1)[0], value.dtype)]
+    if op == "Slice":
+        rank = len(x[0].shape)
+        starts, ends = static(x[1], "starts").tolist(), static(x[2], "ends").tolist()
+        axes = static(x[3], "axes").tolist() if len(x) > 3 and x[3] is not None else list(range(len(starts)))
+        steps = static(x[4], "steps").tolist() if len(x) > 4 and x[4] is not None else [1] * len(starts)
+        index = [slice(None)] * rank
+        for s0, e0, ax, st in zip(starts, ends, axes, steps):
+            dim = x[0].shape[ax % rank]
+            lo, hi, _ = slice(max(min(s0, 2**62), -2**62), max(min(e0, 2**62), -2**62), st).indices(dim)
+            index[ax % rank] = slice(lo, hi if hi >= 0 or st > 0 else None, st)
+        return [x[0][tuple(index)]]
     if op == "Conv":
         w = x[1]
         k = len(w.shape) - 2
@@ -277,10 +432,33 @@ def _segment_fn(nodes: list[Any], attrs: dict, static: dict, in_names: list[str]
     return fn
 
 
-def compile_segments(plan: Plan) -> list[dict[str, Any]]:
-    """One SPU executable per segment, with the secret values it reads and writes."""
+def _elements(plan: Plan, kind: str, nodes: list[Any]) -> tuple[int, int]:
+    """(elements, rows) through a nonlinear segment: its nonlinear node's input; rows for softmax / layernorm."""
+    shapes = plan.shapes
+    core = [n for n in nodes if n.op_type in ("Erf", "Tanh")]
+    main = core[0] if kind.startswith("gelu") and core else \
+        next((n for n in nodes if n.op_type in NONLINEAR and plan.kind(n) != "linear"), nodes[0])
+    name = main.input[1] if main.op_type == "Div" else main.input[0]
+    shape = shapes.get(name, shapes.get(main.output[0], ()))
+    elements = int(np.prod(shapes[main.output[0]])) if main.op_type == "Div" else int(np.prod(shape))
+    rows = elements
+    if main.op_type in ("Softmax", "LogSoftmax", "LayerNormalization") and shape:
+        axis = plan.attrs[id(main)].get("axis", -1) % len(shape)
+        rows = int(np.prod(shape[:axis]))
+    return elements, rows
+
+
+def compile_segments(plan: Plan, optimize_denominator: bool = False) -> list[dict[str, Any]]:
+    """One SPU executable per segment, with the secret values it reads and writes.
+
+    ``optimize_denominator``: SPU's ``CompilerOptions.enable_optimize_denominator_with_broadcast``
+    (softmax: one reciprocal per row, broadcast, instead of a division per element); off by default.
+    """
     import spu.libspu as libspu
     from spu.utils import frontend
+
+    copts = libspu.CompilerOptions()
+    copts.enable_optimize_denominator_with_broadcast = optimize_denominator
 
     shapes = plan.shapes
     segs = plan.segments()
@@ -303,7 +481,7 @@ def compile_segments(plan: Plan) -> list[dict[str, Any]]:
         example = [np.zeros(shapes[r], np.float32) for r in reads]
         exe, _ = frontend.compile(
             frontend.Kind.JAX, fn, example, {}, reads, [libspu.Visibility.VIS_SECRET] * len(reads),
-            lambda outs, writes=writes: writes,
+            lambda outs, writes=writes: writes, copts=copts,
         )
         elements = sum(int(np.prod(shapes[n.input[0]])) for n in nodes if n.op_type == "Relu")
         comparisons = elements
@@ -311,7 +489,10 @@ def compile_segments(plan: Plan) -> list[dict[str, Any]]:
             if n.op_type == "MaxPool":
                 k = int(np.prod(plan.attrs[id(n)]["kernel_shape"]))
                 comparisons += (k - 1) * int(np.prod(shapes[n.output[0]]))
-        out.append({"name": fn.__name__, "kind": kind, "exe": exe, "relus": elements, "comparisons": comparisons})
+        seg = {"name": fn.__name__, "kind": kind, "exe": exe, "relus": elements, "comparisons": comparisons}
+        if kind not in ("linear", "relu"):
+            seg["elements"], seg["rows"] = _elements(plan, kind, nodes)
+        out.append(seg)
     missing = [o for o in plan.output_names if o not in shapes]
     if missing:
         raise RunnerError(f"graph output {missing[0]!r} is a constant; nothing to compute privately")
@@ -378,7 +559,7 @@ def run_party(args: argparse.Namespace) -> dict[str, Any]:
     x = np.load(args.input).astype(np.float32) if rank == 1 else None
     input_shape = tuple(int(d) for d in args.input_shape.split(","))
     plan.evaluate_static(input_shape)
-    segments = compile_segments(plan)
+    segments = compile_segments(plan, args.optimize_denominator)
 
     cfg = libspu.RuntimeConfig(
         protocol=getattr(libspu.ProtocolKind, args.protocol), field=getattr(libspu.FieldType, args.field),
@@ -463,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ports", required=True)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--optimize-denominator", action="store_true",
+                        help="SPU's enable_optimize_denominator_with_broadcast (softmax's division); off by default")
     parser.add_argument("--out", required=True)
     parser.add_argument("--log", required=True)
     args = parser.parse_args(argv)
