@@ -245,3 +245,11 @@ def test_train_options_come_from_the_trainconfig_fields():
     choices = {a.dest: a.choices for a in parser._actions if a.choices}
     hints = typing.get_type_hints(snl_fx.TrainConfig)
     assert choices == {name: typing.get_args(hints[name]) for name in ("schedule", "finetune_schedule")}
+
+
+def test_softmax_broadcast_is_an_spu_option(capsys):
+    from snl_fx.app import cli
+
+    assert cli.snl_fx_main(["pi-bench", "model.onnx", "--softmax-broadcast"]) == 2
+    err = capsys.readouterr().err
+    assert "--softmax-broadcast is an SPU option" in err and err.count("\n") == 1

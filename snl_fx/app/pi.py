@@ -126,6 +126,7 @@ def pi_bench(
     seed: int = 0,
     timeout: float = 600.0,
     backend: Backend = "crypten",
+    softmax_broadcast: bool | None = None,
 ) -> PiBenchResult:
     """Run ``onnx_path`` under 2PC ``runs`` times and compare it with ONNX Runtime.
 
@@ -141,6 +142,10 @@ def pi_bench(
         seed: seeds the default input (default 0).
         timeout: seconds before the parties are stopped (default 600).
         backend: ``"crypten"`` (default), ``"spu-cheetah"`` or ``"spu-semi2k"``.
+        softmax_broadcast: SPU only: compile with SPU's ``enable_optimize_denominator_with_broadcast``
+            (a softmax divides by one reciprocal per row: 1,394 -> 389 B per element under SEMI2K
+            for rows of 197, outputs still within 1e-2). None (default): the environment's
+            ``SNL_FX_SPU_OPTIMIZE_DENOMINATOR`` (off when unset).
 
     Returns:
         A :class:`PiBenchResult`: error against ONNX Runtime, measured bytes, rounds, seconds,
@@ -170,7 +175,7 @@ def pi_bench(
     x = _client_input(model_bytes, input, seed, crypten=backend == "crypten")
     reference = _ort_output(model_bytes, x)
     if backend != "crypten":
-        return _spu_result(backend, path, x, reference, runs, timeout)
+        return _spu_result(backend, path, x, reference, runs, timeout, softmax_broadcast)
     outs = _run_parties(model_bytes, x, runs, timeout)
     server, client = outs[0], outs[1]
     y = client["output"]
@@ -195,11 +200,12 @@ def pi_bench(
 
 
 def _spu_result(
-    backend: str, path: Path, x: np.ndarray, reference: np.ndarray, runs: int, timeout: float
+    backend: str, path: Path, x: np.ndarray, reference: np.ndarray, runs: int, timeout: float,
+    softmax_broadcast: bool | None = None,
 ) -> PiBenchResult:
     from ._spu import run_spu
 
-    y, m = run_spu(backend, path, x, runs, timeout)
+    y, m = run_spu(backend, path, x, runs, timeout, softmax_broadcast)
     _check_shape("SPU", y, reference)
     return PiBenchResult(
         max_abs_error=_error(y, reference),
