@@ -30,6 +30,20 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! compgen -G ".venv/l
     touch "$stamp"
 fi
 
+# The extra `hf` (timm, transformers: models built from configs, nothing downloaded) for
+# tests/test_hf_models.py. Optional: without it those tests skip and the rest works.
+hf_stamp=.venv/.snl_fx-hf-installed
+if [ ! -f "$hf_stamp" ] || [ pyproject.toml -nt "$hf_stamp" ]; then
+    echo "[setup] pip install -e .[hf]: timm and transformers (~20 s the first time)"
+    hf_log=.venv/hf-pip-install.log
+    if .venv/bin/python -m pip install -q -e ".[hf]" >"$hf_log" 2>&1 \
+            && .venv/bin/python -c "import timm, transformers" >>"$hf_log" 2>&1; then
+        touch "$hf_stamp"
+    else
+        echo "[setup] the extra hf (timm, transformers) could not be installed (log: $hf_log): tests/test_hf_models.py skips, the rest works"
+    fi
+fi
+
 # SecretFlow SPU (pi-bench --backend spu-cheetah|spu-semi2k) needs Python 3.10/3.11, jax 0.4.34 and numpy<2:
 # its own venv, which snl_fx calls as a subprocess. Optional: without it the rest of the tool works.
 spu_stamp=.venv-spu/.spu-installed

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
 import logging
 import os
@@ -70,6 +71,7 @@ def trace(
     batch, _ = batched_inputs([tuple(a.shape) for a in args])
     shared = {id(t): t for t in model.parameters()} if share_weights else {}  # buffers are copied: a forward may write them
     model = copy.deepcopy(model, shared).eval()
+    concrete_args = _with_unsupplied_defaults(model, len(args), concrete_args)
     gm = _symbolic_trace(model, args, concrete_args, tuple(leaf_modules))
     _check_input_count(gm, len(args))
     _warn_if_train_graph_differs(model, gm, concrete_args, tuple(leaf_modules))
@@ -100,6 +102,35 @@ def batched_inputs(shapes: Sequence[tuple[int, ...]]) -> tuple[int, tuple[bool, 
     return first[0], tuple(len(s) >= min_rank and s[0] == first[0] for s in shapes)
 
 
+_PLAIN_DEFAULTS = (type(None), bool, int, float, str)
+
+
+def _with_unsupplied_defaults(model: nn.Module, given: int, concrete_args: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``concrete_args`` plus the plain defaults (None, bool, number, str) of the forward's
+    parameters after the ``given`` positional inputs: the graph is that of ``model(*inputs)``.
+
+    Without this, FX makes each such parameter a placeholder, and every flag or optional mask it
+    feeds becomes a graph value: e.g. timm's ``VisionTransformer.forward(x, attn_mask=None,
+    is_causal=False)`` hands ``is_causal`` to ``F.scaled_dot_product_attention`` as a Node, and
+    :func:`decompose_attention` cannot see that it is False. FX keeps the placeholders and asserts
+    the specialised values.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return concrete_args
+    filled = dict(concrete_args or {})
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind not in positional for p in params[:given]):
+        return concrete_args  # *args take the inputs: leave the signature as it is
+    for p in params[given:]:
+        if (p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+                and p.default is not inspect.Parameter.empty and type(p.default) in _PLAIN_DEFAULTS
+                and p.name not in filled):
+            filled[p.name] = p.default
+    return filled or concrete_args
+
+
 def _symbolic_trace(model, args, concrete_args, leaf_types) -> GraphModule:
     tracer = _Tracer(leaf_types)
     try:
@@ -124,7 +155,22 @@ def _symbolic_trace(model, args, concrete_args, leaf_types) -> GraphModule:
         )
         module = exported.module()
         return GraphModule(module, module.graph, type(model).__name__)  # a plain one: .eval()/.train() work
+    _drop_specialisation_asserts(graph)
     return GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _drop_specialisation_asserts(graph: torch.fx.Graph) -> None:
+    """Erase the checks FX writes for each concrete arg (``_assert_is_none(p)``, ``torch._assert(p ==
+    value)``): the graph is that of the inputs given, and TorchScript's ONNX exporter cannot trace
+    ``p == False`` (no aten::eq for it). The placeholders stay, with their default values."""
+    for node in list(graph.nodes):
+        if (node.op == "call_function" and node.target in (torch._assert, torch.fx._symbolic_trace._assert_is_none)
+                and len(node.args) > 1 and "has been specialized to have value" in str(node.args[1])):
+            cond = node.args[0]
+            graph.erase_node(node)
+            if isinstance(cond, Node) and cond.op == "call_function" and not cond.users and cond.target is not None \
+                    and cond.op != "placeholder" and all(a.op == "placeholder" for a in cond.all_input_nodes):
+                graph.erase_node(cond)
 
 
 def _check_input_count(gm: GraphModule, given: int) -> None:
@@ -151,6 +197,7 @@ def _warn_if_train_graph_differs(model, gm, concrete_args, leaf_types) -> None:
     try:
         model.train()
         train_graph = _Tracer(leaf_types).trace(model, concrete_args)
+        _drop_specialisation_asserts(train_graph)
     except Exception:  # noqa: BLE001 - the train graph is only compared, never used
         return
     finally:
@@ -225,10 +272,10 @@ def propagate_shapes(gm: GraphModule, args: tuple) -> None:
             try:
                 with _torch_logs_off(), FakeTensorMode(allow_non_fake_inputs=True) as mode, \
                         _tensors_replaced(gm, mode.from_tensor):  # ops on real weights alone would run for real
-                    _RecordingShapeProp(gm, fake=True).run(*(mode.from_tensor(a) for a in args))
+                    _RecordingShapeProp(gm, fake=True).run(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
             except Exception:  # noqa: BLE001 - the real run below repeats it and reports the error
                 with _tensors_replaced(gm, lambda t: t.detach().clone()):  # a forward may write its buffers
-                    _RecordingShapeProp(gm).run(*(a.clone() for a in args))
+                    _RecordingShapeProp(gm).run(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
     finally:
         gm.train(was_training)
 
