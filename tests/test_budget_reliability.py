@@ -133,11 +133,16 @@ class ReluAttention(nn.Module):
 
 
 def test_a_cost_prices_the_graph_pi_cost_prices():
-    """prepare decomposes attention as the inspector does: the softmax SDPA hides is seen, not free."""
+    """prepare decomposes attention as the inspector does: the softmax SDPA hides is priced, never free."""
     torch.manual_seed(0)
     model, x = ReluAttention(), torch.randn(4, 4, 8)
     gm = snl_fx.prepare(model, x)
     assert any(o.kind == "softmax" for o in snl_fx.passes.get_meta(gm).others)
-    assert not snl_fx.pi_cost(model, x[:1]).complete
-    with pytest.raises(SnlFxError, match=r"cannot price 1 layer\(s\) of this model: .*softmax"):
-        Cost(bytes=1e9).plan(gm)
+    for protocol in snl_fx.cost.protocols():
+        full = snl_fx.pi_cost(model, x[:1], protocol)
+        if full.complete:
+            plan = Cost(bytes=2 * full.bytes, protocol=protocol).plan(gm)
+            assert plan.pi_cost().bytes == full.bytes and plan.pi_cost().rounds == full.rounds
+        else:
+            with pytest.raises(SnlFxError, match=r"cannot price \d+ layer\(s\) of this model"):
+                Cost(bytes=1e12, protocol=protocol).plan(gm)

@@ -163,3 +163,42 @@ def test_ops_crypten_computes_wrongly_are_refused_by_name(tmp_path, layers, ops)
     with pytest.raises(snl_fx.SnlFxError, match=rf"cannot run under CrypTen 0.4.1 \({ops}") as err:
         snl_fx.pi_bench(path, runs=1)
     assert "\n" not in str(err.value) and "spu-semi2k" in str(err.value)
+
+
+class Transformerish(nn.Module):
+    """Sigmoid, tanh, softmax (rows of 197), exp, a division by an activation, a product of two."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.sigmoid(x), torch.tanh(x)
+        return a + b + torch.softmax(x, dim=-1) + torch.exp(x) + x / (a + 1.0) + a * b
+
+
+@pytest.fixture(scope="module")
+def kinds_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("kinds") / "kinds.onnx"
+    x = torch.randn(1, 2, 197, generator=torch.Generator().manual_seed(0))
+    snl_fx.export_onnx(Transformerish().eval(), x, path, profile="pi")
+    return path, pi_bench(path, runs=1, input=x)
+
+
+def test_crypten_per_kind_statistics(kinds_run):
+    path, r = kinds_run
+    assert set(r.kinds) == {"sigmoid", "tanh", "softmax", "exp", "div", "mul"}
+    for kind, k in r.kinds.items():
+        assert (k["elements"], k["layers"]) == (394, 1), kind
+        assert k["rows"] == (2 if kind == "softmax" else 394), kind
+        assert k["bytes"] > 0 and k["rounds"] > 0 and k["seconds"] > 0, kind
+    assert sum(k["bytes"] for k in r.kinds.values()) <= r.bytes
+    assert r.relus == 0 and r.relu_bytes == 0
+    # the inspector names and counts the same kinds
+    assert {o.kind: o.comparisons for o in snl_fx.relu_count(path).others} == {k: 394 for k in r.kinds}
+    # CrypTen's exp is (1 + x/256)^256: about 3% relative error at x = 3; the rest well under 1e-2
+    assert r.max_abs_error < 0.05 * max(1.0, r.output_scale), (r.max_abs_error, r.output_scale)
+
+
+def test_crypten_kind_prices_match_measured(kinds_run):
+    path, r = kinds_run
+    predicted = snl_fx.pi_cost(path, protocol="crypten").by_kind()
+    for kind, k in r.kinds.items():
+        assert predicted[kind]["bytes"] == pytest.approx(k["bytes"], rel=0.05), kind
+        assert predicted[kind]["rounds"] == k["rounds"], kind

@@ -52,7 +52,10 @@ class PiBenchResult:
     (``_ltz``): ReLUs plus max-pool and other comparisons. Beaver triples come from CrypTen's
     default provider (``TFP``: the server makes them, the client's shares come from a seed the
     two share, no traffic), so the figures are online traffic; a deployment adds a dealer or an
-    offline phase for the triples.
+    offline phase for the triples. ``kinds``: per nonlinear kind CrypTen runs (relu, maxpool,
+    sigmoid, tanh, softmax, exp, div by a secret, mul of two secrets), measured around each of its
+    modules: bytes (both directions), rounds, seconds (slower party, median), layers, elements and
+    rows (softmax rows; elements otherwise). ONNX's Tanh runs as CrypTen's ``MPCTensor.tanh``.
 
     SPU (``spu-cheetah``, ``spu-semi2k``; ring FM64, 18 fraction bits): ``bytes`` is what both
     parties sent (SPU's link statistics per executable run, plus the client's input share and the
@@ -181,7 +184,7 @@ def pi_bench(
     y = client["output"]
     _check_shape("CrypTen", y, reference)
     times = tuple(max(a, b) for a, b in zip(server["times"], client["times"]))
-    relu_times = [max(a, b) for a, b in zip(server["relu_times"], client["relu_times"])]
+    kinds = _crypten_kinds(server, client)
     return PiBenchResult(
         max_abs_error=_error(y, reference),
         output_scale=float(np.abs(reference).max()) if reference.size else 0.0,
@@ -191,12 +194,27 @@ def pi_bench(
         relus=int(client["relus"]),
         relu_bytes=int(round((server["relu_bytes"] + client["relu_bytes"]) / 2)),
         relu_rounds=int(max(server["relu_rounds"], client["relu_rounds"])),
-        relu_seconds=statistics.median(relu_times),
+        relu_seconds=kinds["relu"]["seconds"] if "relu" in kinds else 0.0,
         relu_layers=int(client["relu_layers"]),
         comparisons=int(client["comparisons"]),
         runs=runs,
         times=times,
+        kinds=kinds,
     )
+
+
+def _crypten_kinds(server: dict[str, Any], client: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Both parties' per-kind tallies -> one inference's: bytes both directions (summed, halved, as
+    the total), rounds and seconds of the slower party (seconds: median over the runs)."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind, c in client["kinds"].items():
+        s = server["kinds"].get(kind, c)
+        per_run = [max(a.get(kind, 0.0), b.get(kind, 0.0)) for a, b in zip(server["kind_times"], client["kind_times"])]
+        out[kind] = {
+            "bytes": int(round((s["bytes"] + c["bytes"]) / 2)), "rounds": int(max(s["rounds"], c["rounds"])),
+            "seconds": statistics.median(per_run), "layers": c["layers"], "elements": c["elements"], "rows": c["rows"],
+        }
+    return out
 
 
 def _spu_result(
@@ -326,6 +344,7 @@ def _party(rank: int, rendezvous: str, model_bytes: bytes, x: np.ndarray, runs: 
 
 def _infer(crypten: Any, rank: int, model_bytes: bytes, x: np.ndarray, runs: int) -> dict[str, Any]:
     comm = crypten.comm.get()
+    _add_tanh(crypten)
     model = crypten.nn.from_onnx(io.BytesIO(model_bytes))
     if rank != 0:  # the client knows the architecture only; the server's weights arrive as shares
         for module in model.modules():
@@ -333,49 +352,100 @@ def _infer(crypten: Any, rank: int, model_bytes: bytes, x: np.ndarray, runs: int
                 module.set_parameter(name, torch.zeros_like(param))
     model.encrypt(src=0)
     model.eval()
-    tally = _count_relus(crypten, comm)
+    tally = _count_kinds(crypten, comm)
     plain = torch.from_numpy(x) if rank == 1 else torch.zeros(x.shape)
-    times, relu_times, first, output = [], [], None, None
+    times, kind_times, first, output = [], [], None, None
     for _ in range(runs):
         comm.barrier()
         comm.reset_communication_stats()
-        tally.update(relus=0, relu_layers=0, relu_bytes=0, relu_rounds=0, relu_seconds=0.0, comparisons=0)
+        tally["kinds"].clear()
+        tally["comparisons"] = 0
         start = time.perf_counter()
         with crypten.no_grad():
             y = model(crypten.cryptensor(plain, src=1))
             raw = y.reveal(dst=1)
         times.append(time.perf_counter() - start)
-        relu_times.append(tally["relu_seconds"])
+        kind_times.append({k: v["seconds"] for k, v in tally["kinds"].items()})
         if rank == 1:
             output = y.encoder.decode(raw).numpy()
         if first is None:
             stats = comm.get_communication_stats()
-            first = {"bytes": stats["bytes"], "rounds": stats["rounds"], **tally}
-    return {**first, "times": times, "relu_times": relu_times, "output": output}
+            kinds = {k: dict(v) for k, v in tally["kinds"].items()}
+            relu = kinds.get("relu", {})
+            first = {
+                "bytes": stats["bytes"], "rounds": stats["rounds"], "comparisons": tally["comparisons"],
+                "kinds": kinds, "relus": relu.get("elements", 0), "relu_layers": relu.get("layers", 0),
+                "relu_bytes": relu.get("bytes", 0), "relu_rounds": relu.get("rounds", 0),
+            }
+    return {**first, "times": times, "kind_times": kind_times, "output": output}
 
 
-def _count_relus(crypten: Any, comm: Any) -> dict[str, Any]:
-    """Patch CrypTen's ReLU op and sign test (in this party's process only) to count what they do."""
-    tally: dict[str, Any] = {}
-    relu_cls = crypten.nn.module.ReLU
-    relu_forward = relu_cls.forward
-    ltz = crypten.mpc.MPCTensor._ltz
+# CrypTen's modules (crypten.nn.module) of the nonlinear kinds, by the inspector's kind names.
+# Mul and Div count only with two secret operands (a weight is secret: the server encrypts it);
+# by a public constant they are local in 2PC (truncation included).
+CRYPTEN_KINDS = {
+    "ReLU": "relu", "MaxPool2d": "maxpool", "Sigmoid": "sigmoid", "Tanh": "tanh", "Softmax": "softmax",
+    "LogSoftmax": "softmax", "Exp": "exp", "Div": "div", "Mul": "mul",
+}
 
-    def counted_relu(self: Any, x: Any) -> Any:
-        before, start = comm.get_communication_stats(), time.perf_counter()
-        y = relu_forward(self, x)
-        tally["relu_seconds"] += time.perf_counter() - start
-        after = comm.get_communication_stats()
-        tally["relus"] += x.nelement()
-        tally["relu_layers"] += int(x.nelement() > 0)
-        tally["relu_bytes"] += after["bytes"] - before["bytes"]
-        tally["relu_rounds"] += after["rounds"] - before["rounds"]
-        return y
+
+def _add_tanh(crypten: Any) -> None:
+    """CrypTen 0.4.1 has ``MPCTensor.tanh`` (2 sigmoid(2x) - 1) but no module for ONNX's Tanh: add one."""
+    module = crypten.nn.module
+    if hasattr(module, "Tanh"):
+        return
+
+    class Tanh(module.Module):
+        def forward(self, input: Any) -> Any:
+            return input.tanh()
+
+        @staticmethod
+        def from_onnx(attributes: Any = None) -> "Tanh":
+            return Tanh()
+
+    module.Tanh = Tanh
+
+
+def _count_kinds(crypten: Any, comm: Any) -> dict[str, Any]:
+    """Patch CrypTen's nonlinear modules and sign test (in this party's process only) to count what
+    they do: per kind, bytes and rounds (this party's communicator statistics around each call),
+    seconds, layers, elements (outputs) and rows (softmax: elements over the row length; otherwise
+    the elements, as the SPU runner reports them)."""
+    tally: dict[str, Any] = {"kinds": {}, "comparisons": 0}
+    mpc_tensor = crypten.mpc.MPCTensor
+
+    def patch(cls: Any, kind: str) -> None:
+        forward = cls.forward
+
+        def counted(self: Any, x: Any) -> Any:
+            if kind in ("mul", "div") and not all(isinstance(v, mpc_tensor) for v in x):
+                return forward(self, x)  # a public operand: local
+            before, start = comm.get_communication_stats(), time.perf_counter()
+            y = forward(self, x)
+            seconds = time.perf_counter() - start
+            after = comm.get_communication_stats()
+            n = y.nelement()
+            rows = n // y.size(self.dim) if kind == "softmax" and n else n
+            k = tally["kinds"].setdefault(
+                kind, {"bytes": 0, "rounds": 0, "seconds": 0.0, "layers": 0, "elements": 0, "rows": 0}
+            )
+            k["bytes"] += after["bytes"] - before["bytes"]
+            k["rounds"] += after["rounds"] - before["rounds"]
+            k["seconds"] += seconds
+            k["layers"] += int(n > 0)
+            k["elements"] += n
+            k["rows"] += rows
+            return y
+
+        cls.forward = counted
+
+    for name, kind in CRYPTEN_KINDS.items():
+        patch(getattr(crypten.nn.module, name), kind)
+    ltz = mpc_tensor._ltz
 
     def counted_ltz(self: Any) -> Any:
         tally["comparisons"] += self.nelement()
         return ltz(self)
 
-    relu_cls.forward = counted_relu
-    crypten.mpc.MPCTensor._ltz = counted_ltz
+    mpc_tensor._ltz = counted_ltz
     return tally

@@ -168,12 +168,20 @@ def avgpool_features(outputs: int) -> dict[str, float]:
 def nonlinearity_features(kind: str, elements: int, row: int | None = None) -> dict[str, float]:
     """Features of a layer of another nonlinearity (gelu, softmax, mul, ...): a feature named after
     its kind (its elements per sample), one per layer, and for the kinds that normalise rows
-    (softmax, layernorm, rmsnorm) its rows. A protocol prices the kind only once its table has
-    measured coefficients for these; until then the layer is unpriced (``PiCost.unpriced``).
+    (softmax, layernorm, rmsnorm) its rows. Softmax also has the depth of its row maximum's
+    comparison tree: ``softmax_depth`` = ceil(log2(row)), and ``softmax_odd``, the levels SPU adds
+    to it: SPU reduces a row of n by halving n (even) or n - 1 (odd, the element out compared once
+    more), floor(log2 n) + popcount(n) - 1 levels in all (rows of 16: 4 + 0, 17: 5 + 0, 100: 7 + 1,
+    197: 8 + 2; SPU SEMI2K: 8 rounds a level, measured). A protocol prices the kind only once its
+    table has measured coefficients for these; until then the layer is unpriced (``PiCost.unpriced``).
     """
     out = {kind: elements, f"{kind}_layer": 1}
     if row:
         out[f"{kind}_rows"] = elements // row
+        if kind == "softmax":
+            depth = (row - 1).bit_length()  # ceil(log2(row))
+            out["softmax_depth"] = depth
+            out["softmax_odd"] = row.bit_length() + row.bit_count() - 2 - depth
     return out
 
 

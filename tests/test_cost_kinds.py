@@ -1,0 +1,120 @@
+"""The cost model prices GELU, SiLU, sigmoid, tanh, softmax, LayerNorm, exp, div and mul (issue 18 item 2):
+coefficients from the measured table (benchmarks/pi_calibrate_kinds.py), never literals here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from test_spu import needs_spu
+
+import snl_fx
+from snl_fx.cost.model import nonlinearity_features
+from snl_fx.cost.tables import cost_table, load_constants
+
+PRICED = {  # protocol -> kinds its table must price
+    "spu-semi2k": ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "softmax", "layernorm", "exp", "div", "mul"),
+}
+ROW_KINDS = ("softmax", "layernorm")
+
+
+def kind_features(kind: str) -> list[str]:
+    return [kind, f"{kind}_layer"] + ([f"{kind}_rows"] if kind in ROW_KINDS else [])
+
+
+def tree_levels(n: int) -> int:
+    """Sequential comparison levels of SPU's reduction of n elements (simulated, not the closed form)."""
+    levels = 0
+    while n > 1:
+        levels += 1 + (n % 2)  # a level; an odd element out is compared once more
+        n //= 2
+    return levels
+
+
+class Block(nn.Module):
+    """Linear -> LayerNorm -> scores softmax over rows of ``tokens`` -> GELU, on (tokens, d) inputs."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin, self.norm, self.mlp = nn.Linear(d, d), nn.LayerNorm(d), nn.Linear(d, 2 * d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.lin(x))
+        attn = torch.softmax(h @ h.transpose(-1, -2), dim=-1) @ h
+        return nn.functional.gelu(self.mlp(attn))
+
+
+TOKENS, D = 7, 8  # rows of 7: ceil(log2 7) = 3 levels, and SPU one more (softmax_odd)
+EXPECTED = {  # kind -> (layers, elements per layer, row length) of Block on (1, TOKENS, D)
+    "layernorm": (1, TOKENS * D, D),
+    "softmax": (1, TOKENS * TOKENS, TOKENS),
+    "gelu": (1, TOKENS * 2 * D, None),
+}
+
+
+@pytest.mark.parametrize("protocol,kind", [(p, k) for p, kinds in PRICED.items() for k in kinds])
+def test_table_has_measured_coefficients(protocol, kind):
+    table = cost_table(protocol)
+    for feature in kind_features(kind):
+        assert feature in table.bytes and feature in table.rounds and feature in table.seconds, feature
+    assert table.bytes[kind] > 0 and table.rounds[f"{kind}_layer"] >= 1
+    if kind == "softmax":
+        for feature in ("softmax_depth", "softmax_odd"):
+            assert feature in table.bytes and feature in table.rounds
+        assert table.rounds["softmax_depth"] > 0
+    run = load_constants()[protocol]["kinds"]
+    assert run["backend"] == protocol and run["date"] and "pi_calibrate_kinds.py" in run["command"]
+    assert kind in run["kinds"] and run["source"].startswith("measured")
+
+
+@pytest.mark.parametrize("row,levels", [(1, 0), (2, 1), (3, 2), (16, 4), (17, 5), (24, 5), (64, 6), (65, 7),
+                                        (100, 8), (197, 10), (256, 8)])
+def test_softmax_depth_is_spu_reduction_levels(row, levels):
+    # measured SPU SEMI2K softmax rounds (63 + 8 per level) at these rows: 2: 71, 3: 79, 16: 95, 17: 103,
+    # 24: 103, 64: 111, 65: 119, 100: 127, 197: 143, 256: 127
+    assert tree_levels(row) == levels
+    f = nonlinearity_features("softmax", row * 3, row)
+    assert f["softmax_depth"] == math.ceil(math.log2(row)) and f["softmax_depth"] + f["softmax_odd"] == levels
+
+
+@pytest.mark.parametrize("protocol", sorted(PRICED))
+def test_small_transformer_block_priced_from_table(protocol):
+    torch.manual_seed(0)
+    cost = snl_fx.pi_cost(Block(D).eval(), torch.randn(1, TOKENS, D), protocol)
+    assert cost.complete, cost.lower_bound()
+    table = cost_table(protocol)
+    by_kind = cost.by_kind()
+    for kind, (layers, elements, row) in EXPECTED.items():
+        nbytes = layers * (table.bytes[kind] * elements + table.bytes[f"{kind}_layer"])
+        rounds = layers * table.rounds[f"{kind}_layer"]
+        if row:
+            nbytes += layers * table.bytes[f"{kind}_rows"] * (elements // row)
+        if kind == "softmax":
+            depth = math.ceil(math.log2(row))
+            rounds += layers * (table.rounds["softmax_depth"] * depth + table.rounds["softmax_odd"] * (tree_levels(row) - depth))
+        assert by_kind[kind]["bytes"] == pytest.approx(nbytes, rel=1e-12), kind
+        assert by_kind[kind]["rounds"] == rounds, kind
+
+
+def test_silu_is_sigmoid_and_a_product():
+    """SPU runs SiLU as its sigmoid and one secret product: the measured prices add up (within 0.1%)."""
+    t = cost_table("spu-semi2k")
+    assert t.bytes["silu"] == pytest.approx(t.bytes["sigmoid"] + t.bytes["mul"], rel=1e-3)
+    assert t.rounds["silu_layer"] == t.rounds["sigmoid_layer"] + t.rounds["mul_layer"]
+
+
+@needs_spu
+def test_measured_kinds_match_prediction_semi2k(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(1, TOKENS, D)
+    path = tmp_path / "block.onnx"
+    snl_fx.export_onnx(Block(D).eval(), x, path, profile="pi")
+    cost = snl_fx.pi_cost(path, protocol="spu-semi2k")
+    assert cost.complete, cost.lower_bound()
+    measured = snl_fx.pi_bench(path, runs=1, input=x, backend="spu-semi2k").kinds
+    predicted = cost.by_kind()
+    for kind in EXPECTED:
+        assert measured[kind]["bytes"] == pytest.approx(predicted[kind]["bytes"], rel=0.05), kind
+        assert measured[kind]["rounds"] == predicted[kind]["rounds"], kind
