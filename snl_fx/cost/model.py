@@ -495,6 +495,10 @@ def cost_from_report(report: ReluReport, table: CostTable, network: Network) -> 
         notes.append(_setup_note(layers, table.measured["setup"], table.measured.get("refill") or {}))
     if report.ungateable:
         notes.append("ReLUs inside leaf modules (not gateable) are not priced")
+    if table.name.startswith("spu-") and any(la.op in ("matmul", "MatMul(activations)") for la in report.linear):
+        notes.append("matmuls of two activations (attention) are priced as one layer each: SPU runs them once per "
+                     "head, so their bytes and rounds are a lower bound (zoo ViT under SEMI2K: 14 rounds and ~64 kB "
+                     "short per attention block, see BENCHMARKS.md)")
     notes.append("adds, reshapes, gathers, concats, folded BatchNorms: local under secret sharing, free")
     return PiCost(table.name, network, table.source, layers, table.measured, notes)
 
