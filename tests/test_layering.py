@@ -220,3 +220,10 @@ def test_the_branch_check_finds_branches():
 def test_no_module_outside_budget_branches_on_a_budget_kind(path):
     """Budgets are objects that plan: only snl_fx/budget.py may ask which kind it holds."""
     assert budget_kind_branches(path.read_text()) == []
+
+
+def test_the_top_level_is_small_and_every_older_name_still_resolves():
+    assert len(snl_fx.__all__) <= 17
+    for name in [*snl_fx.__all__, *snl_fx._MOVED]:
+        assert getattr(snl_fx, name) is not None, name
+    assert snl_fx.LambdaSchedule is snl_fx.train.LambdaSchedule and snl_fx.plan_cost is snl_fx.budget.plan_cost
