@@ -1,22 +1,27 @@
-"""Calibrate the PI cost model's other nonlinearities (issue 18): GELU, SiLU, sigmoid, tanh, softmax,
-LayerNorm, exp, division by a secret, secret x secret products, per SPU protocol.
+"""Calibrate the PI cost model's other nonlinearities per backend (CrypTen, SPU SEMI2K or CHEETAH).
 
-Each kind runs on tiny torch graphs (a linear layer, then the kind), exported with
-``export_onnx(..., profile="pi")`` and run with ``snl_fx.pi_bench``. The SPU runner runs every
-nonlinear node as an executable of its own, so a kind's bytes, rounds and seconds are read from
-``PiBenchResult.kinds``; the kinds it does not segment are the difference with the same graph
-without the kind (``mul``: a secret x secret product, run inside a linear segment; ``silu``: SPU's
-sigmoid segment plus that product). Its features are the cost model's own (``layer_features`` of
-``snl_fx.relu_count(path)``: ``<kind>`` elements, ``<kind>_layer``, ``<kind>_rows`` for softmax
-and LayerNorm, ``softmax_depth`` = ceil(log2(row)) and ``softmax_odd``). Bytes are fitted by least squares over them
-(integers kept where they come out integral), rounds per layer (softmax: and per level of its row
-maximum's comparison tree) as integers that must match every graph, seconds by
-non-negative least squares of relative errors. One graph per kind is held out of the fit and
-checked. The coefficients are added to the protocol's entry of ``snl_fx/cost/pi_constants.json``
-(the existing ones are kept) with backend, date and command under ``kinds`` (as the CrypTen kinds script).
+Issue 18: GELU, SiLU, sigmoid, tanh, softmax, LayerNorm, exp, division by a secret, secret x secret products.
+
+Each kind runs on tiny torch graphs, exported with ``export_onnx(..., profile="pi")`` and run with
+``snl_fx.pi_bench``, whose ``PiBenchResult.kinds`` gives the bytes, rounds and seconds spent in
+each kind; the kinds a backend does not segment are the difference with the same graph without
+the kind (SPU: ``mul``, a secret product run inside a linear segment; ``silu``, sigmoid plus that
+product). What differs between backends is data, in ``BACKENDS``: the graphs (kinds, shapes, a
+linear layer in front), the kinds measured by difference, the softmax rounds and the seconds fit.
+
+Features are the cost model's own (``layer_features`` of ``snl_fx.relu_count(path)``: ``<kind>``
+elements, ``<kind>_layer``, ``<kind>_rows`` for softmax and LayerNorm, ``softmax_depth`` and
+``softmax_odd``). Bytes are fitted by least squares (integers kept where they come out integral),
+rounds per layer (softmax: and per level of its row maximum's comparison tree) so that every
+graph matches (CrypTen softmax: those with rows of 64 and 197), seconds by non-negative least
+squares of relative errors (SPU) or as compute beyond the entry's seconds per round, negative
+terms set to 0 (CrypTen). The last graph of each kind is held out of the fit and checked. With
+``--write`` the coefficients are added to the backend's entry of ``snl_fx/cost/pi_constants.json``
+(other keys kept), with backend, date and command under ``kinds``.
 Usage:
 
-    python benchmarks/pi_calibrate_kinds.py [--backend spu-semi2k] [--kinds gelu softmax ...] [--runs 2]
+    python benchmarks/pi_calibrate_kinds.py --backend spu-semi2k [--kinds gelu softmax ...] [--write]
+    python benchmarks/pi_calibrate_kinds.py --backend crypten --from-log FILE --write
 """
 
 from __future__ import annotations
@@ -37,6 +42,17 @@ from pi_calibrate import SOURCES, fit, integral, seq  # the ReLU calibration's h
 import snl_fx
 from snl_fx.cost.calibration import CONSTANTS_PATH, layer_features
 
+ROW_KINDS = ("softmax", "layernorm")  # kinds with a <kind>_rows feature
+
+
+class Fn(nn.Module):
+    def __init__(self, f) -> None:
+        super().__init__()
+        self.f = f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.f(x)
+
 
 class Pair(nn.Module):
     """A linear layer to 2 x ``d`` features, split in two activations a, b, then ``f(a, b)``."""
@@ -50,54 +66,108 @@ class Pair(nn.Module):
         return self.f(y[..., :self.d], y[..., self.d:])
 
 
+def fn(f):
+    return lambda d: Fn(f)
+
+
+def pair(f):
+    return lambda d: Pair(d, f)
+
+
 def _first(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a
 
 
-ELEMENTWISE = {  # kind -> (module on the last dim d, the same graph without the kind)
-    "gelu": (lambda d: nn.GELU(), None),
-    "gelu_tanh": (lambda d: nn.GELU("tanh"), None),
-    "silu": (lambda d: nn.SiLU(), lambda d: nn.Identity()),
-    "sigmoid": (lambda d: nn.Sigmoid(), None),
-    "tanh": (lambda d: nn.Tanh(), None),
-    "exp": (lambda d: Pair(d, lambda a, b: torch.exp(a)), lambda d: Pair(d, _first)),
-    "div": (lambda d: Pair(d, lambda a, b: a / (b * b + 1)), None),  # b*b: a mul layer, priced apart
-    "mul": (lambda d: Pair(d, lambda a, b: a * b), lambda d: Pair(d, _first)),
+SPU = {
+    "kinds": {  # kind -> (module on the last dim d, the same graph without the kind: measured by difference)
+        "gelu": (lambda d: nn.GELU(), None),
+        "gelu_tanh": (lambda d: nn.GELU("tanh"), None),
+        "silu": (lambda d: nn.SiLU(), lambda d: nn.Identity()),
+        "sigmoid": (lambda d: nn.Sigmoid(), None),
+        "tanh": (lambda d: nn.Tanh(), None),
+        "exp": (pair(lambda a, b: torch.exp(a)), pair(_first)),
+        "div": (pair(lambda a, b: a / (b * b + 1)), None),  # b*b: a mul layer, priced apart
+        "mul": (pair(lambda a, b: a * b), pair(_first)),
+        "softmax": (lambda d: nn.Softmax(dim=-1), None),
+        "layernorm": (lambda d: nn.LayerNorm(d), None),
+    },
+    "linear": True,  # a linear layer in front of the kind (a Pair has its own)
+    # (input shape without the batch, twice in a row); the last one of each list is held out
+    "shapes": [((8, 16), False), ((32, 64), False), ((12, 64), False)],
+    "row_shapes": [((8, 16), False), ((4, 64), False), ((16, 64), False), ((2, 197), False), ((3, 24), False)],
+    "rounds_depth": ("softmax_depth", "softmax_odd"),  # softmax rounds: per layer and per tree level
+    "softmax_rounds_rows": None,  # the rows whose softmax rounds are fitted and must match (None: all)
+    "seconds": "relative",
+    "runs": 2,
+    "source": "; per-kind segments of the SPU runner (PiBenchResult.kinds)",
+    "note": ("bytes: least squares over <kind> elements, <kind>_layer (and <kind>_rows for softmax / layernorm) "
+             "on the fit graphs; rounds: per layer, equal on every graph; mul and silu: the difference with "
+             "the graph without them (SPU runs a secret product inside a linear segment; SiLU = sigmoid + mul)"),
 }
-ROWS = {"softmax": lambda d: nn.Softmax(dim=-1), "layernorm": lambda d: nn.LayerNorm(d)}
-# (tokens, d): elements = tokens x d; the last one of each list is held out of the fit
-ELEMENT_SHAPES = [(8, 16), (32, 64), (12, 64)]
-ROW_SHAPES = [(8, 16), (4, 64), (16, 64), (2, 197), (3, 24)]  # softmax / LayerNorm rows of 16-197
+CRYPTEN = {
+    "kinds": {
+        "sigmoid": (fn(torch.sigmoid), None),
+        "tanh": (fn(torch.tanh), None),
+        "softmax": (fn(lambda x: torch.softmax(x, dim=-1)), None),
+        "exp": (fn(torch.exp), None),
+        "div": (fn(lambda x: x / (torch.sigmoid(x) + 1)), None),  # by a secret in (1, 2); sigmoid priced apart
+        "mul": (fn(lambda x: x * (x + 1)), None),  # not x * x: CrypTen 0.4.1 cannot feed one value to both inputs
+    },
+    "linear": False,
+    "shapes": [((256,), False), ((1024,), False), ((256,), True), ((4096,), False)],
+    "row_shapes": [((4, 64), False), ((2, 197), False), ((8, 32), False), ((2, 64), True), ((4, 197), True),
+                   ((16, 197), False)],
+    "rounds_depth": ("softmax_depth",),
+    # CrypTen's row maximum is not linear in the depth (rows of 8, 16, 32, 64, 100-129, 197-256: 93, 95,
+    # 105, 115, 116, 126 rounds): the line through rows of 64 and 197 (ViT at 224 px), within 9 elsewhere
+    "softmax_rounds_rows": (64, 197),
+    "seconds": "beyond_rounds",
+    "runs": 3,
+    "source": "; per-kind modules of the CrypTen runner (PiBenchResult.kinds)",
+    "note": ("sigmoid, tanh, softmax, exp, div (by a secret), mul (two secrets): fitted by "
+             "benchmarks/pi_calibrate_kinds.py on each kind's own CrypTen modules; softmax "
+             "rounds: softmax_layer + softmax_depth (ceil(log2(row))), the line through rows of 64 and "
+             "197, exact there; CrypTen's row maximum is not linear in the depth (rows of 8, 16, "
+             "32, 64, 100-129, 197-256: 93, 95, 105, 115, 116, 126 rounds), so other rows are within 9 "
+             "rounds; softmax_depth bytes 0. Seconds: compute beyond the entry's seconds per round, "
+             "negative terms set to 0 (on these tiny graphs 4.4 ms per round already exceeds the measured "
+             "time: predicted seconds up to 2x the measured)"),
+}
+BACKENDS = {"crypten": CRYPTEN, "spu-semi2k": SPU, "spu-cheetah": SPU}
 
 
-def graphs(kinds: list[str]) -> list[dict]:
+def graphs(spec: dict, kinds: list[str]) -> list[dict]:
     """One dict per graph: kind, name, model, base (the graph without the kind, or None), x, holdout."""
     out = []
     for kind in kinds:
-        shapes = ROW_SHAPES if kind in ROWS else ELEMENT_SHAPES
-        for i, (n, d) in enumerate(shapes):
+        make, make_base = spec["kinds"][kind]
+        shapes = spec["row_shapes"] if kind in ROW_KINDS else spec["shapes"]
+        for i, (shape, twice) in enumerate(shapes):
             torch.manual_seed(i)
-            pre = nn.Linear(d, d) if kind in ROWS or not isinstance(ELEMENTWISE[kind][0](d), Pair) else None
-            make, make_base = (ROWS[kind], None) if kind in ROWS else ELEMENTWISE[kind]
+            d = shape[-1]
             body = make(d)
-            model = seq(pre, body) if pre is not None else seq(body)
+            pre = [nn.Linear(d, d)] if spec["linear"] and not isinstance(body, Pair) else []
+            again = [Fn(torch.sigmoid), make(d)] if kind == "exp" else [make(d)]  # exp(exp(x)) overflows
+            model = seq(*pre, body, *(again if twice else []))
             base = None
             if make_base is not None:
                 b = make_base(d)
                 if isinstance(b, Pair):
                     b.lin = body.lin  # the same weights
-                base = seq(pre, b) if pre is not None else seq(b)
-            x = torch.randn((1, n, d), generator=torch.Generator().manual_seed(0))
-            out.append({"kind": kind, "name": f"{kind}_{n}x{d}", "model": model, "base": base, "x": x,
-                        "holdout": i == len(shapes) - 1})
+                base = seq(*pre, b)
+            out.append({"kind": kind, "name": f"{kind}_{'x'.join(map(str, shape))}{'_twice' if twice else ''}",
+                        "model": model, "base": base, "holdout": i == len(shapes) - 1,
+                        "x": torch.randn((1, *shape), generator=torch.Generator().manual_seed(0))})
     return out
 
 
-def kind_features(path: Path, kind: str) -> dict[str, float]:
-    """The cost model's features of the ``kind`` layers of an ONNX file, added up."""
+def kind_features(g: dict, workdir: Path) -> dict[str, float]:
+    """The cost model's features of the graph's ``kind`` layers, added up (the graph exported to ``workdir``)."""
+    path = workdir / f"{g['name']}.onnx"
+    snl_fx.export_onnx(g["model"], g["x"], path, profile="pi")
     total: dict[str, float] = {}
     for _, k, _, _, feats in layer_features(snl_fx.relu_count(path)):
-        if k == kind:
+        if k == g["kind"]:
             for f, v in feats.items():
                 total[f] = total.get(f, 0) + v
     return total
@@ -105,12 +175,10 @@ def kind_features(path: Path, kind: str) -> dict[str, float]:
 
 def measure(g: dict, backend: str, runs: int, workdir: Path) -> dict:
     """Bytes, rounds and seconds of the graph's ``kind`` layers, as the runner reports them."""
-    kind, path = g["kind"], workdir / f"{g['name']}.onnx"
-    snl_fx.export_onnx(g["model"], g["x"], path, profile="pi")
-    r = snl_fx.pi_bench(path, runs=runs, input=g["x"], backend=backend)
-    row = {"graph": g["name"], "kind": kind, "holdout": g["holdout"], "features": kind_features(path, kind),
-           "total_bytes": r.bytes, "total_rounds": r.rounds, "max_abs_error": r.max_abs_error,
-           "runner_kinds": r.kinds}
+    kind, features = g["kind"], kind_features(g, workdir)
+    r = snl_fx.pi_bench(workdir / f"{g['name']}.onnx", runs=runs, input=g["x"], backend=backend)
+    row = {"graph": g["name"], "kind": kind, "holdout": g["holdout"], "features": features, "total_bytes": r.bytes,
+           "total_rounds": r.rounds, "max_abs_error": r.max_abs_error, "runner_kinds": r.kinds}
     if g["base"] is None:
         k = (r.kinds or {}).get(kind)
         if k is None:
@@ -125,35 +193,39 @@ def measure(g: dict, backend: str, runs: int, workdir: Path) -> dict:
     return row
 
 
-def calibrate_kind(kind: str, rows: list[dict]) -> dict:
-    """Coefficients of one kind's features from its fit rows; rounds: per layer, the same on every graph."""
-    fit_rows = [r for r in rows if not r["holdout"]]
-    names = [kind, f"{kind}_layer"] + ([f"{kind}_rows"] if kind in ROWS else [])
-    depth = [f for f in ("softmax_depth", "softmax_odd") if kind == "softmax"]  # its row maximum's tree levels
-    for r in rows:
-        r["features"] = {n: r["features"].get(n, 0.0) for n in names + depth}
-    nbytes = integral(fit(fit_rows, names, "bytes"), tol=1e-3) | {n: 0.0 for n in depth}
-    per = [f"{kind}_layer", *depth]  # rounds: per layer (and per comparison-tree level), integers
-    rounds = {n: 0.0 for n in names + depth} | {k: float(round(v)) for k, v in fit(fit_rows, per, "rounds").items()}
-    wrong = [(r["graph"], r["rounds"]) for r in rows if sum(rounds[n] * v for n, v in r["features"].items()) != r["rounds"]]
-    if wrong:
-        raise SystemExit(f"{kind}: rounds {rounds} miss {wrong}; the model needs another rounds feature")
-    seconds = {n: 0.0 for n in names + depth} | fit(fit_rows, names[:2], "seconds", relative=True)
-    return {"bytes": nbytes, "rounds": rounds, "seconds": seconds}
-
-
-def check(kind: str, coef: dict, rows: list[dict]) -> list[dict]:
-    out = []
+def calibrate_kind(kind: str, rows: list[dict], spec: dict, round_seconds: float) -> tuple[dict, list[dict]]:
+    """Coefficients of one kind's features from its fit rows, and the check of every row."""
+    train = [r for r in rows if not r["holdout"]]
+    names = [kind, f"{kind}_layer"] + ([f"{kind}_rows"] if kind in ROW_KINDS else [])
+    depth = ["softmax_depth", "softmax_odd"] if kind == "softmax" else []
+    zeros = {n: 0.0 for n in names + depth}
+    nbytes = zeros | integral(fit(train, names, "bytes"), tol=1e-3)
+    at = spec["softmax_rounds_rows"] if kind == "softmax" else None  # rows whose rounds must match
+    exact = [r for r in rows if at is None or r["features"][kind] / r["features"][f"{kind}_rows"] in at]
+    per = [f"{kind}_layer", *(spec["rounds_depth"] if depth else [])]
+    rounds = zeros | integral(fit([r for r in exact if not r["holdout"]], per, "rounds"))
+    if spec["seconds"] == "relative":  # the kind's seconds, non-negative least squares of relative errors
+        seconds = fit(train, names[:2], "seconds", relative=True)
+    else:  # compute beyond the entry's seconds per round, negative terms set to 0
+        for r in rows:
+            r["compute"] = r["seconds"] - round_seconds * r["rounds"]
+        seconds = {n: max(v, 0.0) for n, v in fit(train, names[:2], "compute").items()}
+        for r in rows:
+            del r["compute"]
+    seconds = {n: 0.0 for n in names[:2]} | seconds
+    checks = []
     for r in rows:
         f = r["features"]
-        pb = sum(coef["bytes"][n] * v for n, v in f.items())
-        pr = sum(coef["rounds"][n] * v for n, v in f.items())
-        ps = sum(coef["seconds"].get(n, 0.0) * v for n, v in f.items())
-        out.append({"graph": r["graph"], "kind": kind, "holdout": r["holdout"], "elements": f[kind],
-                    "rows": f.get(f"{kind}_rows"), "bytes": r["bytes"], "predicted_bytes": pb,
-                    "bytes_error": (pb - r["bytes"]) / r["bytes"], "rounds": r["rounds"], "predicted_rounds": pr,
-                    "seconds": r["seconds"], "predicted_seconds": ps})
-    return out
+        pb, pr = (sum(c.get(n, 0.0) * v for n, v in f.items()) for c in (nbytes, rounds))
+        ps = sum(seconds.get(n, 0.0) * v for n, v in f.items()) + (round_seconds * pr if spec["seconds"] != "relative" else 0.0)
+        checks.append({"graph": r["graph"], "kind": kind, "holdout": r["holdout"], "elements": f[kind],
+                       "rows": f.get(f"{kind}_rows"), "bytes": r["bytes"], "predicted_bytes": pb,
+                       "bytes_error": (pb - r["bytes"]) / r["bytes"], "rounds": r["rounds"], "predicted_rounds": pr,
+                       "seconds": r["seconds"], "predicted_seconds": ps})
+    wrong = [(c["graph"], c["rounds"]) for c, r in zip(checks, rows) if r in exact and c["predicted_rounds"] != c["rounds"]]
+    if wrong:
+        raise SystemExit(f"{kind}: rounds {rounds} miss {wrong}; the model needs another rounds feature")
+    return {"bytes": nbytes, "rounds": rounds, "seconds": seconds}, checks
 
 
 def vit_check(backend: str, runs: int, workdir: Path) -> dict:
@@ -193,79 +265,84 @@ def vit_check(backend: str, runs: int, workdir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="spu-semi2k", choices=["spu-semi2k", "spu-cheetah"])
-    parser.add_argument("--kinds", nargs="+", default=[*ELEMENTWISE, *ROWS])
-    parser.add_argument("--runs", type=int, default=2, help="inferences per graph (pi_bench's steady state)")
-    parser.add_argument("--out", default=str(CONSTANTS_PATH), help="the constants file (kind coefficients merged)")
-    parser.add_argument("--results", default=None, help="per-graph measurements (default: "
+    parser.add_argument("--backend", required=True, choices=list(BACKENDS),
+                        help="spu-cheetah runs SEMI2K's graphs and fits; that path is untested")
+    parser.add_argument("--kinds", nargs="+", help="these kinds only (default: all the backend's)")
+    parser.add_argument("--runs", type=int, help="inferences per graph (default: SPU 2, CrypTen 3)")
+    parser.add_argument("--write", action="store_true", help="add the coefficients to the backend's entry of --out")
+    parser.add_argument("--out", default=str(CONSTANTS_PATH), help="the constants file")
+    parser.add_argument("--results", help="where the per-graph measurements go (default: "
                         "benchmarks/results/pi_calibrate_kinds_<backend>.json)")
-    parser.add_argument("--from-results", action="store_true", help="refit from --results without running SPU")
+    parser.add_argument("--from-results", metavar="FILE", help="refit the rows of an earlier run's results, run nothing")
+    parser.add_argument("--from-log", metavar="FILE", help="reuse the rows printed by an earlier run; run the rest")
     parser.add_argument("--vit", action="store_true", help="then check the zoo ViT, predicted against measured")
     args = parser.parse_args()
-    results_path = Path(args.results or f"benchmarks/results/pi_calibrate_kinds_{args.backend}.json")
+    spec = BACKENDS[args.backend]
+    kinds, runs = args.kinds or list(spec["kinds"]), args.runs or spec["runs"]
+    results_path = Path(args.results or args.from_results or f"benchmarks/results/pi_calibrate_kinds_{args.backend}.json")
     out = Path(args.out)
-    if args.from_results:  # the measurements stored; the features again from the graphs (the model's current ones)
-        stored = {r["graph"]: r for r in json.loads(results_path.read_text())["rows"]}
-        rows = []
-        with tempfile.TemporaryDirectory(prefix="pi_calibrate_kinds_") as tmp:
-            for g in graphs(args.kinds):
-                path = Path(tmp) / f"{g['name']}.onnx"
-                snl_fx.export_onnx(g["model"], g["x"], path, profile="pi")
-                rows.append({**stored[g["name"]], "features": kind_features(path, g["kind"])})
+    if args.from_results:
+        stored = json.loads(Path(args.from_results).read_text())["rows"]
     else:
-        rows = []
-        with tempfile.TemporaryDirectory(prefix="pi_calibrate_kinds_") as tmp:
-            for g in graphs(args.kinds):
-                row = measure(g, args.backend, args.runs, Path(tmp))
-                rows.append(row)
-                print(json.dumps({k: v for k, v in row.items() if k != "runner_kinds"}), flush=True)
-    if not args.from_results:  # kept before fitting: --from-results refits from them
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps({"backend": args.backend, "rows": rows}, indent=2) + "\n")
+        stored = [json.loads(line) for line in Path(args.from_log).read_text().splitlines()
+                  if line.startswith('{"graph"')] if args.from_log else []
+    stored = {r["graph"]: r for r in stored}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="pi_calibrate_kinds_") as tmp:
+        for g in graphs(spec, kinds):
+            if g["name"] in stored:  # the measurement stored; the features again (the model's current ones)
+                rows.append({**stored[g["name"]], "features": kind_features(g, Path(tmp))})
+            elif args.from_results:
+                raise SystemExit(f"{args.from_results} has no row {g['name']!r}")
+            else:
+                rows.append(measure(g, args.backend, runs, Path(tmp)))
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "runner_kinds"}), flush=True)
+    constants = json.loads(out.read_text())
+    round_seconds = constants["protocols"][args.backend]["seconds"].get("round", 0.0)
     checks, fitted = [], {}
-    for kind in args.kinds:
-        kind_rows = [r for r in rows if r["kind"] == kind]
-        coef = calibrate_kind(kind, kind_rows)
-        fitted[kind] = coef
-        checks += check(kind, coef, kind_rows)
+    for kind in kinds:
+        fitted[kind], kind_checks = calibrate_kind(kind, [r for r in rows if r["kind"] == kind], spec, round_seconds)
+        checks += kind_checks
     held = [c for c in checks if c["holdout"]]
     summary = {"max_bytes_rel_error": max(abs(c["bytes_error"]) for c in checks),
-               "max_holdout_bytes_rel_error": max(abs(c["bytes_error"]) for c in held) if held else None,
-               "rounds_exact": all(c["rounds"] == c["predicted_rounds"] for c in checks)}
-    constants = json.loads(out.read_text())  # again: other scripts write other entries of the file
-    entry = constants["protocols"][args.backend]
-    for coef in fitted.values():  # this script's keys only: <kind>, <kind>_layer, <kind>_rows, softmax_depth/odd
-        for part in ("bytes", "rounds", "seconds"):
-            entry[part].update(coef[part])
-    old = entry.get("kinds", {})
-    entry["kinds"] = {
-        "backend": args.backend,
-        "date": datetime.date.today().isoformat(),
-        # a refit keeps the command that measured (--from-results: the same rows, stored)
-        "command": old["command"] if args.from_results and old.get("command") else "python " + " ".join(sys.argv),
-        "source": SOURCES[args.backend] + "; per-kind segments of the SPU runner (PiBenchResult.kinds)",
-        "kinds": sorted(set(old.get("kinds", [])) | set(args.kinds)),
-        "check": {**old.get("check", {}), **{k: {c["graph"]: {"bytes_error": c["bytes_error"], "holdout": c["holdout"]}
-                                               for c in checks if c["kind"] == k} for k in args.kinds}},
-        "summary": summary,
-        "note": ("bytes: least squares over <kind> elements, <kind>_layer (and <kind>_rows for softmax / layernorm) "
-                 "on the fit graphs; rounds: per layer, equal on every graph; mul and silu: the difference with "
-                 "the graph without them (SPU runs a secret product inside a linear segment; SiLU = sigmoid + mul)"),
-    }
-    out.write_text(json.dumps(constants, indent=2) + "\n")
-    stored = json.loads(results_path.read_text())
-    results_path.write_text(json.dumps({**stored, "checks": checks}, indent=2) + "\n")
+               "max_holdout_bytes_rel_error": max(abs(c["bytes_error"]) for c in held),
+               "max_rounds_error": max(abs(c["predicted_rounds"] - c["rounds"]) for c in checks)}
     for c in checks:
-        print(f"{c['graph']:18s} {'held out' if c['holdout'] else 'fit':8s} bytes {c['bytes']:>10,.0f} predicted "
-              f"{c['predicted_bytes']:>12,.1f} ({c['bytes_error']:+.3%})  rounds {c['rounds']} / {c['predicted_rounds']:.0f}"
+        print(f"{c['graph']:20s} {'held out' if c['holdout'] else 'fit':8s} bytes {c['bytes']:>10,.0f} predicted "
+              f"{c['predicted_bytes']:>12,.1f} ({c['bytes_error']:+.3%})  rounds {c['rounds']} / {c['predicted_rounds']:g}"
               f"  s {c['seconds']:.4f} / {c['predicted_seconds']:.4f}")
     print(json.dumps(summary))
     print(json.dumps(fitted, indent=1))
+    if not args.from_results:  # what was measured (or logged), with its checks
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps({"backend": args.backend, "rows": rows, "checks": checks,
+                                            "summary": summary}, indent=2) + "\n")
+    if args.write:
+        constants = json.loads(out.read_text())  # again: other scripts write other entries of the file
+        entry = constants["protocols"][args.backend]
+        for coef in fitted.values():  # this script's keys only: <kind>, <kind>_layer, <kind>_rows, softmax_*
+            for part in ("bytes", "rounds", "seconds"):
+                entry[part].update(coef[part])
+        old = entry.get("kinds", {})
+        entry["kinds"] = {
+            "backend": args.backend,
+            "date": datetime.date.today().isoformat(),
+            # a refit keeps the command that measured (--from-results: the same rows, stored)
+            "command": old["command"] if args.from_results and old.get("command") else "python " + " ".join(sys.argv),
+            "source": SOURCES[args.backend] + spec["source"],
+            "kinds": sorted(set(old.get("kinds", [])) | set(kinds)),
+            "check": {**{k: v for k, v in old.get("check", {}).items() if isinstance(v, dict)},  # other kinds'
+                      **{k: {c["graph"]: {"bytes_error": c["bytes_error"], "holdout": c["holdout"]}
+                            for c in checks if c["kind"] == k} for k in kinds}},
+            "summary": summary,
+            "note": spec["note"],
+        }
+        out.write_text(json.dumps(constants, indent=2) + "\n")
     if args.vit:
         with tempfile.TemporaryDirectory(prefix="pi_calibrate_kinds_vit_") as tmp:
-            vit = vit_check(args.backend, args.runs, Path(tmp))
+            vit = vit_check(args.backend, runs, Path(tmp))
         stored = json.loads(results_path.read_text())
-        results_path.write_text(json.dumps({**stored, "checks": checks, "vit_tiny_fm": vit}, indent=2) + "\n")
+        results_path.write_text(json.dumps({**stored, "vit_tiny_fm": vit}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def test_pi_profile_batchnorm_mul_is_listed_unpriced(tmp_path, protocol):
     cost = snl_fx.pi_cost(path, protocol=protocol)
     muls = [la for la in cost.layers if la.kind == "mul"]
     table = snl_fx.cost.model.cost_table(protocol)
-    if "mul" in table.bytes:  # measured (CrypTen: benchmarks/pi_calibrate_crypten_kinds.py): priced, complete
+    if "mul" in table.bytes:  # measured (CrypTen: benchmarks/pi_calibrate_kinds.py --backend crypten): priced, complete
         assert [(la.op, la.elements, la.bytes) for la in muls] == [("mul", 4 * 8 * 8, 4 * 8 * 8 * table.bytes["mul"])]
         assert cost.complete is True
         return
