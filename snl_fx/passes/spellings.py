@@ -246,8 +246,9 @@ def other_nonlinearity(node: Node, modules: dict[str, nn.Module], secret: Contai
 
     A clamp with min 0 and no max is a ReLU site (:func:`relu_op`), never one of these. GELU is
     ``"gelu"`` in its erf form and ``"gelu_tanh"`` with ``approximate="tanh"``. A division is
-    ``"div"`` only when its divisor is a tensor in ``secret``, a product ``"mul"`` only when both
-    factors are (a scale by a Python number or a weight is free under secret sharing); ``secret``
+    ``"div"`` only when its divisor is a tensor in ``secret``, a product ``"mul"`` when one factor is
+    and the other is too or is a weight of more than one element (the server's weights are secret;
+    a scale by a Python number or a one-element weight is free); ``secret``
     is the set of values a batched input flows into (``find.batched_nodes``), and None takes
     every tensor in the graph for one.
     """
@@ -265,10 +266,14 @@ def other_nonlinearity(node: Node, modules: dict[str, nn.Module], secret: Contai
         kind = OTHER_METHODS.get(str(node.target))
     if kind == "avgpool" and node.op != "call_module" and node.target in (torch.mean, "mean") and not _is_spatial_mean(node):
         kind = None
-    if kind in ("mul", "div"):
+    if kind == "mul":
         a, b = _operands(node)
-        operands = (a, b) if kind == "mul" else (a,) if node.target in RECIPROCALS else (b,)
-        if not all(_is_secret_tensor(o, secret) for o in operands):
+        if not ((_is_secret_tensor(a, secret) and _is_secret_or_weight(b, secret))
+                or (_is_secret_tensor(b, secret) and _is_secret_or_weight(a, secret))):
+            kind = None
+    elif kind == "div":
+        a, b = _operands(node)
+        if not _is_secret_tensor(a if node.target in RECIPROCALS else b, secret):
             kind = None
     if kind == "gelu" and _gelu_form(node, modules) == "tanh":
         kind = "gelu_tanh"
@@ -338,6 +343,16 @@ def _is_secret_tensor(value: Any, secret: Container[Node] | None) -> bool:
     if not isinstance(value, Node) or not hasattr(value.meta.get("tensor_meta"), "shape"):
         return False
     return secret is None or value in secret
+
+
+def _is_secret_or_weight(value: Any, secret: Container[Node] | None) -> bool:
+    """A per-sample value, or a weight tensor of more than one element: the server's weights are
+    secret-shared, so a product with one (a layer scale, an unfolded BatchNorm) is a secret product,
+    as the ONNX inspector counts a Mul by an initializer. A one-element weight is a scale: free."""
+    if _is_secret_tensor(value, secret):
+        return True
+    shape = getattr(value.meta.get("tensor_meta"), "shape", None) if isinstance(value, Node) else None
+    return shape is not None and math.prod(shape) > 1
 
 
 def _gelu_form(node: Node, modules: dict[str, nn.Module]) -> str:
