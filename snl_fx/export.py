@@ -76,15 +76,11 @@ def export_onnx(
     if profile == "pi":
         from torch.fx.experimental.optimization import fuse
 
-        from snl_fx.passes.trace import _drop_specialisation_asserts, _with_unsupplied_defaults
-
         passes.set_form(model, "gather")  # CrypTen has no ScatterElements; before tracing, which inlines it
         # forward defaults left out (timm ViT's ``attn_mask=None, is_causal=False``) traced as their
         # values, as passes.trace does: left placeholders, the exporter feeds them in as tensors
-        gm = torch.fx.symbolic_trace(model, concrete_args=_with_unsupplied_defaults(model, len(args), None))
-        _drop_specialisation_asserts(gm.graph)
-        gm.recompile()
-        model = batchnorm_to_affine(fuse(gm, no_trace=True))  # fuse folds BN into a preceding conv; the rest Mul+Add
+        traced = passes.trace_as_called(model, len(args))
+        model = batchnorm_to_affine(fuse(traced, no_trace=True))  # BN folded into a preceding conv; the rest Mul+Add
     path = Path(path)
     checked: dict[str, Any] = {}
     # written beside ``path`` and renamed over it only once every check passed: a refused export leaves nothing

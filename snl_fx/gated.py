@@ -52,8 +52,7 @@ def prepare(
     """
     if granularity not in passes.GRANULARITIES:
         raise SnlFxError(f"granularity must be one of {passes.GRANULARITIES}, got {granularity!r}")
-    traced = passes.trace(model, example_input, concrete_args=concrete_args, leaf_modules=leaf_modules)
-    gm = passes.find_relus(passes.decompose_attention(traced))  # the graph the inspector and pi_cost price
+    gm = passes.front_end(model, example_input, concrete_args=concrete_args, leaf_modules=leaf_modules)
     if not passes.get_meta(gm).sites:
         hidden = passes.get_meta(gm).ungateable
         extra = f" (ReLUs hidden in leaf modules: {', '.join(u.name for u in hidden)})" if hidden else ""

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_hf_models import MODELS, DefaultedAttention
+from test_nonlinearities_torch import count, rows
 
 import snl_fx
-from test_hf_models import MODELS
-from test_nonlinearities_torch import count, rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:symbolic_trace failed")  # HF models: the torch.export fallback
 
@@ -73,18 +73,6 @@ def test_convnext_layer_scales_are_secret_products_on_both_sides(tmp_path):
     for h in hooks:
         h.remove()
     assert scaled and torch_side.other_totals()["mul"] == onnx_side.other_totals()["mul"] == sum(scaled)
-
-
-class DefaultedAttention(torch.nn.Module):
-    """``forward(x, attn_mask=None, is_causal=False)``, as timm's VisionTransformer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.qkv = torch.nn.Linear(8, 24)
-
-    def forward(self, x, attn_mask=None, is_causal=False):
-        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4).unbind(0)
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
 
 def test_pi_profile_traces_left_out_forward_defaults_as_their_values(tmp_path):

@@ -33,7 +33,7 @@ def module_report(model: nn.Module, example_input: Any) -> ReluReport:
             "this model still has trainable SNL gates: count them with snl_fx.relu_count_gated(model), "
             "or lower it first with snl_fx.convert(model)"
         )
-    gm = passes.find_relus(passes.decompose_attention(passes.trace(model, example_input, share_weights=True)))
+    gm = passes.front_end(model, example_input, share_weights=True)
     return report_from_graph(gm, source=type(model).__name__)
 
 

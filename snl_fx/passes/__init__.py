@@ -5,6 +5,8 @@ Order of use: ``trace`` -> ``decompose_attention`` -> ``find_relus`` -> ``make_o
 It imports nothing of the library above it but the error class (``snl_fx.errors``).
 """
 
+from torch.fx import GraphModule
+
 from .attention import decompose_attention
 from .errors import PassError
 from .find import find_relus
@@ -25,9 +27,10 @@ from .gate import (
 from .lower import PartialReLU, binary_mask, kept_counts, lower_gates, set_form
 from .merge import MergeCandidate, default_should_merge, merge_linear
 from .meta import Nonlinearity, Site, SNLMeta, Ungateable, get_meta
-from .trace import as_args, count_aten_relus, trace
+from .trace import as_args, count_aten_relus, trace, trace_as_called
 
 __all__ = [
+    "front_end",
     "COUNT_EPS",
     "GATES_PREFIX",
     "GRANULARITIES",
@@ -59,4 +62,12 @@ __all__ = [
     "site_counts",
     "site_key",
     "trace",
+    "trace_as_called",
 ]
+
+
+def front_end(model, example_input, **trace_options) -> GraphModule:
+    """The front end, one place for the inspector and ``prepare``: :func:`trace` (with
+    ``trace_options``), :func:`decompose_attention`, :func:`find_relus`. Every site and every other
+    nonlinearity is then in ``get_meta(gm)``; the graph is the one ``pi_cost`` prices."""
+    return find_relus(decompose_attention(trace(model, example_input, **trace_options)))

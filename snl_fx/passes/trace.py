@@ -131,6 +131,15 @@ def _with_unsupplied_defaults(model: nn.Module, given: int, concrete_args: dict[
     return filled or concrete_args
 
 
+def trace_as_called(model: nn.Module, inputs: int) -> GraphModule:
+    """A plain ``symbolic_trace`` of ``model`` called with ``inputs`` positional arguments: the forward
+    arguments left out are fixed at their defaults, as :func:`trace` does (no copy, no shapes, no
+    metadata: for a step that needs the bare FX graph, such as export's BatchNorm fusion)."""
+    graph = Tracer().trace(model, _with_unsupplied_defaults(model, inputs, None))
+    _drop_specialisation_asserts(graph)
+    return GraphModule(model, graph, type(model).__name__)
+
+
 def _symbolic_trace(model, args, concrete_args, leaf_types) -> GraphModule:
     tracer = _Tracer(leaf_types)
     try:
