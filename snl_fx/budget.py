@@ -42,9 +42,10 @@ from snl_fx.errors import InternalError, SnlFxError
 from snl_fx.gated import site_relu_counts, total_relus
 from snl_fx.inspect.report import ReluReport
 from snl_fx.select import binarize
-from snl_fx.train.objective import GateObjective, count_objective
+from snl_fx.train.objective import GateObjective, count_objective, joint_objective
 
-__all__ = ["Budget", "Cost", "CostPlan", "CountPlan", "GateObjective", "Plan", "Relus", "as_budget", "bind",
+__all__ = ["Budget", "Cost", "CostPlan", "CountPlan", "Families", "FamilyPlan", "GateObjective", "Plan", "Relus",
+           "as_budget", "bind", "budget_families",
            "cost_summary", "count_objective", "parse_cost", "plan_cost", "resolve_budget"]
 
 log = logging.getLogger("snl_fx")
@@ -73,6 +74,11 @@ class Plan(abc.ABC):
     def nothing_to_remove(self) -> bool:
         """The model as it is meets the budget."""
         return self.ceiling >= self.total
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The nonlinearity families this plan gates (``prepare``'s ``families``)."""
+        return self.budget.families
 
     gated_sites: list[str]  # the sites with a gate (all but the skipped ones), in graph order
 
@@ -136,6 +142,8 @@ class Relus:
         """The count this budget allows on a model of ``total`` ReLUs per sample."""
         return max(1, round(self.value * total)) if isinstance(self.value, float) else int(self.value)
 
+    families: tuple[str, ...] = ("relu",)  # what it gates (a class attribute, not a field)
+
     def plan(self, gm: GraphModule) -> CountPlan:
         """Bind to ``gm`` (from :func:`snl_fx.prepare`)."""
         return CountPlan(self, gm)
@@ -146,20 +154,27 @@ class Relus:
 
 
 class CountPlan(Plan):
-    """A ReLU budget on a prepared model: gates trained on ``sum|c|``, binarized to exactly the count."""
+    """A ReLU budget on a prepared model: gates trained on ``sum|c|``, binarized to exactly the count.
 
-    def __init__(self, budget: Relus, gm: GraphModule) -> None:
-        self.budget, self.total = budget, total_relus(gm)
+    With ``family`` (``"gelu"``, ``"softmax"``, ...), the same for that family's elements."""
+
+    def __init__(self, budget: Relus, gm: GraphModule, family: str = "relu") -> None:
+        self.budget, self.family, self.total = budget, family, total_relus(gm, family)
         self.ceiling = budget.relus(self.total)
-        self.granularity = passes.get_meta(gm).granularity or "pixel"
-        self.gated_sites = list(passes.gates(gm))
+        meta = passes.get_meta(gm)
+        self.granularity = (meta.granularity or "pixel") if family == "relu" else meta.units.get(family, "")
+        self.gated_sites = list(passes.gates(gm, family))
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return (self.family,)
 
     def objective(self, gm: GraphModule) -> GateObjective:
-        return count_objective(gm, self.ceiling)
+        return count_objective(gm, self.ceiling, self.family)
 
     def select(self, gm: GraphModule, scores: dict[str, torch.Tensor] | None = None,
                tie_break: dict[str, torch.Tensor] | None = None) -> int:
-        return binarize(gm, self.ceiling, scores, tie_break)
+        return binarize(gm, self.ceiling, scores, tie_break, family=self.family)
 
     def refine(self, gm: GraphModule, data: Any, config: Any, teacher: nn.Module | None) -> None:
         from snl_fx.select import refine_selection
@@ -234,6 +249,8 @@ class Cost:
         """:func:`snl_fx.pi_cost` of ``model`` under this budget's protocol and network."""
         return pi_cost(model, example_input, self.protocol, self.network)
 
+    families: tuple[str, ...] = ("relu",)  # what it gates (a class attribute, not a field)
+
     def plan(self, gm: GraphModule) -> CostPlan:
         """Price this budget on ``gm`` (from :func:`snl_fx.prepare`): see :class:`CostPlan`."""
         return plan_cost(self, gm)
@@ -244,7 +261,80 @@ class Cost:
                 "network": dataclasses.asdict(parse_network(self.network)), "penalty": self.penalty}
 
 
-Budget = Relus | Cost  # what as_budget returns; each has .plan(gm) and .to_dict()
+@dataclass(frozen=True)
+class Families:
+    """A budget per nonlinearity family, each met exactly: elements per sample kept, a count (int)
+    or a fraction (float in (0, 1)) of the family's elements, as :class:`Relus` is for ReLUs.
+
+    Example:
+        >>> snl_fx.linearize(vit, x, {"gelu": 0.1, "softmax": 0.25}, data)  # the same as Families({...})
+    """
+
+    budgets: dict[str, int | float]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.budgets, dict) or not self.budgets:
+            raise SnlFxError(f"a per-family budget maps families to counts or fractions, got {self.budgets!r}")
+        for family, value in self.budgets.items():
+            if family not in passes.FAMILIES:
+                raise SnlFxError(f"unknown nonlinearity family {family!r} in the budget; gateable: "
+                                 f"{', '.join(passes.FAMILIES)}")
+            try:
+                Relus(value)
+            except SnlFxError as exc:
+                raise SnlFxError(f"budget for {family}: {exc}") from None
+        object.__setattr__(self, "budgets", dict(self.budgets))
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The families this budget gates."""
+        return tuple(self.budgets)
+
+    def plan(self, gm: GraphModule) -> FamilyPlan:
+        """Bind to ``gm`` (from :func:`snl_fx.prepare` with these families)."""
+        return FamilyPlan(self, gm)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``{"unit": "families", "budgets": {...}}``."""
+        return {"unit": "families", "budgets": dict(self.budgets)}
+
+
+class FamilyPlan(Plan):
+    """Per-family budgets on a prepared model: one :class:`CountPlan` per family, the gate phase on
+    their :func:`joint_objective`, each family binarized under its own budget."""
+
+    def __init__(self, budget: Families, gm: GraphModule) -> None:
+        missing = [f for f in budget.families if not passes.gates(gm, f)]
+        if missing:
+            raise SnlFxError(f"the model has no gated site of the famil{'y' if len(missing) == 1 else 'ies'} "
+                             f"{', '.join(missing)} (prepare it with families={list(budget.families)})")
+        self.budget = budget
+        self.plans = {f: CountPlan(Relus(v), gm, f) for f, v in budget.budgets.items()}
+        self.total = sum(p.total for p in self.plans.values())
+        self.ceiling = sum(p.ceiling for p in self.plans.values())
+        self.granularity = ",".join(f"{f}:{p.granularity}" for f, p in self.plans.items())
+        self.gated_sites = list(passes.gates(gm, None))
+
+    @property
+    def nothing_to_remove(self) -> bool:
+        return all(p.nothing_to_remove for p in self.plans.values())
+
+    @property
+    def key(self) -> dict[str, Any]:
+        meta_units = {f: p.granularity for f, p in self.plans.items()}
+        return {**self.budget.to_dict(), "elements": {f: p.ceiling for f, p in self.plans.items()},
+                "units": meta_units, "gated": self.gated_sites}
+
+    def objective(self, gm: GraphModule) -> GateObjective:
+        objectives = {f: p.objective(gm) for f, p in self.plans.items()}
+        return next(iter(objectives.values())) if len(objectives) == 1 else joint_objective(objectives)
+
+    def select(self, gm: GraphModule, scores: dict[str, torch.Tensor] | None = None,
+               tie_break: dict[str, torch.Tensor] | None = None) -> int:
+        return sum(p.select(gm, scores, tie_break) for p in self.plans.values())
+
+
+Budget = Relus | Cost | Families  # what as_budget returns; each has .plan(gm) and .to_dict()
 
 
 def as_budget(budget: Any, protocol: str = "crypten", network: Any = "wan") -> Budget:
@@ -264,13 +354,27 @@ def as_budget(budget: Any, protocol: str = "crypten", network: Any = "wan") -> B
         >>> as_budget("5%"), as_budget("1.5s", "spu-cheetah", "lan").unit
         (Relus(value=0.05), 'seconds')
     """
-    if isinstance(budget, (Relus, Cost)):
+    if isinstance(budget, (Relus, Cost, Families)):
         return budget
+    if isinstance(budget, dict):
+        return Families(budget)
+    if isinstance(budget, str) and "=" in budget:
+        return Families(_parse_families(budget))
     if isinstance(budget, str):
         return parse_cost(budget, protocol, network) or Relus(_parse_relus(budget))
     if isinstance(budget, Plan):
         raise SnlFxError("expected a budget, got a plan: pass the plan's budget (plan.budget)")
     return Relus(budget)
+
+
+def budget_families(budget: Any) -> tuple[str, ...]:
+    """The nonlinearity families a budget (any spelling :func:`as_budget` takes, or a plan) gates.
+
+    Example:
+        >>> budget_families(0.05), budget_families({"gelu": 0.1, "softmax": 0.25})
+        (('relu',), ('gelu', 'softmax'))
+    """
+    return budget.families if isinstance(budget, Plan) else as_budget(budget).families
 
 
 def bind(budget: Any, gm: GraphModule) -> Plan:
@@ -281,6 +385,17 @@ def bind(budget: Any, gm: GraphModule) -> Plan:
         >>> plan.ceiling
     """
     return budget if isinstance(budget, Plan) else as_budget(budget).plan(gm)
+
+
+def _parse_families(text: str) -> dict[str, int | float]:
+    """``"gelu=0.1,softmax=25%"`` -> ``{"gelu": 0.1, "softmax": 0.25}``."""
+    budgets: dict[str, int | float] = {}
+    for part in text.split(","):
+        family, sep, value = part.partition("=")
+        if not sep or not family.strip():
+            raise SnlFxError(f"--budget {text!r}: write per-family budgets as family=budget, e.g. gelu=0.1,softmax=25%")
+        budgets[family.strip()] = _parse_relus(value)
+    return budgets
 
 
 def _parse_relus(text: str) -> int | float:

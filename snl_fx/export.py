@@ -137,11 +137,13 @@ def check_exports(gm: torch.fx.GraphModule, example_input: Any, profiles: tuple[
     from snl_fx.select import binarize
 
     trial = copy.deepcopy(gm).cpu()
-    scores = {name: (torch.arange(g.weight.numel()) % 2 == 0).float().view_as(g.weight)
-              for name, g in passes.gates(trial).items()}
-    weight = passes.element_weights(trial)
-    kept = sum(int(c.sum()) * weight[name] for name, c in scores.items())
-    binarize(trial, ungated_relus(trial) + kept, scores)
+    families = dict.fromkeys(passes.get_meta(trial).site(n).family for n in passes.get_meta(trial).gates)
+    for family in families:
+        scores = {name: (torch.arange(g.weight.numel()) % 2 == 0).float().view_as(g.weight)
+                  for name, g in passes.gates(trial, family).items()}
+        weight = passes.element_weights(trial, family)
+        kept = sum(int(c.sum()) * weight[name] for name, c in scores.items())
+        binarize(trial, ungated_relus(trial, family) + kept, scores, family=family)
     lowered = convert(trial)
     args = tuple(a[:1] for a in passes.as_args(example_input))
     with tempfile.TemporaryDirectory(prefix="snl_fx_check_") as tmp:

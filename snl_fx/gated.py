@@ -27,8 +27,12 @@ def prepare(
     skip: Sequence[str] = (),
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
+    families: Sequence[str] = ("relu",),
+    units: dict[str, str] | None = None,
+    replacements: dict[str, str] | None = None,
 ) -> GraphModule:
-    """Trace a copy of ``model`` and put a trainable gate (initialised to 1) at every ReLU site.
+    """Trace a copy of ``model`` and put a trainable gate (initialised to 1) at every ReLU site
+    (or every site of the nonlinearity ``families`` asked for).
 
     The result computes exactly what ``model`` computes until its gates move.
 
@@ -40,6 +44,13 @@ def prepare(
         skip: fnmatch patterns of site names to leave as plain ReLUs (e.g. a stem ReLU).
         concrete_args: passed to ``symbolic_trace`` (e.g. a bool argument of ``forward``).
         leaf_modules: module types traced as one call; their ReLUs are reported, not gated.
+        families: the nonlinearity families to gate (``snl_fx.passes.FAMILIES``): ``"relu"``
+            (default), ``"gelu"``, ``"silu"``, ``"softmax"``; sites of the others stay as they are.
+        units: family -> gate unit (``{"gelu": "token"}``; the ReLU unit is ``granularity``);
+            default: each family's first unit (gelu, silu: token; softmax: row, one gate per head
+            and query row).
+        replacements: family -> what a cut unit computes (``{"softmax": "square"}``); default:
+            identity for element-wise activations, PriViT's ``x^2/N`` for softmax.
 
     Returns:
         A GraphModule with a :class:`passes.Gate` per site (see :func:`gates`); the sites are in
@@ -52,16 +63,44 @@ def prepare(
     """
     if granularity not in passes.GRANULARITIES:
         raise SnlFxError(f"granularity must be one of {passes.GRANULARITIES}, got {granularity!r}")
+    chosen = _family_choices(families, granularity, units, replacements)
     gm = passes.front_end(model, example_input, concrete_args=concrete_args, leaf_modules=leaf_modules)
-    if not passes.get_meta(gm).sites:
+    if set(chosen) == {"relu"} and not passes.get_meta(gm).sites:
         hidden = passes.get_meta(gm).ungateable
         extra = f" (ReLUs hidden in leaf modules: {', '.join(u.name for u in hidden)})" if hidden else ""
-        raise SnlFxError(f"{type(model).__name__} has no ReLU call site to linearize{extra}")
-    gm = passes.insert_gates(passes.make_out_of_place(gm), granularity, skip)
+        kinds = sorted({o.kind for o in passes.get_meta(gm).others if passes.families.family_of(o.kind)})
+        hint = f"; its gateable nonlinearities: {', '.join(kinds)} (budget them by family, e.g. {{'{kinds[0]}': 0.1}})" \
+            if kinds else ""
+        raise SnlFxError(f"{type(model).__name__} has no ReLU call site to linearize{extra}{hint}")
+    try:
+        gm = passes.insert_gates(passes.make_out_of_place(gm), granularity, skip, chosen)
+    except passes.PassError as exc:
+        raise SnlFxError(str(exc)) from exc
     if not passes.get_meta(gm).gates:
+        if set(chosen) != {"relu"}:
+            raise SnlFxError(f"{type(model).__name__} has no site of the families {sorted(chosen)} to linearize")
         raise SnlFxError(f"every ReLU site matches a skip pattern {list(skip)}: nothing to linearize")
     _check_prepared(model, gm, example_input)
     return gm
+
+
+def _family_choices(families: Sequence[str], granularity: str, units: dict[str, str] | None,
+                    replacements: dict[str, str] | None) -> dict[str, tuple[str | None, str | None]]:
+    """family -> (unit, replacement) for :func:`passes.insert_gates`, checked (one SnlFxError line)."""
+    if isinstance(families, str):
+        families = (families,)
+    units, replacements = dict(units or {}), dict(replacements or {})
+    chosen: dict[str, tuple[str | None, str | None]] = {}
+    for family in families:
+        unit = granularity if family == "relu" else units.get(family)
+        try:
+            chosen[family] = passes.families.check_choice(family, unit, replacements.get(family))
+        except passes.PassError as exc:
+            raise SnlFxError(str(exc)) from exc
+    stray = sorted((set(units) | set(replacements)) - set(chosen))
+    if stray:
+        raise SnlFxError(f"units/replacements given for {stray}, which are not among the gated families {sorted(chosen)}")
+    return chosen
 
 
 PREPARE_RTOL = 1e-5
@@ -128,7 +167,7 @@ def gates(gm: GraphModule) -> dict[str, passes.Gate]:
         >>> list(snl_fx.train.gates(gm))[:2]
         ['relu', 'layer1.0.relu']
     """
-    return passes.gates(gm)
+    return passes.gates(gm, None)
 
 
 def gate_parameters(gm: GraphModule) -> list[nn.Parameter]:
@@ -149,11 +188,12 @@ def gate_parameters(gm: GraphModule) -> list[nn.Parameter]:
     return [g.weight for g in gates(gm).values()]
 
 
-def lasso_penalty(gm: GraphModule) -> torch.Tensor:
+def lasso_penalty(gm: GraphModule, family: str = "relu") -> torch.Tensor:
     """``sum |c|`` over all gates (multiply by lambda and add to the loss).
 
     Args:
         gm: a model from :func:`prepare`.
+        family: whose gates (default the ReLU gates; ``"gelu"``, ``"softmax"``, ...).
 
     Returns:
         A scalar tensor that carries gradients to the gates. Each gate element counts once,
@@ -164,7 +204,7 @@ def lasso_penalty(gm: GraphModule) -> torch.Tensor:
         tensor(188416., grad_fn=<AddBackward0>)
         >>> loss = task_loss + lam * snl_fx.train.lasso_penalty(gm)
     """
-    return sum(w.abs().sum() for w in gate_parameters(gm))
+    return sum(g.weight.abs().sum() for g in passes.gates(gm, family).values())
 
 
 def clamp_gates(gm: GraphModule) -> None:
@@ -185,7 +225,7 @@ def clamp_gates(gm: GraphModule) -> None:
             w.clamp_(0.0, 1.0)
 
 
-def ungated_relus(gm: GraphModule) -> int:
+def ungated_relus(gm: GraphModule, family: str = "relu") -> int:
     """ReLUs per sample at sites left as plain ReLUs (skipped by pattern).
 
     Args:
@@ -200,13 +240,13 @@ def ungated_relus(gm: GraphModule) -> int:
         65536
     """
     gated = passes.get_meta(gm).gates
-    return sum(n for name, n in site_relu_counts(gm, None).items() if name not in gated)
+    return sum(n for name, n in site_relu_counts(gm, None, family).items() if name not in gated)
 
 
 COUNT_EPS = passes.COUNT_EPS  # the one threshold of the ReLU count (see snl_fx.passes.gate.COUNT_EPS)
 
 
-def site_relu_counts(gm: GraphModule, eps: float | None = COUNT_EPS) -> dict[str, int]:
+def site_relu_counts(gm: GraphModule, eps: float | None = COUNT_EPS, family: str = "relu") -> dict[str, int]:
     """ReLUs per sample at each site, in graph order.
 
     Args:
@@ -214,18 +254,20 @@ def site_relu_counts(gm: GraphModule, eps: float | None = COUNT_EPS) -> dict[str
         eps: a gate element counts while ``c > eps`` (a channel element counts H*W); ``None``
             counts every element, the model's ReLUs before linearization. Sites left as plain
             ReLUs (``skip``) count all their elements.
+        family: whose sites (default ``"relu"``; ``"gelu"``, ``"softmax"``, ...: their elements;
+            every count function of this module takes it).
 
     Returns:
-        Site name -> ReLUs per sample.
+        Site name -> ReLUs (elements of ``family``) per sample.
 
     Example:
         >>> snl_fx.train.site_relu_counts(gm)
         {'relu': 144, 'relu_1': 21}
     """
-    return passes.site_counts(gm, eps)
+    return passes.site_counts(gm, eps, family)
 
 
-def relu_count_gated(gm: GraphModule, eps: float | None = COUNT_EPS) -> int:
+def relu_count_gated(gm: GraphModule, eps: float | None = COUNT_EPS, family: str = "relu") -> int:
     """The ReLU count of Algorithm 1: ``#(c > eps)`` per sample over all sites (see :func:`site_relu_counts`).
 
     Args:
@@ -240,10 +282,10 @@ def relu_count_gated(gm: GraphModule, eps: float | None = COUNT_EPS) -> int:
         >>> snl_fx.train.relu_count_gated(gm)
         165
     """
-    return sum(site_relu_counts(gm, eps).values())
+    return sum(site_relu_counts(gm, eps, family).values())
 
 
-def soft_relu_count(gm: GraphModule) -> float:
+def soft_relu_count(gm: GraphModule, family: str = "relu") -> float:
     """The gates' mass in ReLUs per sample: ``sum c`` (channel gates weigh H*W), plus ungated sites.
 
     The soft counterpart of :func:`relu_count_gated`: it moves as soon as the gates do.
@@ -259,13 +301,13 @@ def soft_relu_count(gm: GraphModule) -> float:
         >>> snl_fx.train.soft_relu_count(gm)
         188416.0
     """
-    weight = passes.element_weights(gm)
+    weight = passes.element_weights(gm, family)
     with torch.no_grad():
-        mass = sum(float(g.weight.sum()) * weight[n] for n, g in passes.gates(gm).items())
-    return mass + ungated_relus(gm)
+        mass = sum(float(g.weight.sum()) * weight[n] for n, g in passes.gates(gm, family).items())
+    return mass + ungated_relus(gm, family)
 
 
-def total_relus(gm: GraphModule) -> int:
+def total_relus(gm: GraphModule, family: str = "relu") -> int:
     """ReLUs per sample of the original model (every site): ``relu_count_gated(gm, eps=None)``.
 
     Args:
@@ -279,7 +321,7 @@ def total_relus(gm: GraphModule) -> int:
         >>> snl_fx.gated.total_relus(gm)
         188416
     """
-    return relu_count_gated(gm, None)
+    return relu_count_gated(gm, None, family)
 
 
 def freeze_gates(gm: GraphModule) -> None:
@@ -368,6 +410,7 @@ def _output_diff(out_a: Any, out_b: Any) -> float:
 __all__ = [
     "clamp_gates",
     "convert",
+    "expected_counts",
     "freeze_gates",
     "gate_parameters",
     "gates",
@@ -380,3 +423,29 @@ __all__ = [
     "total_relus",
     "ungated_relus",
 ]
+
+
+def expected_counts(gm: GraphModule) -> dict[str, int]:
+    """What the inspector must find in the lowered model of a binarized ``gm``, per family: each
+    gated family's kept elements (plus its ungated sites), and the ReLUs that a cut softmax row's
+    ReLU-softmax replacement adds to the ReLU count.
+
+    Args:
+        gm: a binarized model from :func:`prepare`.
+
+    Returns:
+        Family -> elements per sample, for the families with a site in ``gm``.
+
+    Example:
+        >>> snl_fx.gated.expected_counts(gm)  # a ViT, gelu and softmax gated
+        {'gelu': 870, 'softmax': 1156}
+    """
+    meta = passes.get_meta(gm)
+    counts = {f: relu_count_gated(gm, COUNT_EPS, f) for f in dict.fromkeys(s.family for s in meta.sites)}
+    for name, gate in passes.gates(gm, None).items():
+        site = meta.site(name)
+        adds = passes.FAMILIES[site.family].replacement_kinds.get(getattr(gate, "replacement", "identity"), ())
+        if "relu" in adds:
+            cut = site.numel - site_relu_counts(gm, COUNT_EPS, site.family)[name]
+            counts["relu"] = counts.get("relu", 0) + cut
+    return counts

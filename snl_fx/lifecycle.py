@@ -19,15 +19,19 @@ from torch.utils.data import DataLoader, Dataset
 from snl_fx import passes
 from snl_fx._files import check_writable_dir
 from snl_fx._validate import check_data
-from snl_fx.budget import Cost, Plan, Relus, bind
+from snl_fx.budget import Cost, Families, Plan, Relus, bind, budget_families
 from snl_fx.errors import InternalError, SnlFxError
 from snl_fx.export import check_exports
 from snl_fx.gated import (
     convert,
+    expected_counts,
     freeze_gates,
+    gate_parameters,
     max_abs_diff,
     prepare,
+    relu_count_gated,
     site_relu_counts,
+    total_relus,
 )
 from snl_fx.inspect import relu_count
 from snl_fx.select import linearization_scores
@@ -56,6 +60,8 @@ class LinearizeResult:
         history: one :class:`EpochRecord` per epoch of both phases (empty for one-shot).
         accuracy_before, accuracy_after: top-1 % on the validation data; None without it.
         cost: Cost budgets: the budget, predicted bytes/rounds/seconds before and after; else None.
+        counts: per gated family (``"relu"``, ``"gelu"``, ``"softmax"``, ...): elements per sample
+            ``{"before", "after", "budget"}``, read back from the lowered model.
 
     Example:
         >>> result = snl_fx.linearize(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64), 2000)
@@ -76,6 +82,7 @@ class LinearizeResult:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     cost: dict[str, Any] | None = None  # Cost budgets: the budget, predicted bytes/rounds/seconds before and after
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)  # family -> {"before", "after", "budget"}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (no tensors)."""
@@ -87,7 +94,7 @@ class LinearizeResult:
 def linearize(
     model: nn.Module,
     example_input: Any,
-    budget: int | float | str | Relus | Cost,
+    budget: int | float | str | dict[str, int | float] | Relus | Cost | Families,
     data: Dataset | DataLoader | None = None,
     *,
     val_data: Dataset | DataLoader | None = None,
@@ -97,6 +104,8 @@ def linearize(
     resume: bool = False,
     concrete_args: dict[str, Any] | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
+    units: dict[str, str] | None = None,
+    replacements: dict[str, str] | None = None,
     config: TrainConfig | None = None,
     **overrides: Any,
 ) -> LinearizeResult:
@@ -117,7 +126,10 @@ def linearize(
             the selection meets the cost, linear ops are merged where cheaper, and
             ``result.cost`` states the cost before and after (``result.budget`` is then the ReLU
             count the cost allowed). Text works as on the command line (``"15000"``, ``"5%"``,
-            ``"1.5s"``, ``"200MB"``): see :func:`snl_fx.budget.as_budget`.
+            ``"1.5s"``, ``"200MB"``): see :func:`snl_fx.budget.as_budget`. A dict budgets
+            nonlinearity families apart, each exactly (``{"gelu": 0.1, "softmax": 0.25}``, text
+            ``"gelu=0.1,softmax=25%"``): their sites get gates (a GELU one per token, a softmax one
+            per head and query row) and a cut unit computes the family's replacement.
         data: a Dataset or DataLoader of (input, label) pairs; None: the one-shot selection.
         val_data: for model selection (default: 10% held out of ``data``, when it is a Dataset).
         granularity: ``"pixel"`` (one gate per element) or ``"channel"`` (paper eq. 6).
@@ -125,6 +137,8 @@ def linearize(
         out_dir, resume: a checkpoint every epoch goes to ``out_dir``; ``resume=True`` continues
             from it to the result of an uninterrupted run.
         concrete_args, leaf_modules: for tracing (see :func:`snl_fx.prepare`).
+        units, replacements: per family, the gate unit and what a cut unit computes (see
+            :func:`snl_fx.prepare`; e.g. ``replacements={"softmax": "relu"}``).
         config: the training settings (a :class:`TrainConfig`; default ``TrainConfig()``).
         **overrides: fields of ``config`` to replace (``epochs=8``, ``finetune_epochs=8``, ...).
 
@@ -149,17 +163,19 @@ def linearize(
         check_data(given, example_input, name)
     if out_dir is not None:
         check_writable_dir(out_dir, "out_dir")  # found now, not after the first epoch
-    gm = prepare(model, example_input, granularity, skip=skip, concrete_args=concrete_args, leaf_modules=leaf_modules)
+    gm = prepare(model, example_input, granularity, skip=skip, concrete_args=concrete_args, leaf_modules=leaf_modules,
+                 families=budget_families(budget), units=units, replacements=replacements)
     check_exports(gm, example_input)  # an unexportable model fails in seconds, before training
     plan = bind(budget, gm)
-    before = site_relu_counts(gm, eps=None)
+    before = _site_counts(gm, None)
     if plan.nothing_to_remove:
-        warnings.warn(f"budget {plan.ceiling:,} >= the model's {plan.total:,} ReLUs: nothing to remove, model unchanged",
-                      stacklevel=2)
+        what = "ReLUs" if plan.families == ("relu",) else "elements of " + ", ".join(plan.families)
+        warnings.warn(f"budget {plan.ceiling:,} >= the model's {plan.total:,} {what}: nothing to remove, model "
+                      "unchanged", stacklevel=2)
         unchanged = passes.trace(model, example_input, concrete_args=concrete_args, leaf_modules=leaf_modules)
         sites = {n: {"before": c, "after": c} for n, c in before.items()}
-        return LinearizeResult(unchanged, None, plan.total, plan.total, plan.ceiling, granularity, "unchanged", sites,
-                               cost=plan.unchanged_cost())
+        return LinearizeResult(unchanged, None, total_relus(gm), total_relus(gm), plan.ceiling, granularity,
+                               "unchanged", sites, cost=plan.unchanged_cost(), counts=_counts(gm, plan, gm))
     if data is not None and val_data is None and isinstance(data, Dataset):
         data, val_data = split_train_val(data, 0.1, seed=cfg.seed)
     teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False)
@@ -175,12 +191,12 @@ def linearize(
     gm.eval()
     lowered = convert(gm).eval()
     _verify(gm, lowered, example_input, final, device)
-    after = site_relu_counts(gm)
+    after = _site_counts(gm)
     sites = {n: {"before": before[n], "after": after[n]} for n in before}
     lowered, cost = plan.finish(lowered, _to(example_input, device))
     accuracy_after = distributed.on_rank0(lambda: evaluate(lowered, val_data, cfg))
-    return LinearizeResult(lowered, gm, final, plan.total, plan.ceiling, granularity, method, sites, history,
-                           accuracy_before, accuracy_after, cost)
+    return LinearizeResult(lowered, gm, expected_counts(gm).get("relu", 0), total_relus(gm), plan.ceiling, granularity,
+                           method, sites, history, accuracy_before, accuracy_after, cost, _counts(gm, plan, gm))
 
 
 def _train(gm: GraphModule, plan: Plan, teacher: nn.Module, data: Any, val_data: Any, example_input: Any,
@@ -226,8 +242,27 @@ def _scores(gm: GraphModule, example_input: Any, device: torch.device) -> dict[s
     )
 
 
+def _site_counts(gm: GraphModule, eps: float | None = passes.COUNT_EPS) -> dict[str, int]:
+    """Per site of every family, in graph order: the elements it keeps (``eps=None``: all)."""
+    counts = {f: site_relu_counts(gm, eps, f) for f in dict.fromkeys(s.family for s in passes.get_meta(gm).sites)}
+    return {s.name: counts[s.family][s.name] for s in passes.get_meta(gm).sites}
+
+
+def _counts(gm: GraphModule, plan: Plan, binarized: GraphModule) -> dict[str, dict[str, int]]:
+    """Per gated family: elements per sample before, after (as the inspector finds them) and the budget."""
+    ceilings = getattr(plan, "plans", {f: plan for f in plan.families})
+    after = expected_counts(binarized) if passes.gates(binarized, None) and _binary(binarized) else {}
+    return {f: {"before": total_relus(gm, f), "after": after.get(f, total_relus(gm, f)), "budget": ceilings[f].ceiling}
+            for f in plan.families}
+
+
+def _binary(gm: GraphModule) -> bool:
+    return all(bool(((w == 0) | (w == 1)).all()) for w in gate_parameters(gm))
+
+
 def _verify(gm: GraphModule, lowered: nn.Module, example_input: Any, final: int, device: torch.device) -> None:
-    """Guard: the lowered graph computes what the gated one does, with exactly ``final`` ReLUs.
+    """Guard: the lowered graph computes what the gated one does, with exactly ``final`` ReLUs (and,
+    per gated family, the elements its gates keep).
 
     A failure is a bug of snl_fx, not of the input: an :class:`InternalError`, which the CLIs
     report as an internal error (exit code 1), never an :class:`SnlFxError` (exit code 2).
@@ -236,9 +271,19 @@ def _verify(gm: GraphModule, lowered: nn.Module, example_input: Any, final: int,
     diff = max_abs_diff(gm, lowered, args)
     if diff > 1e-4:
         raise InternalError(f"lowered model differs from the gated model by {diff:.3g}")
-    counted = relu_count(lowered, args).total
-    if counted != final:
-        raise InternalError(f"lowered model has {counted} ReLUs per sample, expected {final}")
+    report = relu_count(lowered, args)
+    kept = {f: relu_count_gated(gm, family=f) for f in _gated_families(gm)}
+    if sum(kept.values()) != final:
+        raise InternalError(f"the selection reported {final} kept elements, the gates keep {kept}")
+    expected = expected_counts(gm)
+    for family, count in expected.items():
+        if report.family_count(family) != count:
+            raise InternalError(f"lowered model has {report.family_count(family)} {family} elements per sample, "
+                                f"expected {count}")
+
+
+def _gated_families(gm: GraphModule) -> set[str]:
+    return {passes.get_meta(gm).site(n).family for n in passes.get_meta(gm).gates}
 
 
 def load_linearized(model: nn.Module, example_input: Any, state_dict_path: str | os.PathLike,

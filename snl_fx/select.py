@@ -21,7 +21,7 @@ __all__ = ["binarize", "linearization_scores", "refine_selection"]
 
 def binarize(
     gm: GraphModule, budget: int, scores: dict[str, torch.Tensor] | None = None,
-    tie_break: dict[str, torch.Tensor] | None = None,
+    tie_break: dict[str, torch.Tensor] | None = None, family: str = "relu",
 ) -> int:
     """Set every gate to exactly 0 or 1 and freeze it.
 
@@ -34,6 +34,8 @@ def binarize(
         scores: site -> tensor of the gate's shape, ranking the elements instead of the gate values.
         tie_break: same form (e.g. :func:`linearization_scores`), ordering elements of equal
             rank; else site order then element index does.
+        family: whose gates (default ``"relu"``; ``"gelu"``, ``"softmax"``: ``budget`` counts their
+            elements, whole tokens or rows, best first, each taken if it still fits).
 
     Returns:
         The final ReLUs per sample. Raises SnlFxError when the ungated sites alone exceed ``budget``.
@@ -50,13 +52,15 @@ def binarize(
 
         return bind(budget, gm).select(gm, scores, tie_break)
     meta = passes.get_meta(gm)
-    gate_modules = passes.gates(gm)
+    gate_modules = passes.gates(gm, family)
     if not gate_modules:
-        raise SnlFxError("this model has no gates (lowered already?): binarize a model from snl_fx.prepare")
-    element_weight = passes.element_weights(gm)
-    room = budget - ungated_relus(gm)
+        what = "gates" if family == "relu" else f"{family} gates"
+        raise SnlFxError(f"this model has no {what} (lowered already?): binarize a model from snl_fx.prepare")
+    element_weight = passes.element_weights(gm, family)
+    room = budget - ungated_relus(gm, family)
     if room < 0:
-        raise SnlFxError(f"the ungated sites alone have {ungated_relus(gm)} ReLUs, more than the budget {budget}")
+        raise SnlFxError(f"the ungated sites alone have {ungated_relus(gm, family)} "
+                         f"{'ReLUs' if family == 'relu' else family + ' elements'}, more than the budget {budget}")
     values, ties, weights, owners = [], [], [], []
     for name, gate in gate_modules.items():
         v = (scores[name] if scores is not None else gate.weight).detach().float().flatten().cpu()
@@ -68,7 +72,7 @@ def binarize(
     order = torch.sort(-torch.cat(ties), stable=True).indices  # secondary key first, then a stable sort on the first
     order = order[torch.sort(-flat_values[order], stable=True).indices]
     keep = torch.zeros_like(flat_values, dtype=torch.bool)
-    if meta.granularity == "pixel":
+    if (meta.granularity == "pixel" and family == "relu") or bool((flat_weights == 1).all()):
         keep[order[:room]] = True
     else:
         left = room
@@ -82,14 +86,15 @@ def binarize(
             gate.weight.copy_(keep[start : start + size].view_as(gate.weight).to(gate.weight))
         gate.weight.requires_grad_(False)
         start += size
-    return int((keep.long() * flat_weights).sum()) + ungated_relus(gm)
+    return int((keep.long() * flat_weights).sum()) + ungated_relus(gm, family)
 
 
 def linearization_scores(gm: GraphModule, example_input: Any) -> dict[str, torch.Tensor]:
     """Training-free importance of each gate element: mean of ``min(z, 0)**2`` over the batch.
 
     That is the squared error of replacing the ReLU by identity there; keeping the largest
-    ones keeps the ReLUs whose removal would change the activations most.
+    ones keeps the ReLUs whose removal would change the activations most. A gate of another
+    family scores ``(f(x) - r(x))^2`` summed over its unit (``r`` its replacement).
 
     Args:
         gm: a prepared model; run once in eval mode without gradients (mode restored).
@@ -107,9 +112,12 @@ def linearization_scores(gm: GraphModule, example_input: Any) -> dict[str, torch
     granularity = passes.get_meta(gm).granularity
     scores: dict[str, torch.Tensor] = {}
     hooks = []
-    for name, gate in passes.gates(gm).items():
+    for name, gate in passes.gates(gm, None).items():
 
         def record(module, inputs, output, name=name, shape=tuple(gate.weight.shape)):
+            if isinstance(module, passes.NonlinearGate):
+                scores[name] = module.replacement_error(inputs[0].detach())
+                return
             err = inputs[0].detach().clamp(max=0).pow(2).mean(0)
             if granularity == "channel":
                 err = err.mean(dim=tuple(range(1, err.dim()))) if err.dim() > 1 else err

@@ -193,7 +193,7 @@ def _linearize(args: argparse.Namespace) -> int:
     result = linearize(
         model, example.to(cfg.resolved_device()), budget, None if args.one_shot else fit, val_data=val,
         granularity=args.granularity, skip=args.skip, out_dir=args.out, resume=args.resume,
-        **vars(cfg),
+        units=_pairs(args.unit, "--unit"), replacements=_pairs(args.replace, "--replace"), **vars(cfg),
     )
     acc_after = evaluate(result.model, test, cfg)
     result.model.cpu()
@@ -207,7 +207,7 @@ def _linearize(args: argparse.Namespace) -> int:
     else:
         before = relu_count(model.cpu(), example[:1])
         after = relu_count(result.model, example[:1])
-        print(jobs.summary(before, after, acc_before, acc_after))
+        print(jobs.summary(before, after, acc_before, acc_after, families=list(result.counts)))
         if result.cost:
             b, a, lim = result.cost["before"], result.cost["after"], result.cost["budget"]
             print(f"predicted {lim['protocol']} cost on {lim['network']['name']}: {b['bytes'] / 1e6:.2f} MB, {b['rounds']} rounds, "
@@ -217,12 +217,24 @@ def _linearize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(values: list[str], option: str) -> dict[str, str]:
+    """``["softmax=relu", "gelu=quad"]`` -> ``{"softmax": "relu", "gelu": "quad"}``; one-line error otherwise."""
+    pairs = {}
+    for value in values:
+        key, sep, name = value.partition("=")
+        if not sep or not key.strip() or not name.strip():
+            raise SnlFxError(f"{option} {value!r}: write FAMILY=NAME, e.g. softmax=relu")
+        pairs[key.strip()] = name.strip()
+    return pairs
+
+
 def _check_linearize_args(args: argparse.Namespace) -> Any:
     """Refuse bad ``snl-fx linearize`` options before any work; returns the parsed budget."""
     from snl_fx._files import check_writable_dir
     from snl_fx.budget import as_budget
 
     budget = as_budget(args.budget, args.protocol, args.network)
+    _pairs(args.unit, "--unit"), _pairs(args.replace, "--replace")
     if args.pretrain_epochs < 0:
         raise SnlFxError(f"--pretrain-epochs must be >= 0, got {args.pretrain_epochs}")
     if args.subset is not None and args.subset < 1:
@@ -328,11 +340,18 @@ def snl_fx_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="snl-fx", description="Selective Network Linearization for torch models")
     sub = parser.add_subparsers(dest="command", required=True)
     lin = sub.add_parser("linearize", help="pretrain (optional), linearize to a ReLU budget, fine-tune, export")
-    lin.add_argument("model", help="zoo name (small_resnet, cifar_resnet18, cifar_resnet34, wrn22_8) or pkg.module:factory")
+    lin.add_argument("model", help="zoo name (small_resnet, cifar_resnet18, cifar_resnet34, wrn22_8, vit_tiny_fm) or "
+                     "pkg.module:factory")
     lin.add_argument("--data", required=True, choices=list(DATASETS))
     lin.add_argument("--data-root", help="folder of the data set (CIFAR, Tiny-ImageNet); never downloaded")
     lin.add_argument("--budget", required=True, help="ReLUs per sample (int), a fraction in (0, 1) such as 0.05, or 5%%; "
-                     "or a predicted private-inference cost: 1.5s, 800ms, 200MB, 1.5GB, 150rounds (see --protocol)")
+                     "or a predicted private-inference cost: 1.5s, 800ms, 200MB, 1.5GB, 150rounds (see --protocol); "
+                     "or per nonlinearity family: gelu=0.1,softmax=25%% (GELU gated per token, softmax per head row)")
+    lin.add_argument("--replace", action="append", default=[], metavar="FAMILY=NAME",
+                     help="what a cut unit of a family computes: softmax=square (default, PriViT), relu, quad, scaled; "
+                          "gelu=identity (default) or quad")
+    lin.add_argument("--unit", action="append", default=[], metavar="FAMILY=UNIT",
+                     help="gate unit of a family: gelu=token (default) or element; softmax=row")
     lin.add_argument("--protocol", default="crypten", help="for a cost --budget: the protocol priced (default crypten)")
     lin.add_argument("--network", default="wan", help="for a cost --budget: lan, wan (default) or MBPS,RTT_MS")
     lin.add_argument("--granularity", choices=GRANULARITIES, default="pixel")

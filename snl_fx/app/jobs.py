@@ -214,7 +214,7 @@ def _write_outputs(
 
 def summary(
     before: ReluReport, after: ReluReport, acc_before: float | None, acc_after: float | None,
-    protocol: str = "crypten", network: str = "wan",
+    protocol: str = "crypten", network: str = "wan", families: list[str] | None = None,
 ) -> str:
     """A before/after table: ReLUs, accuracy and the predicted private-inference cost of one sample.
 
@@ -228,6 +228,7 @@ def summary(
         acc_after: that of the linearized model, or None.
         protocol: the protocol priced (see :func:`snl_fx.cost.protocols`).
         network: ``lan``, ``wan`` or ``MBPS,RTT_MS``.
+        families: gated nonlinearity families other than ReLU to state (``["gelu", "softmax"]``).
 
     Returns:
         The table, a line naming the protocol and network, and the ReLU cut.
@@ -250,6 +251,10 @@ def summary(
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.append(f"PI: one private inference of one sample under {costs[0].protocol}, network "
                  f"{costs[0].network.describe()}, predicted by the calibrated cost model (snl_fx.pi_cost)")
-    ratio = before.total / max(after.total, 1)
-    lines.append(f"ReLUs cut {ratio:.1f}x ({before.total:,} -> {after.total:,} per sample)")
+    for family in [f for f in families or [] if f != "relu"]:
+        b, a = before.family_count(family), after.family_count(family)
+        lines.append(f"{family} elements cut {b / max(a, 1):.1f}x ({b:,} -> {a:,} per sample)")
+    if before.total or not families:
+        ratio = before.total / max(after.total, 1)
+        lines.append(f"ReLUs cut {ratio:.1f}x ({before.total:,} -> {after.total:,} per sample)")
     return "\n".join(lines)

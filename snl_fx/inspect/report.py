@@ -12,6 +12,8 @@ from collections.abc import Container, Hashable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from snl_fx.family_kinds import FAMILY_KINDS
+
 
 def relu_depth(nodes: Iterable[Hashable], edges: Iterable[tuple[Hashable, Hashable]], relus: Container[Hashable]) -> int:
     """Longest chain of ReLU nodes along any path of a graph (MPC rounds grow with it).
@@ -123,6 +125,19 @@ class ReluReport:
         for o in self.others:
             totals[o.kind] = totals.get(o.kind, 0) + o.comparisons
         return totals
+
+    def family_count(self, family: str) -> int:
+        """Elements per sample of a gateable family (``"relu"``: :attr:`total`; ``"gelu"``: GELUs of
+        both forms; ``"softmax"``, ``"silu"``), as :func:`snl_fx.linearize` budgets them.
+
+        Example:
+            >>> snl_fx.relu_count("vit.onnx").family_count("softmax")
+            1156
+        """
+        if family == "relu":
+            return self.total
+        kinds = FAMILY_KINDS[family]
+        return sum(o.comparisons for o in self.others if o.kind in kinds)
 
     def table(self) -> str:
         """A table for people: one row per site, then totals, other nonlinearities and notes."""

@@ -9,6 +9,7 @@ from torch.fx import GraphModule
 
 from .attention import decompose_attention
 from .errors import PassError
+from .families import FAMILIES, Family, NonlinearGate, PartialNonlinear
 from .find import find_relus
 from .gate import (
     COUNT_EPS,
@@ -31,6 +32,10 @@ from .trace import as_args, count_aten_relus, trace, trace_as_called
 
 __all__ = [
     "front_end",
+    "FAMILIES",
+    "Family",
+    "NonlinearGate",
+    "PartialNonlinear",
     "COUNT_EPS",
     "GATES_PREFIX",
     "GRANULARITIES",

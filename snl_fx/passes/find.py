@@ -59,7 +59,7 @@ def find_relus(gm: GraphModule) -> GraphModule:
                 if kind == "maxpool":
                     in_shape = _sample_shape(source, gm)
                     per_output = maxpool_window(node, modules, in_shape, out_shape) - 1
-                meta.others.append(Nonlinearity(name, kind, out_shape, math.prod(out_shape) * per_output, row))
+                meta.others.append(Nonlinearity(name, kind, out_shape, math.prod(out_shape) * per_output, row, node.name))
         if node.op == "call_module" and "hidden_relus" in node.meta:
             module = modules[str(node.target)]
             meta.ungateable.append(Ungateable(str(node.target), type(module).__name__, node.meta["hidden_relus"]))

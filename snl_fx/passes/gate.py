@@ -16,6 +16,7 @@ from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_leaves
 
 from .errors import PassError
+from .families import FAMILIES, NonlinearGate, check_choice, family_of, unit_shape
 from .meta import Site, get_meta
 
 GATES_PREFIX = "snl_gates"
@@ -224,14 +225,23 @@ def _overlap(a: _Memory, b: _Memory) -> bool:
     return bool(marks.as_strided(b[2], b[3], b[1]).any())
 
 
-def insert_gates(gm: GraphModule, granularity: Granularity = "pixel", skip: Sequence[str] = ()) -> GraphModule:
+def insert_gates(gm: GraphModule, granularity: Granularity = "pixel", skip: Sequence[str] = (),
+                 families: dict[str, tuple[str | None, str | None]] | None = None) -> GraphModule:
     """Replace every ReLU site with a call to its own :class:`Gate` submodule.
 
     ``skip`` holds fnmatch patterns of site names left as plain ReLUs (e.g. ``"relu"`` for a
-    stem ReLU). Needs :func:`make_out_of_place` first.
+    stem ReLU). Needs :func:`make_out_of_place` first. ``families`` (family -> (unit, replacement),
+    None for the defaults; see :mod:`.families`) gates the sites of those families too, each with a
+    :class:`NonlinearGate`; without ``"relu"`` in it, the ReLU sites stay as they are.
     """
     meta = get_meta(gm)
-    gate_shapes = {s.name: gate_shape(s, granularity) for s in meta.sites}  # validates granularity
+    families = dict(families) if families is not None else {"relu": (granularity, None)}
+    if set(families) - {"relu"}:
+        _add_family_sites(gm, families)
+    if "relu" not in families:
+        skip = list(skip) + [s.name for s in meta.sites if s.family == "relu"]
+    gate_shapes = {s.name: gate_shape(s, granularity) if s.family == "relu" else unit_shape(s.shape, meta.units[s.family])
+                   for s in meta.sites}  # validates granularity
     if isinstance(skip, str):
         raise PassError(f"skip must be a list of site-name patterns, not the string {skip!r}: use [{skip!r}]")
     unmatched = [p for p in skip if not any(fnmatch.fnmatchcase(s.name, p) for s in meta.sites)]
@@ -248,7 +258,9 @@ def insert_gates(gm: GraphModule, granularity: Granularity = "pixel", skip: Sequ
         if site.inplace and node.target is not torch.relu:
             raise PassError(f"site {site.name} is in-place: run make_out_of_place before insert_gates")
         path = f"{GATES_PREFIX}.{site_key(site)}"
-        if not gm.add_submodule(path, Gate(gate_shapes[site.name])):
+        gate: nn.Module = Gate(gate_shapes[site.name]) if site.family == "relu" else NonlinearGate(
+            site.kind, site.family, families[site.family][1], gate_shapes[site.name])
+        if not gm.add_submodule(path, gate):
             raise PassError(f"could not add gate submodule {path}")
         source = node.all_input_nodes[0]
         with gm.graph.inserting_after(node):
@@ -263,17 +275,19 @@ def insert_gates(gm: GraphModule, granularity: Granularity = "pixel", skip: Sequ
     return gm
 
 
-def gates(gm: GraphModule) -> dict[str, Gate]:
-    """Site name -> its Gate module, in graph order."""
+def gates(gm: GraphModule, family: str | None = "relu") -> dict[str, Gate]:
+    """Site name -> its gate module, in graph order: the ReLU gates, those of another ``family``
+    (:class:`NonlinearGate`), or every gate (``family=None``)."""
     meta = get_meta(gm)
-    return {name: gm.get_submodule(path) for name, path in meta.gates.items()}
+    return {name: gm.get_submodule(path) for name, path in meta.gates.items()
+            if family is None or meta.site(name).family == family}
 
 
-def element_weights(gm: GraphModule) -> dict[str, int]:
-    """ReLUs per sample that one gate element stands for, per gated site: 1 for pixel gates,
-    H*W (the elements of one channel) for channel gates."""
+def element_weights(gm: GraphModule, family: str | None = "relu") -> dict[str, int]:
+    """Elements per sample that one gate element stands for, per gated site: 1 for pixel gates,
+    H*W (the elements of one channel) for channel gates, the last dim for token and row gates."""
     meta = get_meta(gm)
-    return {name: meta.site(name).numel // gate.weight.numel() for name, gate in gates(gm).items()}
+    return {name: meta.site(name).numel // gate.weight.numel() for name, gate in gates(gm, family).items()}
 
 
 COUNT_EPS = 0.01
@@ -281,21 +295,90 @@ COUNT_EPS = 0.01
 (``TrainConfig.eps``'s default). Binary gates count the same at any threshold in [0, 1)."""
 
 
-def site_counts(gm: GraphModule, threshold: float | None = COUNT_EPS) -> dict[str, int]:
-    """ReLUs per sample at every site of a gated model, in graph order.
+def site_counts(gm: GraphModule, threshold: float | None = COUNT_EPS, family: str = "relu") -> dict[str, int]:
+    """ReLUs (or elements of another ``family``) per sample at every site of a gated model, in graph order.
 
     A gated site counts its gate elements ``c > threshold``, a channel element weighing H*W; a
     site without a gate (skipped) counts all its elements. ``threshold=None`` counts every
     element of every site: the model's ReLUs before linearization.
     """
     meta = get_meta(gm)
-    gate_modules = gates(gm) if threshold is not None else {}
-    weight = element_weights(gm) if gate_modules else {}
+    gate_modules = gates(gm, family) if threshold is not None else {}
+    weight = element_weights(gm, family) if gate_modules else {}
     counts = {}
     for site in meta.sites:
+        if site.family != family:
+            continue
         gate = gate_modules.get(site.name)
         if gate is None:
             counts[site.name] = site.numel
         else:
             counts[site.name] = int((gate.weight.detach() > threshold).sum()) * weight[site.name]
     return counts
+
+
+def _add_family_sites(gm: GraphModule, families: dict[str, tuple[str | None, str | None]]) -> None:
+    """Move the other nonlinearities of the requested families into ``meta.sites`` (their ``family``
+    and ``kind`` set), fill in each family's unit and replacement, and record the units in
+    ``meta.units``. A softmax not over its last dim, a log-softmax and an in-place op stay where
+    they are, with a warning naming them."""
+    meta = get_meta(gm)
+    for family, (unit, replacement) in list(families.items()):
+        families[family] = check_choice(family, unit, replacement)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    modules = dict(gm.named_modules())
+    kept, refused = [], []
+    for other in meta.others:
+        family = family_of(other.kind)
+        if family is None or family == "relu" or family not in families:
+            kept.append(other)
+            continue
+        node = nodes.get(other.node or "")
+        why = _why_not_gateable(node, other.kind, modules)
+        if why:
+            refused.append(f"{other.name} ({why})")
+            kept.append(other)
+            continue
+        meta.sites.append(Site(other.name, other.node, _spelling(node, modules), other.shape, family=family,
+                               kind=other.kind))
+        meta.units[family] = families[family][0]
+    if refused:
+        warnings.warn(f"left ungated: {', '.join(refused)}", stacklevel=3)
+    meta.others = kept
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    meta.sites.sort(key=lambda s: order.get(s.node, -1))
+
+
+def _spelling(node: Node, modules: dict[str, nn.Module]) -> str:
+    """``nn.GELU``, ``F.gelu``/``torch.softmax`` (by name), ``Tensor.softmax``."""
+    if node.op == "call_module":
+        return f"nn.{type(modules[str(node.target)]).__name__}"
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _why_not_gateable(node: Node | None, kind: str, modules: dict[str, nn.Module]) -> str | None:
+    """Why an op of a gateable kind cannot be a site, or None: it must be the plain op on its first
+    input, out of place, and a softmax must normalise its last dim."""
+    if node is None:
+        return "not in the graph"
+    module = modules.get(str(node.target)) if node.op == "call_module" else None
+    if node.kwargs.get("inplace") or getattr(module, "inplace", False) or str(node.target).endswith("_"):
+        return "in place"
+    if kind != "softmax":
+        return None
+    names = {"softmax", "Softmax"}
+    spelled = (type(module).__name__ if module is not None else getattr(node.target, "__name__", str(node.target)))
+    if spelled not in names or type(module) not in (type(None), nn.Softmax):
+        return "not a plain softmax"
+    if module is not None:
+        dim = module.dim
+    else:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    rank = len(getattr(node.meta.get("tensor_meta"), "shape", ()))
+    if not isinstance(dim, int) or rank == 0 or dim % rank != rank - 1:
+        return "softmax not over the last dim"
+    if node.kwargs.get("dtype") is not None:
+        return "softmax with a dtype"
+    return None

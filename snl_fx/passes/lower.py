@@ -9,6 +9,7 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 from .errors import PassError
+from .families import lowered_module
 from .gate import Gate, gates, site_counts, site_key
 from .meta import get_meta
 
@@ -83,7 +84,8 @@ def binary_mask(gate: Gate, name: str) -> torch.Tensor:
 
 
 def lower_gates(gm: GraphModule) -> GraphModule:
-    """Replace every binarized gate: all kept -> ReLU, none kept -> removed, some kept -> PartialReLU."""
+    """Replace every binarized gate: all kept -> ReLU, none kept -> removed, some kept -> PartialReLU;
+    a gate of another family -> its :class:`PartialNonlinear` (the op on the kept units, the replacement elsewhere)."""
     meta = get_meta(gm)
     per_channel = meta.granularity == "channel"
     nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
@@ -91,6 +93,9 @@ def lower_gates(gm: GraphModule) -> GraphModule:
         site = meta.site(name)
         mask = binary_mask(gm.get_submodule(path), name).flatten()
         node = nodes[path]
+        if site.family != "relu":
+            _replace_node(gm, node, f"{LOWERED_PREFIX}.{site_key(site)}", lowered_module(site, gm.get_submodule(path), mask))
+            continue
         if not bool(mask.any()):
             node.replace_all_uses_with(node.all_input_nodes[0])
             gm.graph.erase_node(node)
@@ -102,18 +107,23 @@ def lower_gates(gm: GraphModule) -> GraphModule:
             size = site.shape[0] if per_channel else math.prod(site.shape)
             module = PartialReLU(mask.nonzero().flatten().cpu(), size, site.shape, per_channel)
             module.to(mask.device)
-        if not gm.add_submodule(new_path, module):
-            raise PassError(f"could not add lowered ReLU submodule {new_path}")
-        with gm.graph.inserting_after(node):
-            relu_node = gm.graph.call_module(new_path, (node.all_input_nodes[0],))
-        relu_node.meta.update(node.meta)
-        node.replace_all_uses_with(relu_node)
-        gm.graph.erase_node(node)
+        _replace_node(gm, node, new_path, module)
     gm.graph.lint()
     gm.recompile()
     gm.delete_all_unused_submodules()
     meta.gates = {}
     return gm
+
+
+def _replace_node(gm: GraphModule, node: torch.fx.Node, path: str, module: nn.Module) -> None:
+    """Put a call of ``module`` (registered at ``path``) on ``node``'s input in place of ``node``."""
+    if not gm.add_submodule(path, module):
+        raise PassError(f"could not add lowered submodule {path}")
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(path, (node.all_input_nodes[0],))
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
 
 
 def kept_counts(gm: GraphModule) -> dict[str, int]:

@@ -21,10 +21,12 @@ class Site:
     op: str  # spelling: "nn.ReLU", "F.relu", "torch.relu_", "Tensor.relu", ...
     shape: tuple[int, ...]  # activation shape without the batch dim
     inplace: bool = False
+    family: str = "relu"  # the gateable family (passes.families.FAMILIES): relu, gelu, silu, softmax
+    kind: str = "relu"  # the inspector's kind of the op (gelu_tanh is of the gelu family)
 
     @property
     def numel(self) -> int:
-        """ReLUs per sample at this site."""
+        """Elements per sample at this site (for a ReLU site, its ReLUs)."""
         return math.prod(self.shape)
 
 
@@ -44,6 +46,7 @@ class Nonlinearity:
     shape: tuple[int, ...]  # output shape without the batch dim
     comparisons: int  # per sample; max-pool: outputs * (window - 1), else output elements
     row: int | None = None  # softmax, layernorm, rmsnorm: the length of the rows they normalise over
+    node: str | None = None  # the FX node's name (torch inspector), for gating it as a site of its family
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ class SNLMeta:
     # never gated; ``shape`` is the whole value and ``comparisons`` its elements
     constant: list[Nonlinearity] = field(default_factory=list)
     gates: dict[str, str] = field(default_factory=dict)  # site name -> gate submodule path
-    granularity: str | None = None
+    granularity: str | None = None  # the unit of the ReLU gates: pixel or channel
+    units: dict[str, str] = field(default_factory=dict)  # other gated family -> its unit (token, row, element)
 
     def site(self, name: str) -> Site:
         for s in self.sites:
