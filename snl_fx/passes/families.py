@@ -9,20 +9,20 @@ family        units              replacements (the default first)
 relu          pixel, channel     identity (the :class:`snl_fx.passes.Gate` of SNL)
 gelu          token, element     identity, quad (MPCFormer: 0.125x^2 + 0.25x + 0.5)
 silu          token, element     identity
-softmax       row                square (PriViT: x^2/N), relu (MPCViT: relu(x)/sum relu(x)),
+softmax       row, head          square (PriViT: x^2/N), relu (MPCViT: relu(x)/sum relu(x)),
                                  quad (MPCFormer 2Quad: (x+c)^2/sum (x+c)^2, c=5), scaled (x/N)
 ============  =================  ==========================================================
 
 A *token* is one position over the last (hidden) dim; a softmax *row* one head and query row over
 the last dim, the one softmax normalises over: both gate shapes are the activation's per-sample
-shape with the last dim set to 1. A gate is ``a = c*f(x) + (1-c)*r(x)`` (``f`` the original op,
+shape with the last dim set to 1. A softmax *head* (MPCViT's unit) is a whole head: its last two
+dims set to 1. A gate is ``a = c*f(x) + (1-c)*r(x)`` (``f`` the original op,
 ``r`` the replacement); lowered, a unit kept computes ``f`` on exactly the kept units (gathered)
 and a cut unit ``r``, never a mask multiply over the whole tensor.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,7 +55,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("gelu", FAMILY_KINDS["gelu"], ("token", "element"), ("identity", "quad"),
            {"identity": (), "quad": ("mul",)}),
     Family("silu", FAMILY_KINDS["silu"], ("token", "element"), ("identity",), {"identity": ()}),
-    Family("softmax", FAMILY_KINDS["softmax"], ("row",), ("square", "relu", "quad", "scaled"),
+    Family("softmax", FAMILY_KINDS["softmax"], ("row", "head"), ("square", "relu", "quad", "scaled"),
            {"square": ("mul",), "relu": ("relu", "div"), "quad": ("mul", "div"), "scaled": ()}),
 )}
 """Family name -> :class:`Family`; ``relu`` is the ReLU sites of SNL, gated by :class:`snl_fx.passes.Gate`."""
@@ -108,12 +108,13 @@ def check_choice(family: str, unit: str | None = None, replacement: str | None =
 
 def unit_shape(shape: tuple[int, ...], unit: str) -> tuple[int, ...]:
     """The gate's shape for a per-sample activation ``shape``: element -> the shape; token, row ->
-    the shape with its last dim 1 (one gate per vector along the last dim)."""
+    the shape with its last dim 1 (one gate per vector along the last dim); head -> the last two dims 1."""
     if unit == "element":
         return tuple(shape)
-    if not shape:
-        raise PassError(f"a {unit} gate needs a last dim to gate over (activation shape {shape})")
-    return tuple(shape[:-1]) + (1,)
+    inner = 2 if unit == "head" else 1
+    if len(shape) < inner:
+        raise PassError(f"a {unit} gate needs {inner} trailing dim(s) to gate over (activation shape {shape})")
+    return tuple(shape[:len(shape) - inner]) + (1,) * inner
 
 
 def replacement_fn(family: str, replacement: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -149,9 +150,7 @@ class NonlinearGate(nn.Module):
     def replacement_error(self, x: torch.Tensor) -> torch.Tensor:
         """Mean over the batch of ``(f(x) - r(x))^2`` summed over each unit: the gate's shape."""
         err = (_OPS[self.kind](x) - replacement_fn(self.family, self.replacement)(x)).pow(2).mean(0)
-        if self.weight.shape[-1] == 1 and err.shape[-1] != 1:
-            err = err.sum(-1, keepdim=True)
-        return err.reshape(self.weight.shape)
+        return err.sum_to_size(self.weight.shape)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, replacement={self.replacement}, shape={tuple(self.weight.shape)}"
@@ -168,13 +167,15 @@ class PartialNonlinear(nn.Module):
     Args:
         kind, family, replacement: as for :class:`NonlinearGate`.
         kept: indices of the kept units in the flattened gate.
-        units: units per sample; ``unit_size`` elements per unit (1 for element gates, the last dim else).
+        units: units per sample; ``inner`` the shape of one unit (``()`` for element gates, the
+            last dim for token and row gates, the last two for head gates).
     """
 
-    def __init__(self, kind: str, family: str, replacement: str, kept: torch.Tensor, units: int, unit_size: int) -> None:
+    def __init__(self, kind: str, family: str, replacement: str, kept: torch.Tensor, units: int,
+                 inner: tuple[int, ...]) -> None:
         super().__init__()
         self.kind, self.family, self.replacement = kind, family, replacement
-        self.units, self.unit_size = units, unit_size
+        self.units, self.inner = units, tuple(inner)
         keep = torch.zeros(units, dtype=torch.bool)
         keep[kept.long()] = True
         order = torch.cat([keep.nonzero().flatten(), (~keep).nonzero().flatten()])
@@ -188,16 +189,19 @@ class PartialNonlinear(nn.Module):
             return f(x)
         if len(self.kept) == 0:
             return r(x)
-        flat = x.reshape(-1, self.units, self.unit_size)  # not x.shape[0]: a dynamic batch in ONNX
+        flat = x.reshape((-1, self.units) + self.inner)  # not x.shape[0]: a dynamic batch in ONNX
         parts = torch.cat([f(torch.index_select(flat, 1, self.kept)), r(torch.index_select(flat, 1, self.cut))], 1)
         return torch.index_select(parts, 1, self.perm).reshape_as(x)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}: kept {len(self.kept)} of {self.units} units of {self.unit_size}, cut -> {self.replacement}"
+        return f"{self.kind}: kept {len(self.kept)} of {self.units} units of {self.inner}, cut -> {self.replacement}"
 
 
 def lowered_module(site: Site, gate: NonlinearGate, mask: torch.Tensor) -> PartialNonlinear:
     """The :class:`PartialNonlinear` of a binarized :class:`NonlinearGate` (``mask``: its kept units)."""
-    units = mask.numel()
+    shape, gate_shape = tuple(site.shape), tuple(gate.weight.shape)
+    inner = len(shape)
+    while inner > 0 and gate_shape[inner - 1] == 1 and shape[inner - 1] != 1:
+        inner -= 1
     return PartialNonlinear(gate.kind, gate.family, gate.replacement, mask.flatten().nonzero().flatten().cpu(),
-                            units, math.prod(site.shape) // units).to(mask.device)
+                            mask.numel(), shape[inner:]).to(mask.device)
