@@ -7,11 +7,13 @@ Stages (each resumable: results go to ``--out``, one JSON line per finished row)
   validation 5,000 images of the training set (seeded split), test = the 10,000 test images.
 * ``run``: from the pretrained model, every method gets the same epochs (gate phase + KD
   fine-tune, or KD fine-tune alone for the uniform replacements and the control), the best
-  epoch on validation kept, the test accuracy reported once.
+  epoch on validation kept, the test accuracy reported once, and the predicted SPU cost.
+* ``table``: the results as a Markdown table.
 
 Example:
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/vit_linearize.py pretrain --out benchmarks/results/vit
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/vit_linearize.py run --out benchmarks/results/vit
+    .venv/bin/python benchmarks/vit_linearize.py table --out benchmarks/results/vit
 """
 
 from __future__ import annotations
@@ -91,18 +93,113 @@ def pretrain(args: argparse.Namespace) -> None:
     print("pretrained:", summary, flush=True)
 
 
+# name -> (kind, settings). "snl": snl_fx.linearize with the budget; "uniform": every unit of the families
+# closed (their replacement everywhere) or open ("control"), then the same KD fine-tune for all the epochs.
+METHODS = {
+    "control": ("uniform", {"families": ("gelu", "softmax"), "keep": True}),
+    "uniform identity+square": ("uniform", {"families": ("gelu", "softmax"), "replacements": {"softmax": "square"}}),
+    "uniform identity+relu-softmax": ("uniform", {"families": ("gelu", "softmax"), "replacements": {"softmax": "relu"}}),
+    "uniform identity+2quad": ("uniform", {"families": ("gelu", "softmax"), "replacements": {"softmax": "quad"}}),
+    "uniform identity+scaled": ("uniform", {"families": ("gelu", "softmax"), "replacements": {"softmax": "scaled"}}),
+    "uniform softmax square (GELU kept)": ("uniform", {"families": ("softmax",), "replacements": {"softmax": "square"}}),
+    "snl_fx gelu=10%,softmax=10%": ("snl", {"budget": {"gelu": 0.1, "softmax": 0.1}}),
+    "snl_fx gelu=25%,softmax=25%": ("snl", {"budget": {"gelu": 0.25, "softmax": 0.25}}),
+    "snl_fx gelu=50%,softmax=10%": ("snl", {"budget": {"gelu": 0.5, "softmax": 0.1}}),
+    "PriViT recipe gelu=10%,softmax=10%": ("snl", {"budget": {"gelu": 0.1, "softmax": 0.1}, "schedule": "paper",
+                                                    "kappa": 1.1}),
+    "MPCViT-style 50% heads (scaled attention)": ("snl", {"budget": {"softmax": 0.5}, "units": {"softmax": "head"},
+                                                           "replacements": {"softmax": "scaled"}}),
+    "snl_fx Cost 1/3 CHEETAH bytes": ("snl", {"cost_share": 1 / 3}),
+    "snl_fx Cost 1/5 CHEETAH bytes": ("snl", {"cost_share": 1 / 5}),
+}
+
+
+def run(args: argparse.Namespace) -> None:
+    import snl_fx
+    from snl_fx.gated import convert, freeze_gates, gates, prepare
+
+    out = Path(args.out)
+    results_path = out / "results.jsonl"
+    done = {json.loads(line)["method"] for line in results_path.open()} if results_path.exists() else set()
+    train, val, test = splits()
+    g = torch.Generator().manual_seed(args.seed)
+    train = Subset(train, sorted(torch.randperm(len(train), generator=g)[: args.train_subset].tolist()))
+    teacher = vit_tiny_fm()
+    teacher.load_state_dict(torch.load(out / "pretrained.pt", weights_only=True))
+    teacher.eval()
+    x = torch.stack([train[i][0] for i in range(8)])
+    total = args.gate_epochs + args.finetune_epochs
+    full = snl_fx.pi_cost(teacher, x[:1], protocol=args.protocol)
+    for name in args.methods or list(METHODS):
+        if name in done:
+            continue
+        kind, spec = METHODS[name]
+        torch.manual_seed(args.seed)
+        t0 = time.time()
+        model = copy.deepcopy(teacher)
+        if kind == "uniform":
+            cfg = snl_fx.TrainConfig(finetune_epochs=total, seed=args.seed, batch_size=128, progress=False)
+            gm = prepare(model, x, families=spec["families"], replacements=spec.get("replacements"))
+            for gate in gates(gm).values():
+                with torch.no_grad():
+                    gate.weight.fill_(1.0 if spec.get("keep") else 0.0)
+            freeze_gates(gm)
+            history = snl_fx.finetune(gm, teacher, train, cfg, val_data=val)
+            lowered = convert(gm).eval()
+        else:
+            budget = spec.get("budget")
+            if "cost_share" in spec:
+                budget = snl_fx.Cost(bytes=full.bytes * spec["cost_share"], protocol=args.protocol,
+                                     families=("gelu", "softmax"))
+            cfg = snl_fx.TrainConfig(epochs=args.gate_epochs, finetune_epochs=args.finetune_epochs, seed=args.seed,
+                                     batch_size=128, progress=False,
+                                     **{k: spec[k] for k in ("schedule", "kappa") if k in spec})
+            result = snl_fx.linearize(model, x, budget, train, val_data=val, config=cfg, units=spec.get("units"),
+                                      replacements=spec.get("replacements"))
+            lowered, history = result.model.eval(), result.history
+        report = snl_fx.relu_count(lowered, x[:1])
+        costs = {p: snl_fx.pi_cost(report, protocol=p) for p in ("spu-cheetah", "spu-semi2k")}
+        row = {"method": name, "test_acc": accuracy(lowered, test), "val_acc": accuracy(lowered, val),
+               "epochs": total, "seconds": time.time() - t0,
+               "gelu": report.family_count("gelu"), "softmax": report.family_count("softmax"),
+               "val_by_epoch": [h.get("val_acc") for h in history],
+               **{f"{p}_{k}": getattr(c, k) for p, c in costs.items() for k in ("bytes", "rounds", "seconds")},
+               **{f"{p}_complete": c.complete for p, c in costs.items()}}
+        with results_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        torch.save(lowered, out / f"model-{slug(name)}.pt")  # for pricing and measuring later
+        print(json.dumps(row), flush=True)
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def table(args: argparse.Namespace) -> None:
+    rows = [json.loads(line) for line in (Path(args.out) / "results.jsonl").open()]
+    print("| method | test acc | val acc | GELUs | softmax elements | CHEETAH MB (pred.) | rounds | WAN s | SEMI2K MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['test_acc']:.2f}% | {r['val_acc']:.2f}% | {r['gelu']:,} | {r['softmax']:,} | "
+              f"{r['spu-cheetah_bytes'] / 1e6:.1f} | {r['spu-cheetah_rounds']} | {r['spu-cheetah_seconds']:.2f} | "
+              f"{r['spu-semi2k_bytes'] / 1e6:.1f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["pretrain", "run"])
+    p.add_argument("stage", choices=["pretrain", "run", "table"])
+    p.add_argument("--methods", nargs="*", help="rows to run (default all; finished rows are skipped)")
+    p.add_argument("--gate-epochs", type=int, default=4)
+    p.add_argument("--finetune-epochs", type=int, default=4)
+    p.add_argument("--train-subset", type=int, default=20000, help="training images for linearization")
+    p.add_argument("--protocol", default="spu-cheetah", help="of the Cost rows")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/vit")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-epochs", type=int, default=40)
     p.add_argument("--patience", type=int, default=3)
     args = p.parse_args()
-    if args.stage == "pretrain":
-        pretrain(args)
-    else:
-        raise SystemExit("run: not written yet")
+    {"pretrain": pretrain, "run": run, "table": table}[args.stage](args)
 
 
 if __name__ == "__main__":

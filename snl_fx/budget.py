@@ -30,7 +30,8 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -44,7 +45,7 @@ from snl_fx.inspect.report import ReluReport
 from snl_fx.select import binarize
 from snl_fx.train.objective import GateObjective, count_objective, joint_objective
 
-__all__ = ["Budget", "Cost", "CostPlan", "CountPlan", "Families", "FamilyPlan", "GateObjective", "Plan", "Relus",
+__all__ = ["Budget", "Cost", "CostPlan", "CountPlan", "Families", "FamilyCostPlan", "FamilyPlan", "GateObjective", "Plan", "Relus",
            "as_budget", "bind", "budget_families",
            "cost_summary", "count_objective", "parse_cost", "plan_cost", "resolve_budget"]
 
@@ -142,7 +143,7 @@ class Relus:
         """The count this budget allows on a model of ``total`` ReLUs per sample."""
         return max(1, round(self.value * total)) if isinstance(self.value, float) else int(self.value)
 
-    families: tuple[str, ...] = ("relu",)  # what it gates (a class attribute, not a field)
+    families: ClassVar[tuple[str, ...]] = ("relu",)  # what it gates
 
     def plan(self, gm: GraphModule) -> CountPlan:
         """Bind to ``gm`` (from :func:`snl_fx.prepare`)."""
@@ -194,6 +195,9 @@ class Cost:
         protocol: one of :func:`snl_fx.cost.protocols` (default ``"crypten"``).
         network: ``"lan"``, ``"wan"`` (default), ``"MBPS,RTT_MS"`` or a :class:`snl_fx.cost.Network`.
         penalty: the gate phase's formulation, ``"group"`` (default) or ``"drop"`` (below).
+        families: the nonlinearity families the selection trades (default ReLUs alone); e.g.
+            ``("gelu", "softmax")`` trades a GELU token against a softmax row by what each costs
+            under ``protocol`` (:class:`FamilyCostPlan`).
 
     Example:
         >>> result = snl_fx.linearize(model, x, snl_fx.Cost(seconds=1.0, protocol="crypten", network="wan"), data)
@@ -212,8 +216,14 @@ class Cost:
     protocol: str = "crypten"
     network: str | Network = "wan"
     penalty: str = "group"
+    families: tuple[str, ...] = ("relu",)
 
     def __post_init__(self) -> None:
+        families = (self.families,) if isinstance(self.families, str) else tuple(self.families)
+        object.__setattr__(self, "families", families)
+        unknown = [f for f in families if f not in passes.FAMILIES]
+        if unknown or not families:
+            raise SnlFxError(f"a Cost gates nonlinearity families of {', '.join(passes.FAMILIES)}, got {families!r}")
         given = [u for u in UNITS if getattr(self, u) is not None]
         if len(given) != 1:
             raise SnlFxError(f"a Cost needs exactly one of seconds, bytes or rounds, got {given or 'none'}")
@@ -249,16 +259,16 @@ class Cost:
         """:func:`snl_fx.pi_cost` of ``model`` under this budget's protocol and network."""
         return pi_cost(model, example_input, self.protocol, self.network)
 
-    families: tuple[str, ...] = ("relu",)  # what it gates (a class attribute, not a field)
-
-    def plan(self, gm: GraphModule) -> CostPlan:
-        """Price this budget on ``gm`` (from :func:`snl_fx.prepare`): see :class:`CostPlan`."""
-        return plan_cost(self, gm)
+    def plan(self, gm: GraphModule) -> CostPlan | FamilyCostPlan:
+        """Price this budget on ``gm`` (from :func:`snl_fx.prepare`): see :class:`CostPlan` (ReLUs)
+        and :class:`FamilyCostPlan` (other families)."""
+        return plan_cost(self, gm) if self.families == ("relu",) else FamilyCostPlan(self, gm)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: unit, limit, protocol, network, penalty."""
-        return {"unit": self.unit, "limit": self.limit, "protocol": self.protocol,
-                "network": dataclasses.asdict(parse_network(self.network)), "penalty": self.penalty}
+        """JSON-ready: unit, limit, protocol, network, penalty (and the families, unless ReLUs alone)."""
+        out = {"unit": self.unit, "limit": self.limit, "protocol": self.protocol,
+               "network": dataclasses.asdict(parse_network(self.network)), "penalty": self.penalty}
+        return out if self.families == ("relu",) else {**out, "families": list(self.families)}
 
 
 @dataclass(frozen=True)
@@ -337,7 +347,8 @@ class FamilyPlan(Plan):
 Budget = Relus | Cost | Families  # what as_budget returns; each has .plan(gm) and .to_dict()
 
 
-def as_budget(budget: Any, protocol: str = "crypten", network: Any = "wan") -> Budget:
+def as_budget(budget: Any, protocol: str = "crypten", network: Any = "wan",
+              families: Sequence[str] | None = None) -> Budget:
     """Any accepted spelling of a budget -> a :class:`Relus` or a :class:`Cost` (the one parser).
 
     Args:
@@ -346,6 +357,7 @@ def as_budget(budget: Any, protocol: str = "crypten", network: Any = "wan") -> B
             with its unit, ``"1.5s"``, ``"800ms"``, ``"200MB"``, ``"800Mb"`` (megabits),
             ``"150rounds"``.
         protocol, network: of a Cost given as text.
+        families: of a Cost given as text: the nonlinearity families it trades (default ReLUs).
 
     Returns:
         The budget. Raises a one-line SnlFxError for anything else.
@@ -360,6 +372,12 @@ def as_budget(budget: Any, protocol: str = "crypten", network: Any = "wan") -> B
         return Families(budget)
     if isinstance(budget, str) and "=" in budget:
         return Families(_parse_families(budget))
+    if isinstance(budget, str) and families:
+        cost = parse_cost(budget, protocol, network)
+        if cost is None:
+            raise SnlFxError(f"families are for a cost budget (200MB, 1.5s, ...), not {budget!r}; budget "
+                             "families apart as gelu=0.1,softmax=25%")
+        return dataclasses.replace(cost, families=tuple(families))
     if isinstance(budget, str):
         return parse_cost(budget, protocol, network) or Relus(_parse_relus(budget))
     if isinstance(budget, Plan):
@@ -696,3 +714,190 @@ def cost_summary(budget: Cost, before: PiCost, after: PiCost, merged: int = 0) -
 def resolve_budget(budget: int | float, total: int) -> int:
     """An int budget is ReLUs per sample; a float in (0, 1) is a fraction of ``total`` (see :class:`Relus`)."""
     return Relus(budget).relus(total)
+
+
+class FamilyCostPlan(Plan):
+    """A :class:`Cost` over nonlinearity families other than ReLU alone (``Cost(..., families=(...))``).
+
+    Each gated site's cost is priced by the calibrated model as the lowered model will show it:
+    ``k`` kept units compute the op, the ``U - k`` cut ones the replacement (its kinds, e.g. the
+    secret square of ``x^2/N``), so ``cost_s(k) = cut_s(U - k) + kept_s(k)``, each part affine in
+    its units with a fixed cost while it has any. The gate phase prices each unit by what cutting
+    it saves; the selection keeps units by gate value while the predicted cost stays within the
+    budget. ``lowered``'s :func:`snl_fx.pi_cost` is checked against the budget at the end.
+
+    Args:
+        budget: the :class:`Cost`.
+        gm: a model from :func:`snl_fx.prepare` with ``families=budget.families``.
+
+    Example:
+        >>> plan = snl_fx.Cost(bytes=5e6, protocol="spu-semi2k", families=("gelu", "softmax")).plan(gm)
+        >>> plan.value(plan.none_kept()) <= 5e6 <= plan.value(plan.all_kept())
+        True
+    """
+
+    def __init__(self, budget: Cost, gm: GraphModule) -> None:
+        from snl_fx.inspect.torch_model import report_from_graph
+
+        meta = passes.get_meta(gm)
+        self.budget = budget
+        self.gates = {n: g for f in budget.families for n, g in passes.gates(gm, f).items()}
+        if not self.gates:
+            raise SnlFxError(f"the model has no gated site of the families {list(budget.families)}")
+        self.sites = {n: meta.site(n) for n in self.gates}
+        self.units = {n: g.weight.numel() for n, g in self.gates.items()}
+        self.size = {n: self.sites[n].numel // self.units[n] for n in self.gates}  # elements per unit
+        report = report_from_graph(gm, source=type(gm).__name__)
+        self.report = report
+        full = _price(report, budget)
+        _refuse_unpriced(full, budget)
+        rest = dataclasses.replace(report, sites=[s for s in report.sites if s.name not in self.gates],
+                                   others=[o for o in report.others if o.name not in self.gates])
+        self.base = budget.of(_price(rest, budget))
+        empty = dataclasses.replace(report, sites=[], others=[], linear=[], outputs=0)
+        zero = budget.of(_price(empty, budget))
+        self._table = {n: [budget.of(_price(dataclasses.replace(empty, **self._layers(n, k)), budget)) - zero
+                           for k in sorted({0, 1, 2, self.units[n] - 1, self.units[n]}) if 0 <= k <= self.units[n]]
+                       for n in self.gates}
+        self._fit = {n: self._affine(n) for n in self.gates}
+        self.total = sum(s.numel for s in self.sites.values())
+        self.granularity = ",".join(f"{f}:{meta.units.get(f, meta.granularity)}" for f in budget.families)
+        self.gated_sites = list(self.gates)
+        self.ceiling = self.total if budget.met_by(full) else self._ceiling()
+
+    def _layers(self, name: str, kept: int) -> dict[str, list]:
+        """The report entries (ReLU sites, other layers) of site ``name`` keeping ``kept`` units, as the
+        lowered model shows them: the op on the kept units, the replacement's kinds on the others."""
+        from snl_fx.inspect.report import OtherCount, SiteCount
+
+        site, gate = self.sites[name], self.gates[name]
+        kept_n, cut_n = kept * self.size[name], (self.units[name] - kept) * self.size[name]
+        row = site.shape[-1] if site.kind == "softmax" else None
+        sites, others = [], []
+        if kept_n and site.family == "relu":
+            sites.append(SiteCount(name, site.op, (kept_n,), kept_n))
+        elif kept_n:
+            others.append(OtherCount(name, site.kind, (kept_n,), kept_n, row))
+        replacement = getattr(gate, "replacement", "identity")
+        for kind in passes.FAMILIES[site.family].replacement_kinds.get(replacement, ()) if cut_n else ():
+            if kind == "relu":
+                sites.append(SiteCount(f"{name}.cut", "relu", (cut_n,), cut_n))
+            else:
+                others.append(OtherCount(f"{name}.cut.{kind}", kind, (cut_n,), cut_n, None))
+        return {"sites": sites, "others": others}
+
+    def _affine(self, name: str) -> tuple[float, float, float, float]:
+        """``(none, all, fixed, per_unit)``: the site's cost with no unit kept, with all, and
+        ``fixed + per_unit * k`` in between (checked at k = U - 1)."""
+        units, table = self.units[name], self._table[name]
+        if units <= 2:
+            return table[0], table[-1], table[1] if units == 2 else table[-1], 0.0
+        per_unit = table[2] - table[1]
+        fixed = table[1] - per_unit
+        if abs(fixed + per_unit * (units - 1) - table[-2]) > 1e-6 * max(1.0, abs(table[-2])):
+            raise SnlFxError(f"protocol {self.budget.protocol!r} does not price site {name} as fixed + per-unit "
+                             f"{self.budget.unit}: budget {'bytes' if self.budget.unit != 'bytes' else 'seconds'} instead")
+        return table[0], table[-1], fixed, per_unit
+
+    def site_cost(self, name: str, kept: int) -> float:
+        """Predicted cost of gated site ``name`` keeping ``kept`` units, in the budget's unit."""
+        none, every, fixed, per_unit = self._fit[name]
+        return none if kept == 0 else every if kept == self.units[name] else fixed + per_unit * kept
+
+    def value(self, kept: dict[str, int]) -> float:
+        """Predicted cost with ``kept`` units at each gated site (a site left out keeps all)."""
+        return self.base + sum(self.site_cost(n, kept.get(n, self.units[n])) for n in self.gates)
+
+    def all_kept(self) -> dict[str, int]:
+        return dict(self.units)
+
+    def none_kept(self) -> dict[str, int]:
+        return {n: 0 for n in self.gates}
+
+    @property
+    def nothing_to_remove(self) -> bool:
+        return self.value(self.all_kept()) <= self.budget.limit * (1 + 1e-9)
+
+    def _greedy(self, order: list[tuple[str, int]]) -> dict[str, int]:
+        """Units taken in ``order`` (site, unit index) while the predicted cost stays within the budget."""
+        kept = self.none_kept()
+        now = self.value(kept)
+        if now > self.budget.limit * (1 + 1e-9):
+            raise SnlFxError(f"the budget {self.budget.limit:g} {self.budget.unit} cannot be met: the model costs "
+                             f"{now:g} with every unit of {', '.join(self.budget.families)} cut")
+        chosen: dict[str, list[int]] = {n: [] for n in self.gates}
+        for name, index in order:
+            k = kept[name]
+            step = self.site_cost(name, k + 1) - self.site_cost(name, k)
+            if now + step <= self.budget.limit * (1 + 1e-9):
+                kept[name], now = k + 1, now + step
+                chosen[name].append(index)
+        self._chosen = chosen
+        return kept
+
+    def _ceiling(self) -> int:
+        """Most elements any selection within the budget keeps (cheapest units first)."""
+        def saving(name: str) -> float:
+            none, every, fixed, per_unit = self._fit[name]
+            return per_unit / self.size[name]
+
+        order = [(n, i) for n in sorted(self.gates, key=saving) for i in range(self.units[n])]
+        kept = self._greedy(order)
+        return sum(k * self.size[n] for n, k in kept.items())
+
+    def objective(self, gm: GraphModule) -> GateObjective:
+        """Each unit priced by what cutting it saves (``per_unit``, at least 0), in element equivalents."""
+        gates = {n: passes.gates(gm, None)[n] for n in self.gates}
+        low = self.value(self.none_kept())
+        start = self.value(self.all_kept()) - low
+        norm = max(start, 1e-12) / max(1, self.total)
+        weight = {n: max(self._fit[n][3], 0.0) / norm for n in gates}
+
+        def counts(eps: float) -> dict[str, int]:
+            return {n: int((g.weight.detach() > eps).sum()) for n, g in gates.items()}
+
+        def penalty() -> torch.Tensor:
+            return sum(weight[n] * g.weight.abs().sum() for n, g in gates.items())
+
+        def hard(eps: float) -> float:
+            return (self.value(counts(eps)) - low) / norm
+
+        def soft() -> float:
+            with torch.no_grad():
+                return sum(weight[n] * float(g.weight.sum()) for n, g in gates.items())
+
+        return GateObjective(penalty, hard, soft, start / norm, (self.budget.limit - low) / norm,
+                             f"element equivalents of {self.budget.unit}")
+
+    def select(self, gm: GraphModule, scores: dict[str, torch.Tensor] | None = None,
+               tie_break: dict[str, torch.Tensor] | None = None) -> int:
+        """Binarize: units by gate value (``scores`` if given; ties by ``tie_break``, then site order),
+        each kept while the predicted cost stays within the budget; returns the kept elements."""
+        gates = {n: passes.gates(gm, None)[n] for n in self.gates}
+        entries = []
+        for position, (n, g) in enumerate(gates.items()):
+            v = (scores[n] if scores is not None else g.weight).detach().float().flatten().cpu()
+            t = tie_break[n].detach().float().flatten().cpu() if tie_break is not None else torch.zeros_like(v)
+            entries += [(-float(v[i]), -float(t[i]), position, i, n) for i in range(v.numel())]
+        kept = self._greedy([(n, i) for *_, i, n in sorted(entries)])
+        for n, g in gates.items():
+            mask = torch.zeros(g.weight.numel())
+            mask[self._chosen[n]] = 1.0
+            with torch.no_grad():
+                g.weight.copy_(mask.view_as(g.weight).to(g.weight))
+            g.weight.requires_grad_(False)
+        if self.value(kept) > self.budget.limit * (1 + 1e-9):
+            raise InternalError("the cost selection kept units over the budget")
+        return sum(k * self.size[n] for n, k in kept.items())
+
+    def finish(self, lowered: GraphModule, example_input: Any) -> tuple[GraphModule, dict[str, Any]]:
+        """State the cost of ``lowered`` as :func:`snl_fx.pi_cost` predicts it; raise if over the budget."""
+        cost = cost_summary(self.budget, _price(self.report, self.budget), self.budget.predict(lowered, example_input))
+        if not cost["met"]:
+            raise InternalError(f"the model costs {cost['after'][self.budget.unit]:g} {self.budget.unit}, "
+                                f"over the budget {self.budget.limit:g}")
+        return lowered, cost
+
+    def unchanged_cost(self) -> dict[str, Any]:
+        full = _price(self.report, self.budget)
+        return cost_summary(self.budget, full, full)

@@ -32,14 +32,15 @@ PASSES = sorted((ROOT / "snl_fx" / "passes").glob("*.py"))
 
 @pytest.mark.parametrize("path", PASSES, ids=lambda p: p.name)
 def test_no_pass_imports_the_library_above_it(path):
-    """The compiler imports nothing of snl_fx but its own modules, the error class and the ReLU rule
-    (``relu_rule``, shared with the torch-free ONNX inspector); both import nothing."""
+    """The compiler imports nothing of snl_fx but its own modules, the error class, the ReLU rule
+    (``relu_rule``) and the kinds of each family (``family_kinds``), both shared with the torch-free
+    ONNX inspector; all three import nothing."""
     tree = ast.parse(path.read_text(), str(path))
     absolute = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     absolute += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
     assert [m for m in absolute if _is_snl_fx(m)] == []
     upward = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 1]
-    assert set(upward) <= {"errors", "relu_rule"}
+    assert set(upward) <= {"errors", "relu_rule", "family_kinds"}
 
 
 def _modules_after(code: str) -> list[str]:
@@ -50,7 +51,8 @@ def _modules_after(code: str) -> list[str]:
 
 def test_importing_the_passes_loads_nothing_of_the_library():
     loaded = [m for m in _modules_after("import snl_fx.passes") if _is_snl_fx(m)]
-    assert sorted(m for m in loaded if not m.startswith("snl_fx.passes")) == ["snl_fx", "snl_fx.errors", "snl_fx.relu_rule"]
+    assert sorted(m for m in loaded if not m.startswith("snl_fx.passes")) == ["snl_fx", "snl_fx.errors", "snl_fx.family_kinds",
+                                                                                   "snl_fx.relu_rule"]
 
 
 def test_the_old_passes_name_gives_the_same_modules():

@@ -207,7 +207,8 @@ def _linearize(args: argparse.Namespace) -> int:
     else:
         before = relu_count(model.cpu(), example[:1])
         after = relu_count(result.model, example[:1])
-        print(jobs.summary(before, after, acc_before, acc_after, families=list(result.counts)))
+        print(jobs.summary(before, after, acc_before, acc_after, args.protocol, args.network,
+                           families=list(result.counts)))
         if result.cost:
             b, a, lim = result.cost["before"], result.cost["after"], result.cost["budget"]
             print(f"predicted {lim['protocol']} cost on {lim['network']['name']}: {b['bytes'] / 1e6:.2f} MB, {b['rounds']} rounds, "
@@ -233,7 +234,8 @@ def _check_linearize_args(args: argparse.Namespace) -> Any:
     from snl_fx._files import check_writable_dir
     from snl_fx.budget import as_budget
 
-    budget = as_budget(args.budget, args.protocol, args.network)
+    families = [f.strip() for f in args.families.split(",") if f.strip()] if args.families else None
+    budget = as_budget(args.budget, args.protocol, args.network, families)
     _pairs(args.unit, "--unit"), _pairs(args.replace, "--replace")
     if args.pretrain_epochs < 0:
         raise SnlFxError(f"--pretrain-epochs must be >= 0, got {args.pretrain_epochs}")
@@ -347,6 +349,8 @@ def snl_fx_main(argv: Sequence[str] | None = None) -> int:
     lin.add_argument("--budget", required=True, help="ReLUs per sample (int), a fraction in (0, 1) such as 0.05, or 5%%; "
                      "or a predicted private-inference cost: 1.5s, 800ms, 200MB, 1.5GB, 150rounds (see --protocol); "
                      "or per nonlinearity family: gelu=0.1,softmax=25%% (GELU gated per token, softmax per head row)")
+    lin.add_argument("--families", help="for a cost --budget: the nonlinearity families it trades, e.g. gelu,softmax "
+                     "(default relu)")
     lin.add_argument("--replace", action="append", default=[], metavar="FAMILY=NAME",
                      help="what a cut unit of a family computes: softmax=square (default, PriViT), relu, quad, scaled; "
                           "gelu=identity (default) or quad")

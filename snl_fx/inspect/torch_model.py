@@ -45,8 +45,10 @@ def report_from_graph(gm: GraphModule, source: str) -> ReluReport:
     named in a note, as the ONNX inspector names them.
     """
     meta = passes.get_meta(gm)
-    sites = [SiteCount(s.name, s.op, s.shape, s.numel) for s in meta.sites]
+    sites = [SiteCount(s.name, s.op, s.shape, s.numel) for s in meta.sites if s.family == "relu"]
     others = [OtherCount(o.name, o.kind, o.shape, o.comparisons, o.row) for o in meta.others]
+    others += [OtherCount(s.name, s.kind, s.shape, s.numel, s.shape[-1] if s.kind == "softmax" else None)
+               for s in meta.sites if s.family != "relu"]  # sites of other families, gated by prepare
     ungateable = [asdict(u) for u in meta.ungateable]
     notes = []
     if meta.ungateable:

@@ -30,8 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from snl_fx.family_kinds import FAMILY_KINDS
-
+from ..family_kinds import FAMILY_KINDS
 from .errors import PassError
 from .meta import Site
 
