@@ -209,3 +209,37 @@ def test_log_softmax_and_other_dims_stay_ungated_with_a_warning() -> None:
         gm = prepare(M(), x, families=("softmax",))
     assert [passes.get_meta(gm).site(n).shape for n in passes.get_meta(gm).gates] == [(3, 4)]
     assert math.prod((3, 4)) == passes.get_meta(gm).site(next(iter(passes.get_meta(gm).gates))).numel
+
+
+SPU_PROTOCOLS = ["spu-semi2k", "spu-cheetah"]
+
+
+@pytest.mark.parametrize("protocol", SPU_PROTOCOLS)
+@pytest.mark.parametrize("replacement", FAMILIES["softmax"].replacements)
+def test_a_cost_over_families_ends_within_its_predicted_cost(protocol: str, replacement: str) -> None:
+    model, x = _model(), _x()
+    gm = prepare(model, x, families=("gelu", "softmax"), replacements={"softmax": replacement})
+    low_high = snl_fx.budget.FamilyCostPlan(snl_fx.Cost(bytes=1e12, protocol=protocol, families=("gelu", "softmax")), gm)
+    low, high = low_high.value(low_high.none_kept()), low_high.value(low_high.all_kept())
+    limit = (low + high) / 2
+    budget = snl_fx.Cost(bytes=limit, protocol=protocol, families=("gelu", "softmax"))
+    result = snl_fx.linearize(model, x, budget, replacements={"softmax": replacement})
+    after = snl_fx.pi_cost(result.model, x[:1], protocol=protocol)
+    assert after.complete and after.bytes <= limit * (1 + 1e-9)
+    assert result.cost["after"]["bytes"] == pytest.approx(after.bytes, rel=1e-12)
+    assert result.cost["met"] and result.counts["gelu"]["budget"] is None
+    kept = result.counts["gelu"]["after"] + result.counts["softmax"]["after"]
+    assert 0 < kept < result.counts["gelu"]["before"] + result.counts["softmax"]["before"]
+
+
+def test_a_cost_over_families_refuses_what_it_cannot_meet_or_price() -> None:
+    model, x = _model(), _x()
+    with pytest.raises(SnlFxError, match="cannot be met"):
+        snl_fx.linearize(model, x, snl_fx.Cost(bytes=1.0, protocol="spu-semi2k", families=("gelu", "softmax")))
+    with pytest.raises(SnlFxError, match="gelu"):  # CrypTen has no GELU: refused, never priced as free
+        snl_fx.linearize(model, x, snl_fx.Cost(bytes=1e9, protocol="crypten", families=("gelu",)))
+    with pytest.raises(SnlFxError, match="families"):
+        snl_fx.Cost(bytes=1e6, families=("swish",))
+    assert as_budget("5MB", "spu-semi2k", "wan", ["gelu", "softmax"]).families == ("gelu", "softmax")
+    with pytest.raises(SnlFxError, match="for a cost budget"):
+        as_budget("0.1", families=["gelu"])
