@@ -243,3 +243,30 @@ def test_a_cost_over_families_refuses_what_it_cannot_meet_or_price() -> None:
     assert as_budget("5MB", "spu-semi2k", "wan", ["gelu", "softmax"]).families == ("gelu", "softmax")
     with pytest.raises(SnlFxError, match="for a cost budget"):
         as_budget("0.1", families=["gelu"])
+
+
+def _timm_vit():
+    timm = pytest.importorskip("timm")
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                             num_classes=10).eval(), torch.randn(2, 3, 32, 32)
+
+
+def _torchvision_vit():
+    torchvision = pytest.importorskip("torchvision")
+    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
+                                                mlp_dim=64, num_classes=10).eval(), torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("build", [_timm_vit, _torchvision_vit], ids=["timm", "torchvision"])
+def test_timm_and_torchvision_vits_linearize_through_the_attention_decomposition(build, tmp_path) -> None:
+    torch.manual_seed(0)
+    model, x = build()
+    result = snl_fx.linearize(model, x, {"gelu": 0.5, "softmax": 0.5})
+    tokens = (32 // 8) ** 2 + 1
+    assert result.counts["softmax"]["before"] > 0 and result.counts["softmax"]["after"] % tokens == 0
+    assert 0 < result.counts["gelu"]["after"] <= result.counts["gelu"]["budget"]
+    path = tmp_path / "vit.onnx"
+    snl_fx.export_onnx(result.model, x[:1], path)  # checked against ONNX Runtime
+    report = snl_fx.relu_count(path)
+    assert {f: report.family_count(f) for f in ("gelu", "softmax")} == {
+        f: result.counts[f]["after"] for f in ("gelu", "softmax")}
