@@ -8,7 +8,8 @@ Stages (each resumable: results go to ``--out``, one JSON line per finished row)
 * ``run``: from the pretrained model, every method gets the same epochs (gate phase + KD
   fine-tune, or KD fine-tune alone for the uniform replacements and the control), the best
   epoch on validation kept, the test accuracy reported once, and the predicted SPU cost.
-* ``table``: the results as a Markdown table.
+* ``measure``: each row's model exported (profile pi) and run under SPU (``--backend``).
+* ``table``: the results as a Markdown table, priced with this checkout's cost tables (``--plot``).
 
 Example:
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/vit_linearize.py pretrain --out benchmarks/results/vit
@@ -175,19 +176,91 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").open()]
+
+
+def price(args: argparse.Namespace) -> dict[str, dict]:
+    """Predicted SPU costs of every saved model, with the cost tables of this checkout."""
+    import snl_fx
+
+    x = torch.zeros(1, 1, 28, 28)
+    priced = {}
+    for r in _rows(Path(args.out)):
+        model = torch.load(Path(args.out) / f"model-{slug(r['method'])}.pt", weights_only=False)
+        report = snl_fx.relu_count(model, x)
+        priced[r["method"]] = {p: snl_fx.pi_cost(report, protocol=p) for p in ("spu-cheetah", "spu-semi2k")}
+    return priced
+
+
+def measure(args: argparse.Namespace) -> None:
+    """Export every saved model (profile pi) and run it under SPU (``--backend``); one JSON line each."""
+    import snl_fx
+
+    out = Path(args.out)
+    path = out / f"measured-{args.backend}.jsonl"
+    done = {json.loads(line)["method"] for line in path.open()} if path.exists() else set()
+    x = torch.zeros(1, 1, 28, 28)
+    for r in _rows(out):
+        if r["method"] in done or (args.methods and r["method"] not in args.methods):
+            continue
+        model = torch.load(out / f"model-{slug(r['method'])}.pt", weights_only=False)
+        onnx_path = out / f"model-{slug(r['method'])}.onnx"
+        snl_fx.export_onnx(model, x, onnx_path, profile="pi")
+        bench = snl_fx.pi_bench(onnx_path, backend=args.backend, runs=1)
+        row = {"method": r["method"], "bytes": bench.bytes, "rounds": bench.rounds, "seconds": bench.seconds,
+               "max_abs_error": bench.max_abs_error}
+        with path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
 def table(args: argparse.Namespace) -> None:
-    rows = [json.loads(line) for line in (Path(args.out) / "results.jsonl").open()]
-    print("| method | test acc | val acc | GELUs | softmax elements | CHEETAH MB (pred.) | rounds | WAN s | SEMI2K MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
+    from snl_fx.cost import parse_network
+
+    out = Path(args.out)
+    priced = price(args)
+    wan = parse_network("wan")
+    measured = {}
+    path = out / "measured-spu-cheetah.jsonl"
+    if path.exists():
+        measured = {json.loads(line)["method"]: json.loads(line) for line in path.open()}
+    print("| method | test acc | best val acc | GELU elements | softmax elements | CHEETAH MB predicted | measured "
+          "| CHEETAH rounds | WAN s (predicted) | SEMI2K MB predicted |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in _rows(out):
+        c, s2 = priced[r["method"]]["spu-cheetah"], priced[r["method"]]["spu-semi2k"]
+        m = measured.get(r["method"])
+        meas = f"{m['bytes'] / 1e6:.1f}" if m else "-"
         print(f"| {r['method']} | {r['test_acc']:.2f}% | {r['val_acc']:.2f}% | {r['gelu']:,} | {r['softmax']:,} | "
-              f"{r['spu-cheetah_bytes'] / 1e6:.1f} | {r['spu-cheetah_rounds']} | {r['spu-cheetah_seconds']:.2f} | "
-              f"{r['spu-semi2k_bytes'] / 1e6:.1f} |")
+              f"{c.bytes / 1e6:.1f}{'' if c.complete else ' (at least)'} | {meas} | {c.rounds} | "
+              f"{c.compute_seconds + wan.seconds(c.bytes, c.rounds or 0):.2f} | {s2.bytes / 1e6:.2f} |")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for r in _rows(out):
+            c = priced[r["method"]]["spu-cheetah"]
+            marker = "o" if r["method"].startswith("snl_fx") else "s" if r["method"].startswith("uniform") else "^"
+            ax.scatter(c.bytes / 1e6, r["test_acc"], marker=marker, label=r["method"])
+            if r["method"] in measured:
+                ax.scatter(measured[r["method"]]["bytes"] / 1e6, r["test_acc"], marker="x", color="k")
+        ax.set_xlabel("SPU CHEETAH MB per image (markers: predicted; x: measured)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("vit_tiny_fm on Fashion-MNIST: accuracy against CHEETAH traffic")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / "vit_accuracy_vs_cheetah.png", dpi=120)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["pretrain", "run", "table"])
+    p.add_argument("stage", choices=["pretrain", "run", "measure", "table"])
+    p.add_argument("--backend", default="spu-cheetah", help="measure: the SPU protocol run")
+    p.add_argument("--plot", action="store_true", help="table: also write vit_accuracy_vs_cheetah.png")
     p.add_argument("--methods", nargs="*", help="rows to run (default all; finished rows are skipped)")
     p.add_argument("--gate-epochs", type=int, default=4)
     p.add_argument("--finetune-epochs", type=int, default=4)
@@ -199,7 +272,7 @@ def main() -> None:
     p.add_argument("--max-epochs", type=int, default=40)
     p.add_argument("--patience", type=int, default=3)
     args = p.parse_args()
-    {"pretrain": pretrain, "run": run, "table": table}[args.stage](args)
+    {"pretrain": pretrain, "run": run, "measure": measure, "table": table}[args.stage](args)
 
 
 if __name__ == "__main__":
