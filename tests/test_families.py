@@ -270,3 +270,28 @@ def test_timm_and_torchvision_vits_linearize_through_the_attention_decomposition
     report = snl_fx.relu_count(path)
     assert {f: report.family_count(f) for f in ("gelu", "softmax")} == {
         f: result.counts[f]["after"] for f in ("gelu", "softmax")}
+
+
+def test_a_per_family_run_resumes_to_the_same_model(tmp_path) -> None:
+    from test_snl import _interrupt_after_checkpoints
+
+    x = _x(8)
+    data = torch.utils.data.TensorDataset(torch.randn(64, TOKENS, 4), torch.randint(0, 3, (64,)))
+    opts = dict(epochs=3, finetune_epochs=2, batch_size=16, lambda0=1e-3, progress=False)
+    budget = {"gelu": 0.25, "softmax": 0.5}
+
+    def head() -> nn.Module:
+        return nn.Sequential(_model(), nn.Flatten(1), nn.Linear(TOKENS * DIM, 3)).eval()
+
+    torch.manual_seed(0)
+    straight = snl_fx.linearize(head(), x, budget, data, out_dir=tmp_path / "a", **opts)
+    torch.manual_seed(0)
+    model = head()
+    with pytest.raises(KeyboardInterrupt):  # stop after the second gate epoch
+        _interrupt_after_checkpoints(2, lambda: snl_fx.linearize(model, x, budget, data, out_dir=tmp_path / "b", **opts))
+    resumed = snl_fx.linearize(model, x, budget, data, out_dir=tmp_path / "b", resume=True, **opts)
+    for (k, a), b in zip(straight.gated.state_dict().items(), resumed.gated.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert straight.counts == resumed.counts
+    with pytest.raises(SnlFxError, match="checkpoint"):  # another family budget may not resume it
+        snl_fx.linearize(model, x, {"gelu": 0.5, "softmax": 0.5}, data, out_dir=tmp_path / "b", resume=True, **opts)
