@@ -118,3 +118,72 @@ def test_measured_kinds_match_prediction_semi2k(tmp_path):
     for kind in EXPECTED:
         assert measured[kind]["bytes"] == pytest.approx(predicted[kind]["bytes"], rel=0.05), kind
         assert measured[kind]["rounds"] == predicted[kind]["rounds"], kind
+
+
+class Heads(nn.Module):
+    """Attention written out on (tokens, d) inputs: ``heads`` heads, q scaled by a float, k divided by one."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.qkv, self.heads = nn.Linear(d, 3 * d), heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = torch.softmax((q * 0.25) @ (k / 2.0).transpose(-1, -2), dim=-1)
+        return (attn @ v).transpose(1, 2).reshape(b, t, d)
+
+
+HEADS, HEAD_D = 3, 4
+
+
+@pytest.fixture(scope="module")
+def heads_reports(tmp_path_factory):
+    """(torch report, ONNX report) of Heads on (1, TOKENS, HEADS * HEAD_D)."""
+    torch.manual_seed(0)
+    model, x = Heads(HEADS * HEAD_D, HEADS).eval(), torch.randn(1, TOKENS, HEADS * HEAD_D)
+    path = tmp_path_factory.mktemp("heads") / "heads.onnx"
+    snl_fx.export_onnx(model, x, path, profile="pi")
+    return snl_fx.relu_count(model, x), snl_fx.relu_count(path)
+
+
+def test_both_inspectors_see_scales_and_heads(heads_reports):
+    from snl_fx.cost.model import matmul_heads
+
+    for report in heads_reports:
+        assert sorted(s.elements for s in report.scales) == [HEADS * TOKENS * HEAD_D] * 2  # q * 0.25, k / 2
+        products = [la for la in report.linear if matmul_heads(la) > 1]
+        assert [matmul_heads(la) for la in products] == [HEADS, HEADS]  # q @ k^T, attn @ v
+        assert [la.macs for la in products] == [HEADS * TOKENS * HEAD_D * TOKENS] * 2
+    torch_report, onnx_report = heads_reports
+    assert [s.shape for s in torch_report.scales] == [s.shape for s in onnx_report.scales]
+
+
+@pytest.mark.parametrize("protocol", ["crypten", "spu-semi2k", "spu-cheetah"])
+def test_heads_and_scales_priced_from_table(heads_reports, protocol):
+    """A batched matmul is priced as one product per head; a scale as a truncation per element."""
+    from snl_fx.cost.model import linear_features, matmul_heads, price
+
+    report = heads_reports[1]
+    table = cost_table(protocol)
+    for la in report.linear:
+        h = matmul_heads(la)
+        if h > 1:
+            one = type(la)(la.name, la.op, la.input // h, la.weight // h, la.output // h, la.macs // h)
+            assert linear_features(la) == {k: h * v for k, v in linear_features(one).items()}
+            assert price(linear_features(la), table)[1] == h * price(linear_features(one), table)[1]
+    cost = snl_fx.pi_cost(report, protocol=protocol)
+    elements = sum(s.elements for s in report.scales)
+    assert cost.by_kind()["scale"]["bytes"] == pytest.approx(
+        table.bytes["avgpool_output"] * elements + table.bytes["avgpool_layer"] * len(report.scales))
+    assert cost.by_kind()["scale"]["rounds"] == round(table.rounds["avgpool_layer"] * len(report.scales))
+
+
+def test_gelu_scalings_are_part_of_the_gelu(tmp_path):
+    """GELU's own products by constants (x / sqrt 2, * 0.5, * 0.044715, ...) run inside it: no scales."""
+    for approximate in ("none", "tanh"):
+        model, x = nn.Sequential(nn.Linear(8, 8), nn.GELU(approximate)).eval(), torch.randn(1, 8)
+        snl_fx.export_onnx(model, x, tmp_path / "g.onnx", profile="pi")
+        report = snl_fx.relu_count(tmp_path / "g.onnx")
+        assert [o.kind for o in report.others] == ["gelu" if approximate == "none" else "gelu_tanh"]
+        assert report.scales == [] and snl_fx.relu_count(model, x).scales == []
