@@ -143,7 +143,7 @@ CHEETAH = dict(
     shapes=[((8, 16), False), ((32, 64), False), ((12, 64), False), ((64, 64), False), ((96, 64), False),
             ((34, 64), False)],
     row_shapes=[((8, 16), False), ((4, 64), False), ((16, 64), False), ((2, 197), False), ((3, 24), False),
-                ((32, 64), False), ((16, 197), False), ((68, 17), False)],
+                ((32, 64), False), ((16, 197), False), ((64, 16), False), ((128, 8), False), ((68, 17), False)],
     rounds_fit="least_squares",
     # Kinds whose own traffic is small beside SPU's Beaver triples: CHEETAH makes triples for products
     # of two secrets (MulAA below 2 x 8,192 elements) with one homomorphic OLE of 8,192 slots, 4,096
