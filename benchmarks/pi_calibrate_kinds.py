@@ -309,14 +309,14 @@ def calibrate_kind(kind: str, rows: list[dict], spec: dict, round_seconds: float
     else:
         rounds = zeros | integral(fit([r for r in exact if not r["holdout"]], per, "rounds"))
     if spec["seconds"] == "relative":  # the kind's seconds, non-negative least squares of relative errors
-        seconds = fit(train, names[:2], "seconds", relative=True)
+        seconds = fit(train, [kind, f"{kind}_layer"], "seconds", relative=True)
     else:  # compute beyond the entry's seconds per round, negative terms set to 0
         for r in rows:
             r["compute"] = r["seconds"] - round_seconds * r["rounds"]
-        seconds = {n: max(v, 0.0) for n, v in fit(train, names[:2], "compute").items()}
+        seconds = {n: max(v, 0.0) for n, v in fit(train, [kind, f"{kind}_layer"], "compute").items()}
         for r in rows:
             del r["compute"]
-    seconds = {n: 0.0 for n in names[:2]} | seconds
+    seconds = dict.fromkeys(zeros, 0.0) | seconds
     checks = []
     for r in rows:
         f = {n: v for n, v in r["features"].items() if n != "beaver_refills"}
@@ -349,7 +349,7 @@ def vit_check(backend: str, runs: int, workdir: Path, softmax_broadcast: bool = 
     path = workdir / "vit_tiny_fm.onnx"
     snl_fx.export_onnx(model, x, path, profile="pi")
     cost = snl_fx.pi_cost(path, protocol=backend, softmax_broadcast=softmax_broadcast)
-    r = snl_fx.pi_bench(path, runs=runs, input=x, backend=backend, softmax_broadcast=softmax_broadcast)
+    r = bench(path, backend, runs, x)  # CHEETAH: the steady state, as priced (the option: the environment's, above)
     predicted = cost.by_kind()
     measured = {k: {"bytes": v["bytes"], "rounds": v["rounds"]} for k, v in (r.kinds or {}).items()}
     rest = {"bytes": r.bytes - sum(v["bytes"] for v in measured.values()),

@@ -14,8 +14,10 @@ import snl_fx
 from snl_fx.cost.model import nonlinearity_features
 from snl_fx.cost.tables import cost_table, load_constants
 
+ALL_KINDS = ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "softmax", "layernorm", "exp", "div", "mul")
 PRICED = {  # protocol -> kinds its table must price
-    "spu-semi2k": ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "softmax", "layernorm", "exp", "div", "mul"),
+    "spu-semi2k": ALL_KINDS,
+    "spu-cheetah": ALL_KINDS,
 }
 ROW_KINDS = ("softmax", "layernorm")
 
@@ -56,10 +58,15 @@ EXPECTED = {  # kind -> (layers, elements per layer, row length) of Block on (1,
 
 @pytest.mark.parametrize("protocol,kind", [(p, k) for p, kinds in PRICED.items() for k in kinds])
 def test_table_has_measured_coefficients(protocol, kind):
+    from snl_fx.cost.model import price
+
     table = cost_table(protocol)
     for feature in kind_features(kind):
         assert feature in table.bytes and feature in table.rounds and feature in table.seconds, feature
-    assert table.bytes[kind] > 0 and table.rounds[f"{kind}_layer"] >= 1
+    assert table.bytes[kind] > 0
+    for elements in (64, 1024, 4096):  # one layer: bytes and at least one round, whatever its size
+        nbytes, rounds, _ = price(nonlinearity_features(kind, elements, 16 if kind in ROW_KINDS else None), table)
+        assert nbytes > 0 and rounds >= 1, (elements, nbytes, rounds)
     if kind == "softmax":
         for feature in ("softmax_depth", "softmax_odd"):
             assert feature in table.bytes and feature in table.rounds
@@ -85,17 +92,20 @@ def test_small_transformer_block_priced_from_table(protocol):
     cost = snl_fx.pi_cost(Block(D).eval(), torch.randn(1, TOKENS, D), protocol)
     assert cost.complete, cost.lower_bound()
     table = cost_table(protocol)
+    instances = load_constants()["spu-cheetah"]["ot_instances"]
     by_kind = cost.by_kind()
     for kind, (layers, elements, row) in EXPECTED.items():
-        nbytes = layers * (table.bytes[kind] * elements + table.bytes[f"{kind}_layer"])
-        rounds = layers * table.rounds[f"{kind}_layer"]
+        workers = min(instances, math.ceil(elements / 2048))  # SPU CHEETAH's OT instances for the layer
+        nbytes = table.bytes[kind] * elements + table.bytes[f"{kind}_layer"] + table.bytes[f"{kind}_ot_workers"] * workers
+        rounds = (table.rounds[kind] * elements + table.rounds[f"{kind}_layer"]
+                  + table.rounds[f"{kind}_ot_workers"] * workers)
         if row:
-            nbytes += layers * table.bytes[f"{kind}_rows"] * (elements // row)
+            nbytes += table.bytes[f"{kind}_rows"] * (elements // row)
         if kind == "softmax":
             depth = math.ceil(math.log2(row))
-            rounds += layers * (table.rounds["softmax_depth"] * depth + table.rounds["softmax_odd"] * (tree_levels(row) - depth))
-        assert by_kind[kind]["bytes"] == pytest.approx(nbytes, rel=1e-12), kind
-        assert by_kind[kind]["rounds"] == rounds, kind
+            rounds += table.rounds["softmax_depth"] * depth + table.rounds["softmax_odd"] * (tree_levels(row) - depth)
+        assert by_kind[kind]["bytes"] == pytest.approx(layers * nbytes, rel=1e-12), kind
+        assert by_kind[kind]["rounds"] == layers * round(rounds), kind
 
 
 def test_silu_is_sigmoid_and_a_product():
@@ -103,6 +113,26 @@ def test_silu_is_sigmoid_and_a_product():
     t = cost_table("spu-semi2k")
     assert t.bytes["silu"] == pytest.approx(t.bytes["sigmoid"] + t.bytes["mul"], rel=1e-3)
     assert t.rounds["silu_layer"] == t.rounds["sigmoid_layer"] + t.rounds["mul_layer"]
+
+
+@pytest.mark.parametrize("protocol", ["spu-semi2k", "spu-cheetah"])
+def test_softmax_broadcast_is_a_setting_with_both_prices(protocol):
+    """SPU's softmax denominator option: on by default, its own measured coefficients; off: the plain ones."""
+    from snl_fx.cost.tables import SOFTMAX_BROADCAST
+
+    entry = load_constants()[protocol]
+    on, off, default = (cost_table(protocol, b) for b in (True, False, None))
+    assert default.softmax_broadcast is SOFTMAX_BROADCAST is True and on.bytes == default.bytes
+    assert off.bytes["softmax"] == entry["bytes"]["softmax"]
+    assert on.bytes["softmax"] == entry["softmax_broadcast"]["bytes"]["softmax"] != off.bytes["softmax"]
+    assert {k for k in on.bytes if on.bytes[k] != off.bytes[k]} <= {k for k in on.bytes if k.startswith("softmax")}
+    assert cost_table("crypten").softmax_broadcast is None
+    torch.manual_seed(0)
+    model, x = Block(D).eval(), torch.randn(1, TOKENS, D)
+    plain, option = (snl_fx.pi_cost(model, x, protocol, softmax_broadcast=b) for b in (False, True))
+    assert option.by_kind()["softmax"]["bytes"] < plain.by_kind()["softmax"]["bytes"]
+    assert option.by_kind()["gelu"] == plain.by_kind()["gelu"]
+    assert any("with SPU's denominator option" in n for n in option.notes)
 
 
 @needs_spu
@@ -187,3 +217,22 @@ def test_gelu_scalings_are_part_of_the_gelu(tmp_path):
         report = snl_fx.relu_count(tmp_path / "g.onnx")
         assert [o.kind for o in report.others] == ["gelu" if approximate == "none" else "gelu_tanh"]
         assert report.scales == [] and snl_fx.relu_count(model, x).scales == []
+
+
+@needs_spu
+def test_measured_kinds_within_the_stated_bound_cheetah(tmp_path):
+    """CHEETAH per kind: rounds within the calibration's stated bound, bytes within one Beaver-triple
+    refill (both read from the constants' summary) on a graph of small layers."""
+    torch.manual_seed(0)
+    x = torch.randn(1, TOKENS, D)
+    path = tmp_path / "block.onnx"
+    snl_fx.export_onnx(Block(D).eval(), x, path, profile="pi")
+    cost = snl_fx.pi_cost(path, protocol="spu-cheetah")
+    assert cost.complete, cost.lower_bound()
+    summary = load_constants()["spu-cheetah"]["kinds"]["summary"]
+    refill = max(summary["beaver_refill_bytes"].values())
+    measured = snl_fx.pi_bench(path, runs=2, input=x, backend="spu-cheetah").kinds
+    predicted = cost.by_kind()
+    for kind in EXPECTED:
+        assert abs(measured[kind]["bytes"] - predicted[kind]["bytes"]) <= refill, kind
+        assert abs(measured[kind]["rounds"] - predicted[kind]["rounds"]) <= summary["max_rounds_error"], kind
