@@ -17,10 +17,17 @@ graph matches (CrypTen softmax: those with rows of 64 and 197), seconds by non-n
 squares of relative errors (SPU) or as compute beyond the entry's seconds per round, negative
 terms set to 0 (CrypTen). The last graph of each kind is held out of the fit and checked. With
 ``--write`` the coefficients are added to the backend's entry of ``snl_fx/cost/pi_constants.json``
-(other keys kept), with backend, date and command under ``kinds``.
+(other keys kept), with backend, date and command under ``kinds``. CHEETAH (``CHEETAH``): more
+sizes, a ``<kind>_ot_workers`` feature, rounds by least squares (not exact: they grow in steps
+with the elements), and for mul and LayerNorm SPU's Beaver-triple refills counted per graph and
+amortised. ``--softmax-broadcast`` measures softmax with SPU's denominator option and writes it
+under the entry's ``softmax_broadcast`` (``snl_fx.cost.tables.cost_table`` overlays it); without
+it the runs have the option off, whatever the runs' default. ``--vit`` checks the zoo ViT.
 Usage:
 
     python benchmarks/pi_calibrate_kinds.py --backend spu-semi2k [--kinds gelu softmax ...] [--write]
+    python benchmarks/pi_calibrate_kinds.py --backend spu-cheetah --from-log FILE --write
+    python benchmarks/pi_calibrate_kinds.py --backend spu-semi2k --kinds softmax --softmax-broadcast --write
     python benchmarks/pi_calibrate_kinds.py --backend crypten --from-log FILE --write
 """
 
@@ -375,7 +382,8 @@ def vit_check(backend: str, runs: int, workdir: Path, softmax_broadcast: bool = 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", required=True, choices=list(BACKENDS),
-                        help="spu-cheetah runs SEMI2K's graphs and fits; that path is untested")
+                        help="spu-cheetah: SEMI2K's graphs at more sizes, rounds by least squares, Beaver "
+                             "refills amortised (see CHEETAH)")
     parser.add_argument("--kinds", nargs="+", help="these kinds only (default: all the backend's)")
     parser.add_argument("--runs", type=int, help="inferences per graph (default: SPU 2, CrypTen 3)")
     parser.add_argument("--write", action="store_true", help="add the coefficients to the backend's entry of --out")
