@@ -17,10 +17,17 @@ graph matches (CrypTen softmax: those with rows of 64 and 197), seconds by non-n
 squares of relative errors (SPU) or as compute beyond the entry's seconds per round, negative
 terms set to 0 (CrypTen). The last graph of each kind is held out of the fit and checked. With
 ``--write`` the coefficients are added to the backend's entry of ``snl_fx/cost/pi_constants.json``
-(other keys kept), with backend, date and command under ``kinds``.
+(other keys kept), with backend, date and command under ``kinds``. CHEETAH (``CHEETAH``): more
+sizes, a ``<kind>_ot_workers`` feature, rounds by least squares (not exact: they grow in steps
+with the elements), and for mul and LayerNorm SPU's Beaver-triple refills counted per graph and
+amortised. ``--softmax-broadcast`` measures softmax with SPU's denominator option and writes it
+under the entry's ``softmax_broadcast`` (``snl_fx.cost.tables.cost_table`` overlays it); without
+it the runs have the option off, whatever the runs' default. ``--vit`` checks the zoo ViT.
 Usage:
 
     python benchmarks/pi_calibrate_kinds.py --backend spu-semi2k [--kinds gelu softmax ...] [--write]
+    python benchmarks/pi_calibrate_kinds.py --backend spu-cheetah --from-log FILE --write
+    python benchmarks/pi_calibrate_kinds.py --backend spu-semi2k --kinds softmax --softmax-broadcast --write
     python benchmarks/pi_calibrate_kinds.py --backend crypten --from-log FILE --write
 """
 
@@ -29,6 +36,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -133,7 +141,37 @@ CRYPTEN = {
              "negative terms set to 0 (on these tiny graphs 4.4 ms per round already exceeds the measured "
              "time: predicted seconds up to 2x the measured)"),
 }
-BACKENDS = {"crypten": CRYPTEN, "spu-semi2k": SPU, "spu-cheetah": SPU}
+# CHEETAH: SEMI2K's graphs at more sizes, on both sides of 2,048 elements (one OT instance below,
+# two above: ``<kind>_ot_workers``); the last (34x64 = 2,176 elements, rows of 17 in 68 rows: the
+# zoo ViT's GELU and softmax sizes) held out. Its rounds grow with the elements within one OT
+# instance as well (OT batching), so rounds are fitted by least squares and their error reported.
+CHEETAH = dict(
+    SPU,
+    shapes=[((8, 16), False), ((32, 64), False), ((12, 64), False), ((64, 64), False), ((96, 64), False),
+            ((34, 64), False)],
+    row_shapes=[((8, 16), False), ((4, 64), False), ((16, 64), False), ((2, 197), False), ((3, 24), False),
+                ((32, 64), False), ((16, 197), False), ((64, 16), False), ((128, 8), False), ((68, 17), False)],
+    rounds_fit="least_squares",
+    # Kinds whose own traffic is small beside SPU's Beaver triples: CHEETAH makes triples for products
+    # of two secrets (MulAA below 2 x 8,192 elements) with one homomorphic OLE of 8,192 slots, 4,096
+    # triples, ~1.1 MB, whenever its cache runs short (libspu/mpc/cheetah/state.cc, makeSureCacheSize),
+    # so a small graph's steady-state inference has 0, 1 or 2 such refills depending on what ran
+    # before. Their refills are counted per graph (the residual of a fit without them, in whole
+    # refills), their size fitted, and the price amortises them: triples per element (a product: 1;
+    # LayerNorm: (x - mean)^2, times 1/sd, times its weight: 3) x refill bytes / 4,096.
+    beaver={"mul": 1, "layernorm": 3},
+    beaver_triples_per_refill=4096,
+    note=("steady state (an inference after the first, silent-OT refills out). bytes: least squares over <kind> "
+          "elements and <kind>_layer (softmax: and rows), within 5% on the held-out graphs of 2,176 elements but "
+          "gelu_tanh (-5.3%); up to 30% on graphs of 128-768 elements, where one Beaver-triple refill (an HE OLE "
+          "of 4,096 triples, ~1.14 MB, whenever SPU's cache runs short) more or less moves a layer's bytes; mul "
+          "and layernorm: the refills each graph measured counted and their bytes amortised per element (1 and 3 "
+          "triples an element), so a lone layer's steady-state bytes are the price +- about one refill. rounds: "
+          "least squares over <kind>_layer, <kind>_ot_workers (1 OT instance up to 2,048 elements, 2 above) and "
+          "elements (softmax: and its tree levels), within 10 rounds on every graph (OT batching: rounds grow in "
+          "steps with the elements)"),
+)
+BACKENDS = {"crypten": CRYPTEN, "spu-semi2k": SPU, "spu-cheetah": CHEETAH}
 
 
 def graphs(spec: dict, kinds: list[str]) -> list[dict]:
@@ -235,32 +273,68 @@ def measure(g: dict, backend: str, runs: int, workdir: Path) -> dict:
     return row
 
 
+def beaver_refills(rows: list[dict], names: list[str], prior: float = 1e6) -> float:
+    """Count each row's CHEETAH Beaver-triple refills (``features["beaver_refills"]``, whole numbers) and
+    return a refill's bytes: refills = round(residual / refill bytes) against a fit on ``names`` and the
+    refills, from ``prior`` bytes a refill, until the counts settle."""
+    size = prior
+    for _ in range(10):
+        base = fit([r for r in rows if r["bytes"] < size / 2] or rows, names, "bytes")
+        counts = [max(0, round((r["bytes"] - sum(base[n] * r["features"].get(n, 0.0) for n in names)) / size))
+                  for r in rows]
+        for r, n in zip(rows, counts):
+            r["features"]["beaver_refills"] = n
+        new = fit([r for r in rows if not r["holdout"]], names + ["beaver_refills"], "bytes")["beaver_refills"]
+        if abs(new - size) < 1.0:
+            break
+        size = new
+    return size
+
+
 def calibrate_kind(kind: str, rows: list[dict], spec: dict, round_seconds: float) -> tuple[dict, list[dict]]:
     """Coefficients of one kind's features from its fit rows, and the check of every row."""
     train = [r for r in rows if not r["holdout"]]
     names = [kind, f"{kind}_layer"] + ([f"{kind}_rows"] if kind in ROW_KINDS else [])
     depth = ["softmax_depth", "softmax_odd"] if kind == "softmax" else []
-    zeros = {n: 0.0 for n in names + depth}
-    nbytes = zeros | integral(fit(train, names, "bytes"), tol=1e-3)
+    zeros = {n: 0.0 for n in names + depth + [f"{kind}_ot_workers"]}
+    refill_bytes = None
+    if kind in spec.get("beaver", {}):
+        names = [kind] + ([f"{kind}_rows"] if kind in ROW_KINDS else [])  # no per-layer term: refills are it
+        refill_bytes = beaver_refills(rows, names)
+        fitted = fit(train, names + ["beaver_refills"], "bytes")
+        fitted[kind] += spec["beaver"][kind] * fitted.pop("beaver_refills") / spec["beaver_triples_per_refill"]
+        nbytes = zeros | integral(fitted, tol=1e-3)
+    else:
+        nbytes = zeros | integral(fit(train, names, "bytes"), tol=1e-3)
     at = spec["softmax_rounds_rows"] if kind == "softmax" else None  # rows whose rounds must match
     exact = [r for r in rows if at is None or r["features"][kind] / r["features"][f"{kind}_rows"] in at]
     per = [f"{kind}_layer", *(spec["rounds_depth"] if depth else [])]
-    rounds = zeros | integral(fit([r for r in exact if not r["holdout"]], per, "rounds"))
+    if spec.get("rounds_fit") == "least_squares":  # CHEETAH: per layer, OT instance and element; not exact
+        exact = []
+        rounds = zeros | {n: round(v, 6) for n, v in
+                          fit(train, [*per, f"{kind}_ot_workers", kind], "rounds").items()}
+    else:
+        rounds = zeros | integral(fit([r for r in exact if not r["holdout"]], per, "rounds"))
     if spec["seconds"] == "relative":  # the kind's seconds, non-negative least squares of relative errors
-        seconds = fit(train, names[:2], "seconds", relative=True)
+        seconds = fit(train, [kind, f"{kind}_layer"], "seconds", relative=True)
     else:  # compute beyond the entry's seconds per round, negative terms set to 0
         for r in rows:
             r["compute"] = r["seconds"] - round_seconds * r["rounds"]
-        seconds = {n: max(v, 0.0) for n, v in fit(train, names[:2], "compute").items()}
+        seconds = {n: max(v, 0.0) for n, v in fit(train, [kind, f"{kind}_layer"], "compute").items()}
         for r in rows:
             del r["compute"]
-    seconds = {n: 0.0 for n in names[:2]} | seconds
+    seconds = dict.fromkeys(zeros, 0.0) | seconds
     checks = []
     for r in rows:
-        f = r["features"]
+        f = {n: v for n, v in r["features"].items() if n != "beaver_refills"}
         pb, pr = (sum(c.get(n, 0.0) * v for n, v in f.items()) for c in (nbytes, rounds))
         ps = sum(seconds.get(n, 0.0) * v for n, v in f.items()) + (round_seconds * pr if spec["seconds"] != "relative" else 0.0)
         checks.append({"graph": r["graph"], "kind": kind, "holdout": r["holdout"], "elements": f[kind],
+                       "beaver_refills": r["features"].get("beaver_refills"), "refill_bytes": refill_bytes,
+                       # this inference's own refills instead of the amortised ones: the fit's error
+                       "steady_bytes_error": None if refill_bytes is None else (
+                           pb + refill_bytes * (r["features"]["beaver_refills"] - spec["beaver"][kind] * f[kind]
+                                                / spec["beaver_triples_per_refill"]) - r["bytes"]) / r["bytes"],
                        "rows": f.get(f"{kind}_rows"), "bytes": r["bytes"], "predicted_bytes": pb,
                        "bytes_error": (pb - r["bytes"]) / r["bytes"], "rounds": r["rounds"], "predicted_rounds": pr,
                        "seconds": r["seconds"], "predicted_seconds": ps})
@@ -270,7 +344,7 @@ def calibrate_kind(kind: str, rows: list[dict], spec: dict, round_seconds: float
     return {"bytes": nbytes, "rounds": rounds, "seconds": seconds}, checks
 
 
-def vit_check(backend: str, runs: int, workdir: Path) -> dict:
+def vit_check(backend: str, runs: int, workdir: Path, softmax_broadcast: bool = False) -> dict:
     """The zoo ViT (``vit_tiny_fm``, random weights, seed 0) predicted by ``pi_cost`` against ``pi_bench``:
     totals and each kind (the runner's per-kind segments; linear: the rest, output and input included)."""
     from snl_fx.app.models import vit_tiny_fm
@@ -281,8 +355,8 @@ def vit_check(backend: str, runs: int, workdir: Path) -> dict:
     model, x = vit_tiny_fm().eval(), torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     path = workdir / "vit_tiny_fm.onnx"
     snl_fx.export_onnx(model, x, path, profile="pi")
-    cost = snl_fx.pi_cost(path, protocol=backend)
-    r = snl_fx.pi_bench(path, runs=runs, input=x, backend=backend)
+    cost = snl_fx.pi_cost(path, protocol=backend, softmax_broadcast=softmax_broadcast)
+    r = bench(path, backend, runs, x)  # CHEETAH: the steady state, as priced (the option: the environment's, above)
     predicted = cost.by_kind()
     measured = {k: {"bytes": v["bytes"], "rounds": v["rounds"]} for k, v in (r.kinds or {}).items()}
     rest = {"bytes": r.bytes - sum(v["bytes"] for v in measured.values()),
@@ -308,7 +382,8 @@ def vit_check(backend: str, runs: int, workdir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", required=True, choices=list(BACKENDS),
-                        help="spu-cheetah runs SEMI2K's graphs and fits; that path is untested")
+                        help="spu-cheetah: SEMI2K's graphs at more sizes, rounds by least squares, Beaver "
+                             "refills amortised (see CHEETAH)")
     parser.add_argument("--kinds", nargs="+", help="these kinds only (default: all the backend's)")
     parser.add_argument("--runs", type=int, help="inferences per graph (default: SPU 2, CrypTen 3)")
     parser.add_argument("--write", action="store_true", help="add the coefficients to the backend's entry of --out")
@@ -318,10 +393,19 @@ def main() -> None:
     parser.add_argument("--from-results", metavar="FILE", help="refit the rows of an earlier run's results, run nothing")
     parser.add_argument("--from-log", metavar="FILE", help="reuse the rows printed by an earlier run; run the rest")
     parser.add_argument("--vit", action="store_true", help="then check the zoo ViT, predicted against measured")
+    parser.add_argument("--softmax-broadcast", action="store_true",
+                        help="SPU: run with SPU's softmax denominator option (softmax only) and write its coefficients "
+                             "under the entry's softmax_broadcast; without it the option is off")
     args = parser.parse_args()
     spec = BACKENDS[args.backend]
+    if args.softmax_broadcast and (args.backend == "crypten" or set(args.kinds or []) != {"softmax"}):
+        raise SystemExit("--softmax-broadcast: an SPU backend and --kinds softmax")
+    # explicit either way: the runs' default is the option on (snl_fx.cost.tables.SOFTMAX_BROADCAST)
+    os.environ["SNL_FX_SPU_OPTIMIZE_DENOMINATOR"] = "1" if args.softmax_broadcast else "0"
     kinds, runs = args.kinds or list(spec["kinds"]), args.runs or spec["runs"]
-    results_path = Path(args.results or args.from_results or f"benchmarks/results/pi_calibrate_kinds_{args.backend}.json")
+    suffix = "_softmax_broadcast" if args.softmax_broadcast else ""
+    results_path = Path(args.results or args.from_results
+                        or f"benchmarks/results/pi_calibrate_kinds_{args.backend}{suffix}.json")
     out = Path(args.out)
     if args.from_results:
         stored = json.loads(Path(args.from_results).read_text())["rows"]
@@ -333,7 +417,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pi_calibrate_kinds_") as tmp:
         for g in graphs(spec, kinds):
             if g["name"] in stored:  # the measurement stored; the features again (the model's current ones)
-                rows.append({**stored[g["name"]], "features": kind_features(g, Path(tmp))})
+                rows.append({**stored[g["name"]], "holdout": g["holdout"], "features": kind_features(g, Path(tmp))})
             elif args.from_results:
                 raise SystemExit(f"{args.from_results} has no row {g['name']!r}")
             else:
@@ -346,20 +430,37 @@ def main() -> None:
         fitted[kind], kind_checks = calibrate_kind(kind, [r for r in rows if r["kind"] == kind], spec, round_seconds)
         checks += kind_checks
     held = [c for c in checks if c["holdout"]]
+    steady = [c for c in checks if c.get("steady_bytes_error") is not None]
     summary = {"max_bytes_rel_error": max(abs(c["bytes_error"]) for c in checks),
                "max_holdout_bytes_rel_error": max(abs(c["bytes_error"]) for c in held),
-               "max_rounds_error": max(abs(c["predicted_rounds"] - c["rounds"]) for c in checks)}
+               "max_rounds_error": max(abs(round(c["predicted_rounds"]) - c["rounds"]) for c in checks),
+               "max_holdout_rounds_error": max(abs(round(c["predicted_rounds"]) - c["rounds"]) for c in held)}
+    if steady:  # Beaver kinds: the fit with each graph's own refills, and a refill's bytes
+        summary["max_steady_bytes_rel_error"] = max(abs(c["steady_bytes_error"]) for c in steady)
+        summary["beaver_refill_bytes"] = {c["kind"]: c["refill_bytes"] for c in steady}
     for c in checks:
         print(f"{c['graph']:20s} {'held out' if c['holdout'] else 'fit':8s} bytes {c['bytes']:>10,.0f} predicted "
               f"{c['predicted_bytes']:>12,.1f} ({c['bytes_error']:+.3%})  rounds {c['rounds']} / {c['predicted_rounds']:g}"
-              f"  s {c['seconds']:.4f} / {c['predicted_seconds']:.4f}")
+              f"  s {c['seconds']:.4f} / {c['predicted_seconds']:.4f}"
+              + ("" if c.get("steady_bytes_error") is None else
+                 f"  [{c['beaver_refills']} Beaver refill(s) measured; with them {c['steady_bytes_error']:+.3%}]"))
     print(json.dumps(summary))
     print(json.dumps(fitted, indent=1))
     if not args.from_results:  # what was measured (or logged), with its checks
         results_path.parent.mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps({"backend": args.backend, "rows": rows, "checks": checks,
                                             "summary": summary}, indent=2) + "\n")
-    if args.write:
+    if args.write and args.softmax_broadcast:  # an overlay of the softmax coefficients (tables.cost_table)
+        constants = json.loads(out.read_text())  # again: other scripts write other entries of the file
+        constants["protocols"][args.backend]["softmax_broadcast"] = {
+            **{part: fitted["softmax"][part] for part in ("bytes", "rounds", "seconds")},
+            "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv),
+            "check": {c["graph"]: {"bytes_error": c["bytes_error"], "rounds": c["rounds"],
+                                   "predicted_rounds": c["predicted_rounds"], "holdout": c["holdout"]} for c in checks},
+            "summary": summary,
+        }
+        out.write_text(json.dumps(constants, indent=2) + "\n")
+    if args.write and not args.softmax_broadcast:
         constants = json.loads(out.read_text())  # again: other scripts write other entries of the file
         entry = constants["protocols"][args.backend]
         for coef in fitted.values():  # this script's keys only: <kind>, <kind>_layer, <kind>_rows, softmax_*
@@ -382,7 +483,7 @@ def main() -> None:
         out.write_text(json.dumps(constants, indent=2) + "\n")
     if args.vit:
         with tempfile.TemporaryDirectory(prefix="pi_calibrate_kinds_vit_") as tmp:
-            vit = vit_check(args.backend, runs, Path(tmp))
+            vit = vit_check(args.backend, runs, Path(tmp), args.softmax_broadcast)
         stored = json.loads(results_path.read_text())
         results_path.write_text(json.dumps({**stored, "vit_tiny_fm": vit}, indent=2) + "\n")
 

@@ -7,8 +7,9 @@ processes of that interpreter (server and client, SPU's brpc link on loopback), 
 its own SPU profile, and the two reports are combined here. With ``SNL_FX_SPU_REPORTS=FILE`` set,
 both parties' raw reports (every inference, every executable's bytes and send actions) are also
 written to FILE as JSON: ``benchmarks/pi_calibrate.py`` reads CHEETAH's silent-OT refills there.
-``SNL_FX_SPU_OPTIMIZE_DENOMINATOR=1`` (or ``run_spu(..., optimize_denominator=True)``) compiles with
-SPU's ``enable_optimize_denominator_with_broadcast`` (softmax divides by one reciprocal per row).
+SPU's ``enable_optimize_denominator_with_broadcast`` (softmax divides by one reciprocal per row) is
+on by default (``snl_fx.cost.tables.SOFTMAX_BROADCAST``, as ``pi_cost`` prices it);
+``SNL_FX_SPU_OPTIMIZE_DENOMINATOR=0`` (or ``run_spu(..., optimize_denominator=False)``) turns it off.
 """
 
 from __future__ import annotations
@@ -63,11 +64,14 @@ def run_spu(
     """Run both parties; return the client's output and the combined measurements (see ``pi_bench``).
 
     ``optimize_denominator``: SPU's softmax option (see the module's doc); None: the environment's
-    ``SNL_FX_SPU_OPTIMIZE_DENOMINATOR`` (off when unset).
+    ``SNL_FX_SPU_OPTIMIZE_DENOMINATOR``, else ``snl_fx.cost.tables.SOFTMAX_BROADCAST`` (on).
     """
+    from snl_fx.cost.tables import SOFTMAX_BROADCAST
+
     python = spu_python()
     if optimize_denominator is None:
-        optimize_denominator = os.environ.get("SNL_FX_SPU_OPTIMIZE_DENOMINATOR", "0").lower() not in ("", "0", "false")
+        env = os.environ.get("SNL_FX_SPU_OPTIMIZE_DENOMINATOR")
+        optimize_denominator = SOFTMAX_BROADCAST if env is None else env.lower() not in ("", "0", "false")
     with tempfile.TemporaryDirectory(prefix="snl_fx_spu_") as tmp:
         np.save(f"{tmp}/input.npy", x)
         ports = ",".join(map(str, _free_ports(2)))

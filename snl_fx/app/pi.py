@@ -147,8 +147,9 @@ def pi_bench(
         backend: ``"crypten"`` (default), ``"spu-cheetah"`` or ``"spu-semi2k"``.
         softmax_broadcast: SPU only: compile with SPU's ``enable_optimize_denominator_with_broadcast``
             (a softmax divides by one reciprocal per row: 1,394 -> 389 B per element under SEMI2K
-            for rows of 197, outputs still within 1e-2). None (default): the environment's
-            ``SNL_FX_SPU_OPTIMIZE_DENOMINATOR`` (off when unset).
+            for rows of 197, outputs still within 1e-2); False: SPU's plain softmax. None (default):
+            the environment's ``SNL_FX_SPU_OPTIMIZE_DENOMINATOR``, else on
+            (``snl_fx.cost.tables.SOFTMAX_BROADCAST``, as ``pi_cost`` prices it).
 
     Returns:
         A :class:`PiBenchResult`: error against ONNX Runtime, measured bytes, rounds, seconds,

@@ -33,13 +33,15 @@ from snl_fx.inspect.report import LinearCount, ReluReport
 # the inspectors report is its own row; "other" gathers any kind not listed here (elu, mish, ...).
 NONLINEAR_KINDS = ("gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "erf", "softmax", "layernorm", "rmsnorm",
                    "exp", "div", "mul")
-KINDS = ("linear", "relu", "maxpool", "avgpool", *NONLINEAR_KINDS, "other", "output")
+# "scale": a product of a secret by a public (float) constant, one fixed-point truncation per element.
+KINDS = ("linear", "relu", "maxpool", "avgpool", "scale", *NONLINEAR_KINDS, "other", "output")
 
 # Network and table names are re-exported: they lived here before the package was split.
 __all__ = [
     "CONSTANTS_PATH", "KINDS", "MEASURED_PROTOCOLS", "NETWORKS", "NONLINEAR_KINDS", "PROTOCOLS", "CostTable", "LayerCost", "Network",
     "PiCost", "cheetah_matmul", "cost_from_report", "cost_table", "layer_features", "linear_cost",
-    "linear_features", "parse_network", "pi_cost", "price", "protocols", "relu_site_cost",
+    "linear_features", "matmul_heads", "parse_network", "pi_cost", "price", "protocols", "relu_site_cost",
+    "scale_features",
 ]
 
 
@@ -126,14 +128,38 @@ def cheetah_matmul(m: int, k: int, n: int, degree: int = CHEETAH_POLY_DEGREE) ->
     return min(b0, b2) * b1, out, True
 
 
+def matmul_heads(layer: LinearCount) -> int:
+    """The independent products a batched matmul is made of, per sample (attention's heads); 1 otherwise.
+
+    For ``(B, M, K) @ (B, K, N)`` the layer's sizes are input B*M*K, weight B*K*N, output B*M*N and
+    macs B*M*K*N, so B = input * weight * output / macs**2; a matmul by a 2-D weight gives 1.
+
+    Example:
+        >>> matmul_heads(LinearCount("qk", "MatMul(activations)", 4 * 17 * 16, 4 * 16 * 17, 4 * 17 * 17, 4 * 17 * 16 * 17))
+        4
+    """
+    if "matmul" not in layer.op.lower() or not layer.macs:
+        return 1
+    heads, rest = divmod(layer.input * layer.weight * layer.output, layer.macs * layer.macs)
+    return heads if heads > 1 and not rest else 1
+
+
 def linear_features(layer: LinearCount) -> dict[str, float]:
     """Features of a linear layer (conv, gemm, matmul): its input, weight and output sizes.
+
+    A batched matmul of ``B`` heads (:func:`matmul_heads`: q @ k^T, attention @ v) is ``B``
+    products, as SPU runs it, one after the other: its features are ``B`` times those of one head's.
 
     ``linear_patch`` is the im2col size, the input elements the outputs read (Hout*Wout*Cin*k*k
     for a conv, the input for a gemm): ``macs**2 / (weight * output)``. SPU opens it, not the input.
     The ``he_*`` features are SPU CHEETAH's ciphertexts for the layer as an (M x K) by (K x N)
     product (see :func:`cheetah_matmul`), ``linear_ot_workers`` the OT instances its truncation uses.
     """
+    heads = matmul_heads(layer)
+    if heads > 1:
+        one = LinearCount(layer.name, layer.op, layer.input // heads, layer.weight // heads, layer.output // heads,
+                          layer.macs // heads)
+        return {k: v * heads for k, v in linear_features(one).items()}
     patch = layer.macs * layer.macs // (layer.weight * layer.output) if layer.weight and layer.output else layer.input
     out = {"linear_input": layer.input, "linear_patch": patch, "linear_weight": layer.weight,
            "linear_output": layer.output, "linear_layer": 1, "mac": layer.macs,
@@ -165,6 +191,13 @@ def avgpool_features(outputs: int) -> dict[str, float]:
     return {"avgpool_output": outputs, "avgpool_layer": 1}
 
 
+def scale_features(elements: int) -> dict[str, float]:
+    """Features of a product of ``elements`` secret elements by a public constant (attention's
+    1/sqrt(d), a residual scaling): one fixed-point truncation each, the protocol step an average
+    pool's division is made of, so priced with the same coefficients (``avgpool_*``)."""
+    return avgpool_features(elements)
+
+
 def nonlinearity_features(kind: str, elements: int, row: int | None = None) -> dict[str, float]:
     """Features of a layer of another nonlinearity (gelu, softmax, mul, ...): a feature named after
     its kind (its elements per sample), one per layer, and for the kinds that normalise rows
@@ -172,10 +205,12 @@ def nonlinearity_features(kind: str, elements: int, row: int | None = None) -> d
     comparison tree: ``softmax_depth`` = ceil(log2(row)), and ``softmax_odd``, the levels SPU adds
     to it: SPU reduces a row of n by halving n (even) or n - 1 (odd, the element out compared once
     more), floor(log2 n) + popcount(n) - 1 levels in all (rows of 16: 4 + 0, 17: 5 + 0, 100: 7 + 1,
-    197: 8 + 2; SPU SEMI2K: 8 rounds a level, measured). A protocol prices the kind only once its
-    table has measured coefficients for these; until then the layer is unpriced (``PiCost.unpriced``).
+    197: 8 + 2; SPU SEMI2K: 8 rounds a level, measured). ``<kind>_ot_workers``: the OT instances SPU
+    CHEETAH spreads the kind's comparisons and truncations over (:func:`ot_workers`; its rounds
+    nearly double from one to two). A protocol prices the kind only once its table has measured
+    coefficients for these; until then the layer is unpriced (``PiCost.unpriced``).
     """
-    out = {kind: elements, f"{kind}_layer": 1}
+    out = {kind: elements, f"{kind}_layer": 1, f"{kind}_ot_workers": ot_workers(elements)}
     if row:
         out[f"{kind}_rows"] = elements // row
         if kind == "softmax":
@@ -418,6 +453,7 @@ def pi_cost(
     network: str | Network = "wan",
     *,
     input_shapes: list[tuple[int, ...]] | None = None,
+    softmax_broadcast: bool | None = None,
 ) -> PiCost:
     """Predict bytes, rounds and latency of one private inference, per layer and in all.
 
@@ -430,6 +466,9 @@ def pi_cost(
             each layer they leave out says so).
         network: ``"lan"``, ``"wan"``, ``"MBPS,RTT_MS"`` or a :class:`Network`.
         input_shapes: for an ONNX file whose inputs have dynamic dims beyond the batch dim.
+        softmax_broadcast: SPU protocols: price softmax with SPU's denominator option (one
+            reciprocal per row) as ``pi_bench`` runs it by default, or False for SPU's plain
+            softmax; None: ``snl_fx.cost.tables.SOFTMAX_BROADCAST`` (on).
 
     Returns:
         A :class:`PiCost`: ``.bytes``, ``.rounds``, ``.seconds``, ``.layers`` (one
@@ -439,7 +478,7 @@ def pi_cost(
         >>> cost = snl_fx.pi_cost(model, x[:1], "crypten", "wan")
         >>> cost.bytes, cost.rounds, cost.seconds
     """
-    table = cost_table(protocol)
+    table = cost_table(protocol, softmax_broadcast)
     net = parse_network(network)
     if isinstance(model_or_onnx, ReluReport):
         report = model_or_onnx
@@ -458,6 +497,7 @@ def layer_features(report: ReluReport) -> list[tuple[str, str, str, int, dict[st
     rows: list[tuple[str, str, str, int, dict[str, float]]] = []
     rows += [(la.name, "linear", la.op, la.output, linear_features(la)) for la in report.linear]
     rows += [(s.name, "relu", s.op, s.relus, relu_features(s.relus)) for s in report.sites if s.relus]
+    rows += [(s.name, "scale", s.op, s.elements, scale_features(s.elements)) for s in report.scales]
     for other in report.others:
         outputs = _numel(other.shape)
         if other.kind == "maxpool":
@@ -489,16 +529,15 @@ def cost_from_report(report: ReluReport, table: CostTable, network: Network) -> 
     notes = sorted({f"{layer.kind} layers: {layer.note}" for layer in layers if layer.note})
     if table.rounds is None:
         notes.append(f"rounds: not known for {table.name}; latency counts no round trips")
+    if table.softmax_broadcast is not None and any(la.kind == "softmax" for la in layers):
+        notes.append(f"softmax priced {'with' if table.softmax_broadcast else 'without'} SPU's denominator option "
+                     "(enable_optimize_denominator_with_broadcast; pi_cost/pi_bench softmax_broadcast=)")
     if table.measured and table.measured.get("quantity"):
         notes.append(f"{table.name} prices {table.measured['quantity']}")
     if table.measured and table.measured.get("setup"):
         notes.append(_setup_note(layers, table.measured["setup"], table.measured.get("refill") or {}))
     if report.ungateable:
         notes.append("ReLUs inside leaf modules (not gateable) are not priced")
-    if table.name.startswith("spu-") and any(la.op in ("matmul", "MatMul(activations)") for la in report.linear):
-        notes.append("matmuls of two activations (attention) are priced as one layer each: SPU runs them once per "
-                     "head, so their bytes and rounds are a lower bound (zoo ViT under SEMI2K: 14 rounds and ~64 kB "
-                     "short per attention block, see BENCHMARKS.md)")
     notes.append("adds, reshapes, gathers, concats, folded BatchNorms: local under secret sharing, free")
     return PiCost(table.name, network, table.source, layers, table.measured, notes)
 

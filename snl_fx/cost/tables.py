@@ -24,6 +24,7 @@ __all__ = [
     "CONSTANTS_PATH",
     "MEASURED_PROTOCOLS",
     "PROTOCOLS",
+    "SOFTMAX_BROADCAST",
     "SPU_PROTOCOLS",
     "CostTable",
     "Protocol",
@@ -34,6 +35,12 @@ __all__ = [
 ]
 
 CONSTANTS_PATH = Path(__file__).with_name("pi_constants.json")
+
+# SPU's softmax option (``enable_optimize_denominator_with_broadcast``: one reciprocal per row, then
+# a product, instead of a division of every element): on by default in the SPU runs (``pi_bench``)
+# and their prices (``pi_cost``), since its outputs stay within 1e-2 of ONNX Runtime; ``False``
+# (``softmax_broadcast=False``, ``SNL_FX_SPU_OPTIMIZE_DENOMINATOR=0``) gives SPU's plain softmax.
+SOFTMAX_BROADCAST = True
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,7 @@ class CostTable:
     source: str
     measured: dict[str, Any] | None = None  # backend, date, command of the calibration
     leaves_out: str = ""
+    softmax_broadcast: bool | None = None  # SPU's softmax option priced (None: the protocol has none)
 
     def _dot(self, table: dict[str, float] | None, features: dict[str, float]) -> float | None:
         if table is None or any(v and k not in table for k, v in features.items()):
@@ -153,11 +161,14 @@ def protocol_help() -> str:
     return f"{calibrated} (calibrated), {literature} (literature, ReLUs only)"
 
 
-def cost_table(protocol: str) -> CostTable:
+def cost_table(protocol: str, softmax_broadcast: bool | None = None) -> CostTable:
     """The coefficients of ``protocol``: calibrated ones from ``pi_constants.json``, or a literature table.
 
     Args:
         protocol: a name of :data:`PROTOCOLS`.
+        softmax_broadcast: SPU protocols: price softmax as SPU runs it with its denominator option
+            (the entry's ``softmax_broadcast`` coefficients) or without; None: :data:`SOFTMAX_BROADCAST`.
+            Ignored by protocols without the option (``CostTable.softmax_broadcast`` is then None).
 
     Returns:
         Its :class:`CostTable`. A one-line SnlFxError names the protocols known, or, for a
@@ -183,4 +194,12 @@ def cost_table(protocol: str) -> CostTable:
             f"protocol {protocol!r} has no calibrated constants yet: run benchmarks/pi_calibrate.py --backend {row.backend}"
         )
     measured = {k: entry[k] for k in ("backend", "date", "command", "quantity", "setup", "refill") if k in entry}
-    return CostTable(protocol, entry["bytes"], entry["rounds"], entry["seconds"], entry["source"], measured)
+    nbytes, rounds, seconds, broadcast = entry["bytes"], entry["rounds"], entry["seconds"], None
+    option = entry.get("softmax_broadcast")
+    if option is not None:  # the softmax coefficients measured with the option on
+        broadcast = SOFTMAX_BROADCAST if softmax_broadcast is None else softmax_broadcast
+        if broadcast:
+            nbytes, rounds = nbytes | option["bytes"], rounds | option["rounds"]
+            seconds = seconds | option.get("seconds", {})
+            measured["softmax_broadcast"] = {k: option[k] for k in ("date", "command") if k in option}
+    return CostTable(protocol, nbytes, rounds, seconds, entry["source"], measured, softmax_broadcast=broadcast)

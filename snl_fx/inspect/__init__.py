@@ -11,9 +11,9 @@ import os
 from typing import Any
 
 from snl_fx.errors import SnlFxError
-from snl_fx.inspect.report import LinearCount, OtherCount, ReluReport, SiteCount
+from snl_fx.inspect.report import LinearCount, OtherCount, ReluReport, ScaleCount, SiteCount
 
-__all__ = ["LinearCount", "OtherCount", "ReluReport", "SiteCount", "relu_count"]
+__all__ = ["LinearCount", "OtherCount", "ReluReport", "ScaleCount", "SiteCount", "relu_count"]
 
 
 def relu_count(

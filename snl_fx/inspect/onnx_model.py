@@ -31,6 +31,7 @@ from snl_fx.inspect.report import (
     LinearCount,
     OtherCount,
     ReluReport,
+    ScaleCount,
     SiteCount,
     not_per_sample_note,
     relu_depth,
@@ -117,6 +118,7 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
     constant: list[tuple[str, str, int]] = []  # (name, kind, elements) of layers no batched input flows into
     others: list[OtherCount] = []
     linear: list[LinearCount] = []
+    scales: list[ScaleCount] = []
     notes: list[str] = []
     relu_nodes: set[int] = set()
     ops_counted: Counter[str] = Counter()
@@ -159,6 +161,12 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
             ops_counted[relu_op] += 1
         elif kind is not None and not any(v in data for v in _reads(node)):  # weights, constants, shapes only
             constant.append((name, kind, math.prod(shapes.get(node.output[0]) or (0,))))
+        elif kind == "scale":
+            out_shape = shapes.get(node.output[0])
+            if out_shape is None:
+                notes.append(f"{node.op_type} node '{name}' has no inferred shape; left out of the scalings")
+            else:
+                scales.append(ScaleCount(name, node.op_type, out_shape[1:], _per_sample(out_shape, batch)))
         elif kind is not None:
             other = _other_count(node, name, kind, shapes, batch, opset)
             if other is None:
@@ -189,6 +197,7 @@ def onnx_relu_report(path: str | os.PathLike, input_shapes: list[tuple[int, ...]
         notes=notes,
         linear=linear,
         outputs=sum(_per_sample(shapes.get(v.name) or (), batch) for v in graph.output if v.name in batched),
+        scales=scales,
     )
 
 
@@ -626,7 +635,7 @@ class _Composites:
             if parts is not None:
                 kind = {"Erf": "gelu", "Tanh": "gelu_tanh", "Sigmoid": "silu"}[node.op_type]
                 self.kinds[i] = kind
-                self.absorbed |= parts
+                self.absorbed |= parts | (self._scalings_of(i, parts) if kind != "silu" else set())
                 self.found[kind] += 1
 
     def kind(self, idx: int, node: onnx.NodeProto, kind: str | None) -> str | None:
@@ -646,9 +655,11 @@ class _Composites:
                 a, b = (v in self._data for v in ins)
                 if (a and b) or (a and self._weight(ins[1])) or (b and self._weight(ins[0])):
                     return "mul"
-                return None
+                return "scale" if a or b else None  # by a public float: a fixed-point truncation
             if op == "Div" and len(ins) == 2:
-                return "div" if ins[1] in self._data else None
+                if ins[1] in self._data:
+                    return "div"
+                return "scale" if ins[0] in self._data else None
             if op == "Where":
                 return "where" if ins and ins[0] in self._data else None
             if op in _COMPARE_OPS:
@@ -659,6 +670,31 @@ class _Composites:
         return kind
 
     # --- helpers ---
+    def _scaling(self, i: int) -> bool:
+        """Whether node ``i`` is a Mul or Div of a value by a scalar constant (x -> c*x, x/c)."""
+        node = self._nodes[i]
+        if node.op_type not in ("Mul", "Div") or len(node.input) != 2 or not node.output:
+            return False
+        return self._scalar(node.input[1]) is not None or (node.op_type == "Mul" and self._scalar(node.input[0]) is not None)
+
+    def _scalings_of(self, core: int, parts: set[int]) -> set[int]:
+        """The scalings by constants inside a composite (GELU's x / sqrt 2, * 0.5, * 0.044715,
+        * sqrt(2/pi)): the backend runs them with it, so they are no ``scale`` of their own. Those
+        that only the core or the parts read, and those that read the core or a part."""
+        group = parts | {core}
+        found: set[int] = set()
+        for g in list(group):
+            for v in self._nodes[g].input:
+                i = self._producer.get(v)
+                while i is not None and i not in group and self._scaling(i) and \
+                        all(c in group | found for c in self._consumers.get(self._nodes[i].output[0], [])):
+                    found.add(i)
+                    node = self._nodes[i]
+                    i = self._producer.get(node.input[0] if self._scalar(node.input[1]) is not None else node.input[1])
+            for out in self._nodes[g].output:
+                found |= {i for i in self._consumers.get(out, []) if i not in group and self._scaling(i)}
+        return found
+
     def _scalar(self, v: str) -> float | None:
         value = self._consts.get(v) if v else None
         if value is None or value.size != 1:

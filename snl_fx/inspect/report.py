@@ -68,6 +68,20 @@ class OtherCount:
 
 
 @dataclass(frozen=True)
+class ScaleCount:
+    """A product of a secret value by a public constant (a float: a fixed-point truncation per element).
+
+    ``op``: how it was written (``Mul``/``Div`` in ONNX, ``mul``/``truediv``/... in torch);
+    ``elements``: its elements per sample. Attention's ``1/sqrt(d)``, residual scalings.
+    """
+
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    elements: int
+
+
+@dataclass(frozen=True)
 class LinearCount:
     """A layer with a weight operand (Conv, Gemm/Linear, MatMul): element counts for one sample.
 
@@ -95,6 +109,7 @@ class ReluReport:
     notes: list[str] = field(default_factory=list)
     linear: list[LinearCount] = field(default_factory=list)
     outputs: int = 0  # elements per sample of the model's outputs (what a PI backend reveals)
+    scales: list[ScaleCount] = field(default_factory=list)  # products by public constants (truncations)
 
     @property
     def total(self) -> int:
@@ -115,6 +130,7 @@ class ReluReport:
             "sites": [asdict(s) for s in self.sites],
             "others": [asdict(o) for o in self.others],
             "other_totals": self.other_totals(),
+            "scales": [asdict(s) for s in self.scales],
             "ungateable": self.ungateable,
             "notes": self.notes,
         }

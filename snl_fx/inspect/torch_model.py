@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -19,9 +19,10 @@ from torch.fx import GraphModule, Node
 
 from snl_fx import passes
 from snl_fx.errors import SnlFxError
-from snl_fx.inspect.report import LinearCount, OtherCount, ReluReport, SiteCount, not_per_sample_note
+from snl_fx.inspect.report import LinearCount, OtherCount, ReluReport, ScaleCount, SiteCount, not_per_sample_note
 from snl_fx.inspect.report import relu_depth as _relu_depth
 from snl_fx.passes.find import batched_nodes
+from snl_fx.passes.spellings import OTHER_FUNCTIONS, OTHER_METHODS, RECIPROCALS, other_nonlinearity
 
 
 def module_report(model: nn.Module, example_input: Any) -> ReluReport:
@@ -67,7 +68,33 @@ def report_from_graph(gm: GraphModule, source: str) -> ReluReport:
         notes.append(note)
     results = [n for out in gm.graph.nodes if out.op == "output" for n in out.all_input_nodes if n in batched]
     outputs = sum(_numel(n) for n in results) // batch
-    return ReluReport(source, sites, relu_depth(gm), others, ungateable, notes, linear, outputs)
+    scales = [ScaleCount(n.name, str(getattr(n.target, "__name__", n.target)), _shape(n)[1:], _numel(n) // batch)
+              for n in gm.graph.nodes if _is_scale(n, modules, batched)]
+    return ReluReport(source, sites, relu_depth(gm), others, ungateable, notes, linear, outputs, scales)
+
+
+def _is_scale(node: Node, modules: Mapping[str, nn.Module], batched: set[Node]) -> bool:
+    """Whether ``node`` multiplies (or divides) a batched float value by a public constant: a Python
+    number or a value no batched input flows into, not a weight of more than one element (that is
+    a secret product, ``mul``). In fixed point each element costs a truncation; as the ONNX
+    inspector's ``scale``."""
+    if node.op == "call_function":
+        kind = OTHER_FUNCTIONS.get(node.target) if isinstance(node.target, Hashable) else None
+    elif node.op == "call_method":
+        kind = OTHER_METHODS.get(str(node.target))
+    else:
+        return False
+    if kind not in ("mul", "div") or node.target in RECIPROCALS or node not in batched:
+        return False
+    tm = node.meta.get("tensor_meta")
+    if not hasattr(tm, "dtype") or not tm.dtype.is_floating_point:
+        return False
+    if other_nonlinearity(node, modules, batched) is not None:  # a secret product or division
+        return False
+    a = node.args[0] if node.args else node.kwargs.get("input", node.kwargs.get("self"))
+    b = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    secret = [v in batched for v in (a, b)]
+    return secret[0] != secret[1] if kind == "mul" else secret[0] and not secret[1]
 
 
 _LINEAR_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
