@@ -110,8 +110,9 @@ METHODS = {
                                                     "kappa": 1.1}),
     "MPCViT-style 50% heads (scaled attention)": ("snl", {"budget": {"softmax": 0.5}, "units": {"softmax": "head"},
                                                            "replacements": {"softmax": "scaled"}}),
-    "snl_fx Cost 1/3 CHEETAH bytes": ("snl", {"cost_share": 1 / 3}),
-    "snl_fx Cost 1/5 CHEETAH bytes": ("snl", {"cost_share": 1 / 5}),
+    "snl_fx Cost 1/2 CHEETAH bytes": ("snl", {"cost_share": 1 / 2}),
+    "snl_fx Cost 1/2.5 CHEETAH bytes": ("snl", {"cost_share": 1 / 2.5}),
+    "snl_fx Cost 1/2 CHEETAH bytes, relu-softmax": ("snl", {"cost_share": 1 / 2, "replacements": {"softmax": "relu"}}),
 }
 
 
@@ -180,6 +181,17 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "results.jsonl").open()]
 
 
+def load_model(out: Path, method: str) -> nn.Module:
+    """A saved row's lowered model (rows saved before PartialNonlinear took ``row`` get it from their shape)."""
+    from snl_fx.passes import PartialNonlinear
+
+    model = torch.load(out / f"model-{slug(method)}.pt", weights_only=False)
+    for m in model.modules():
+        if isinstance(m, PartialNonlinear) and not hasattr(m, "row"):
+            m.row = m.inner[-1] if m.inner else 1
+    return model
+
+
 def price(args: argparse.Namespace) -> dict[str, dict]:
     """Predicted SPU costs of every saved model, with the cost tables of this checkout."""
     import snl_fx
@@ -187,7 +199,7 @@ def price(args: argparse.Namespace) -> dict[str, dict]:
     x = torch.zeros(1, 1, 28, 28)
     priced = {}
     for r in _rows(Path(args.out)):
-        model = torch.load(Path(args.out) / f"model-{slug(r['method'])}.pt", weights_only=False)
+        model = load_model(Path(args.out), r["method"])
         report = snl_fx.relu_count(model, x)
         priced[r["method"]] = {p: snl_fx.pi_cost(report, protocol=p) for p in ("spu-cheetah", "spu-semi2k")}
     return priced
@@ -204,7 +216,7 @@ def measure(args: argparse.Namespace) -> None:
     for r in _rows(out):
         if r["method"] in done or (args.methods and r["method"] not in args.methods):
             continue
-        model = torch.load(out / f"model-{slug(r['method'])}.pt", weights_only=False)
+        model = load_model(out, r["method"])
         onnx_path = out / f"model-{slug(r['method'])}.onnx"
         snl_fx.export_onnx(model, x, onnx_path, profile="pi")
         bench = snl_fx.pi_bench(onnx_path, backend=args.backend, runs=1)

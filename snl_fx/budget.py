@@ -723,8 +723,9 @@ class FamilyCostPlan(Plan):
     ``k`` kept units compute the op, the ``U - k`` cut ones the replacement (its kinds, e.g. the
     secret square of ``x^2/N``), so ``cost_s(k) = cut_s(U - k) + kept_s(k)``, each part affine in
     its units with a fixed cost while it has any. The gate phase prices each unit by what cutting
-    it saves; the selection keeps units by gate value while the predicted cost stays within the
-    budget. ``lowered``'s :func:`snl_fx.pi_cost` is checked against the budget at the end.
+    it saves (and each site by its fixed cost, a group term); the selection keeps units by gate
+    value while the predicted cost stays within the budget, after dropping whole sites while
+    that keeps more gate mass. ``lowered``'s :func:`snl_fx.pi_cost` is checked at the end.
 
     Args:
         budget: the :class:`Cost`.
@@ -754,7 +755,7 @@ class FamilyCostPlan(Plan):
         rest = dataclasses.replace(report, sites=[s for s in report.sites if s.name not in self.gates],
                                    others=[o for o in report.others if o.name not in self.gates])
         self.base = budget.of(_price(rest, budget))
-        empty = dataclasses.replace(report, sites=[], others=[], linear=[], outputs=0)
+        empty = dataclasses.replace(report, sites=[], others=[], linear=[], outputs=0, scales=[])
         zero = budget.of(_price(empty, budget))
         self._table = {n: [budget.of(_price(dataclasses.replace(empty, **self._layers(n, k)), budget)) - zero
                            for k in sorted({0, 1, 2, self.units[n] - 1, self.units[n]}) if 0 <= k <= self.units[n]]
@@ -768,23 +769,26 @@ class FamilyCostPlan(Plan):
     def _layers(self, name: str, kept: int) -> dict[str, list]:
         """The report entries (ReLU sites, other layers) of site ``name`` keeping ``kept`` units, as the
         lowered model shows them: the op on the kept units, the replacement's kinds on the others."""
-        from snl_fx.inspect.report import OtherCount, SiteCount
+        from snl_fx.inspect.report import OtherCount, ScaleCount, SiteCount
 
         site, gate = self.sites[name], self.gates[name]
         kept_n, cut_n = kept * self.size[name], (self.units[name] - kept) * self.size[name]
         row = site.shape[-1] if site.kind == "softmax" else None
-        sites, others = [], []
+        sites, others, scales = [], [], []
         if kept_n and site.family == "relu":
             sites.append(SiteCount(name, site.op, (kept_n,), kept_n))
         elif kept_n:
             others.append(OtherCount(name, site.kind, (kept_n,), kept_n, row))
         replacement = getattr(gate, "replacement", "identity")
-        for kind in passes.FAMILIES[site.family].replacement_kinds.get(replacement, ()) if cut_n else ():
+        kinds = passes.FAMILIES[site.family].replacement_kinds.get(replacement, ()) if cut_n else ()
+        for i, kind in enumerate(kinds):
             if kind == "relu":
                 sites.append(SiteCount(f"{name}.cut", "relu", (cut_n,), cut_n))
+            elif kind == "scale":  # a product by a public constant: a truncation per element
+                scales.append(ScaleCount(f"{name}.cut.{i}", "mul", (cut_n,), cut_n))
             else:
                 others.append(OtherCount(f"{name}.cut.{kind}", kind, (cut_n,), cut_n, None))
-        return {"sites": sites, "others": others}
+        return {"sites": sites, "others": others, "scales": scales}
 
     def _affine(self, name: str) -> tuple[float, float, float, float]:
         """``(none, all, fixed, per_unit)``: the site's cost with no unit kept, with all, and
@@ -819,7 +823,8 @@ class FamilyCostPlan(Plan):
         return self.value(self.all_kept()) <= self.budget.limit * (1 + 1e-9)
 
     def _greedy(self, order: list[tuple[str, int]]) -> dict[str, int]:
-        """Units taken in ``order`` (site, unit index) while the predicted cost stays within the budget."""
+        """Units taken in ``order`` (site, unit index) while the predicted cost stays within the budget;
+        the chosen unit indices per site in ``self._chosen``."""
         kept = self.none_kept()
         now = self.value(kept)
         if now > self.budget.limit * (1 + 1e-9):
@@ -846,25 +851,29 @@ class FamilyCostPlan(Plan):
         return sum(k * self.size[n] for n, k in kept.items())
 
     def objective(self, gm: GraphModule) -> GateObjective:
-        """Each unit priced by what cutting it saves (``per_unit``, at least 0), in element equivalents."""
+        """Each unit priced by what cutting it saves (``per_unit``, at least 0), plus a group term per
+        site for what cutting all of it saves besides (its fixed cost: SPU CHEETAH's layers cost
+        megabytes before their first element), in element equivalents."""
         gates = {n: passes.gates(gm, None)[n] for n in self.gates}
         low = self.value(self.none_kept())
         start = self.value(self.all_kept()) - low
         norm = max(start, 1e-12) / max(1, self.total)
         weight = {n: max(self._fit[n][3], 0.0) / norm for n in gates}
+        group = {n: max(self.site_cost(n, 1) - self.site_cost(n, 0) - self._fit[n][3], 0.0) / norm for n in gates}
 
         def counts(eps: float) -> dict[str, int]:
             return {n: int((g.weight.detach() > eps).sum()) for n, g in gates.items()}
 
         def penalty() -> torch.Tensor:
-            return sum(weight[n] * g.weight.abs().sum() for n, g in gates.items())
+            return sum(weight[n] * g.weight.abs().sum() + group[n] * g.weight.norm() / math.sqrt(g.weight.numel())
+                       for n, g in gates.items())
 
         def hard(eps: float) -> float:
             return (self.value(counts(eps)) - low) / norm
 
         def soft() -> float:
             with torch.no_grad():
-                return sum(weight[n] * float(g.weight.sum()) for n, g in gates.items())
+                return sum(weight[n] * float(g.weight.sum()) + group[n] * float(g.weight.max()) for n, g in gates.items())
 
         return GateObjective(penalty, hard, soft, start / norm, (self.budget.limit - low) / norm,
                              f"element equivalents of {self.budget.unit}")
@@ -874,12 +883,28 @@ class FamilyCostPlan(Plan):
         """Binarize: units by gate value (``scores`` if given; ties by ``tie_break``, then site order),
         each kept while the predicted cost stays within the budget; returns the kept elements."""
         gates = {n: passes.gates(gm, None)[n] for n in self.gates}
-        entries = []
+        entries, values = [], {}
         for position, (n, g) in enumerate(gates.items()):
             v = (scores[n] if scores is not None else g.weight).detach().float().flatten().cpu()
+            values[n] = v
             t = tie_break[n].detach().float().flatten().cpu() if tie_break is not None else torch.zeros_like(v)
             entries += [(-float(v[i]), -float(t[i]), position, i, n) for i in range(v.numel())]
-        kept = self._greedy([(n, i) for *_, i, n in sorted(entries)])
+        order = [(n, i) for *_, i, n in sorted(entries)]
+
+        def fill(open_: set[str]) -> tuple[float, dict[str, int]]:
+            kept = self._greedy([(n, i) for n, i in order if n in open_])
+            return sum(float(values[n][self._chosen[n]].sum()) for n in open_), kept
+
+        # a site's fixed cost may buy more kept mass elsewhere: drop whole sites while that keeps more
+        open_ = set(gates)
+        best, kept = fill(open_)
+        while open_:
+            mass, site = max((fill(open_ - {n})[0], n) for n in open_)
+            if mass <= best:
+                break
+            open_.discard(site)
+            best = mass
+        kept = fill(open_)[1]
         for n, g in gates.items():
             mask = torch.zeros(g.weight.numel())
             mask[self._chosen[n]] = 1.0

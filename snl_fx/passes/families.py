@@ -52,10 +52,10 @@ class Family:
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("relu", FAMILY_KINDS["relu"], ("pixel", "channel"), ("identity",), {"identity": ()}),
     Family("gelu", FAMILY_KINDS["gelu"], ("token", "element"), ("identity", "quad"),
-           {"identity": (), "quad": ("mul",)}),
+           {"identity": (), "quad": ("mul", "scale", "scale")}),
     Family("silu", FAMILY_KINDS["silu"], ("token", "element"), ("identity",), {"identity": ()}),
     Family("softmax", FAMILY_KINDS["softmax"], ("row", "head"), ("square", "relu", "quad", "scaled"),
-           {"square": ("mul",), "relu": ("relu", "div"), "quad": ("mul", "div"), "scaled": ()}),
+           {"square": ("mul", "scale"), "relu": ("relu", "div"), "quad": ("mul", "div"), "scaled": ("scale",)}),
 )}
 """Family name -> :class:`Family`; ``relu`` is the ReLU sites of SNL, gated by :class:`snl_fx.passes.Gate`."""
 
@@ -67,22 +67,24 @@ _OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def _relu_softmax(x: torch.Tensor) -> torch.Tensor:
+def _relu_softmax(x: torch.Tensor, n: int) -> torch.Tensor:
     r = torch.relu(x)
     return r / (r.sum(-1, keepdim=True) + 1e-6)
 
 
-def _quad_softmax(x: torch.Tensor) -> torch.Tensor:
+def _quad_softmax(x: torch.Tensor, n: int) -> torch.Tensor:
     q = (x + QUAD_SHIFT) * (x + QUAD_SHIFT)
     return q / q.sum(-1, keepdim=True)
 
 
-_REPLACEMENTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "identity": lambda x: x,
-    "quad": lambda x: 0.125 * (x * x) + 0.25 * x + 0.5,  # GELU's; softmax's is _quad_softmax
-    "square": lambda x: (x * x) / x.shape[-1],
+# what a cut unit computes, given the unit's values and N, the row length (a Python number, so that
+# a division by it is a public scale in both inspectors and in ONNX)
+_REPLACEMENTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "identity": lambda x, n: x,
+    "quad": lambda x, n: 0.125 * (x * x) + 0.25 * x + 0.5,  # GELU's; softmax's is _quad_softmax
+    "square": lambda x, n: (x * x) / n,
     "relu": _relu_softmax,
-    "scaled": lambda x: x / x.shape[-1],
+    "scaled": lambda x, n: x / n,
 }
 
 
@@ -116,8 +118,8 @@ def unit_shape(shape: tuple[int, ...], unit: str) -> tuple[int, ...]:
     return tuple(shape[:len(shape) - inner]) + (1,) * inner
 
 
-def replacement_fn(family: str, replacement: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """What a cut unit of ``family`` computes."""
+def replacement_fn(family: str, replacement: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """What a cut unit of ``family`` computes: ``fn(x, n)``, ``n`` the length of the last dim."""
     if family == "softmax" and replacement == "quad":
         return _quad_softmax
     return _REPLACEMENTS[replacement]
@@ -130,25 +132,26 @@ class NonlinearGate(nn.Module):
         kind: the original op (``"gelu"``, ``"gelu_tanh"``, ``"silu"``, ``"softmax"`` over the last dim).
         family, replacement: the site's family and what a cut unit computes (see :data:`FAMILIES`).
         shape: the gate's shape (:func:`unit_shape`).
+        row: the activation's last dim (the N of ``x^2/N``).
 
     Example:
-        >>> gate = NonlinearGate("softmax", "softmax", "square", (4, 17, 1))
+        >>> gate = NonlinearGate("softmax", "softmax", "square", (4, 17, 1), 17)
         >>> gate(torch.randn(2, 4, 17, 17)).shape
         torch.Size([2, 4, 17, 17])
     """
 
-    def __init__(self, kind: str, family: str, replacement: str, shape: tuple[int, ...]) -> None:
+    def __init__(self, kind: str, family: str, replacement: str, shape: tuple[int, ...], row: int) -> None:
         super().__init__()
-        self.kind, self.family, self.replacement = kind, family, replacement
+        self.kind, self.family, self.replacement, self.row = kind, family, replacement, row
         self.weight = nn.Parameter(torch.ones(tuple(shape)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        r = replacement_fn(self.family, self.replacement)(x)
+        r = replacement_fn(self.family, self.replacement)(x, self.row)
         return r + self.weight * (_OPS[self.kind](x) - r)
 
     def replacement_error(self, x: torch.Tensor) -> torch.Tensor:
         """Mean over the batch of ``(f(x) - r(x))^2`` summed over each unit: the gate's shape."""
-        err = (_OPS[self.kind](x) - replacement_fn(self.family, self.replacement)(x)).pow(2).mean(0)
+        err = (_OPS[self.kind](x) - replacement_fn(self.family, self.replacement)(x, self.row)).pow(2).mean(0)
         return err.sum_to_size(self.weight.shape)
 
     def extra_repr(self) -> str:
@@ -168,12 +171,13 @@ class PartialNonlinear(nn.Module):
         kept: indices of the kept units in the flattened gate.
         units: units per sample; ``inner`` the shape of one unit (``()`` for element gates, the
             last dim for token and row gates, the last two for head gates).
+        row: the activation's last dim (the N of ``x^2/N``).
     """
 
     def __init__(self, kind: str, family: str, replacement: str, kept: torch.Tensor, units: int,
-                 inner: tuple[int, ...]) -> None:
+                 inner: tuple[int, ...], row: int) -> None:
         super().__init__()
-        self.kind, self.family, self.replacement = kind, family, replacement
+        self.kind, self.family, self.replacement, self.row = kind, family, replacement, row
         self.units, self.inner = units, tuple(inner)
         keep = torch.zeros(units, dtype=torch.bool)
         keep[kept.long()] = True
@@ -187,9 +191,9 @@ class PartialNonlinear(nn.Module):
         if len(self.cut) == 0:
             return f(x)
         if len(self.kept) == 0:
-            return r(x)
+            return r(x, self.row)
         flat = x.reshape((-1, self.units) + self.inner)  # not x.shape[0]: a dynamic batch in ONNX
-        parts = torch.cat([f(torch.index_select(flat, 1, self.kept)), r(torch.index_select(flat, 1, self.cut))], 1)
+        parts = torch.cat([f(torch.index_select(flat, 1, self.kept)), r(torch.index_select(flat, 1, self.cut), self.row)], 1)
         return torch.index_select(parts, 1, self.perm).reshape_as(x)
 
     def extra_repr(self) -> str:
@@ -203,4 +207,4 @@ def lowered_module(site: Site, gate: NonlinearGate, mask: torch.Tensor) -> Parti
     while inner > 0 and gate_shape[inner - 1] == 1 and shape[inner - 1] != 1:
         inner -= 1
     return PartialNonlinear(gate.kind, gate.family, gate.replacement, mask.flatten().nonzero().flatten().cpu(),
-                            mask.numel(), shape[inner:]).to(mask.device)
+                            mask.numel(), shape[inner:], gate.row).to(mask.device)

@@ -259,7 +259,7 @@ def insert_gates(gm: GraphModule, granularity: Granularity = "pixel", skip: Sequ
             raise PassError(f"site {site.name} is in-place: run make_out_of_place before insert_gates")
         path = f"{GATES_PREFIX}.{site_key(site)}"
         gate: nn.Module = Gate(gate_shapes[site.name]) if site.family == "relu" else NonlinearGate(
-            site.kind, site.family, families[site.family][1], gate_shapes[site.name])
+            site.kind, site.family, families[site.family][1], gate_shapes[site.name], site.shape[-1] if site.shape else 1)
         if not gm.add_submodule(path, gate):
             raise PassError(f"could not add gate submodule {path}")
         source = node.all_input_nodes[0]
