@@ -33,7 +33,7 @@ import numpy as np
 SUPPORTED = (
     "Add AveragePool BatchNormalization Cast Concat Constant ConstantOfShape Conv Div Equal Erf Exp Expand Flatten "
     "Gather Gelu Gemm GlobalAveragePool Greater Identity LayerNormalization Less LogSoftmax MatMul MaxPool Mod Mul "
-    "Neg Pow Reciprocal ReduceMean Relu Reshape ScatterElements Shape Sigmoid Slice Softmax Sqrt Squeeze Sub Tanh "
+    "Neg Pow Reciprocal ReduceMean ReduceSum Relu Reshape ScatterElements Shape Sigmoid Slice Softmax Sqrt Squeeze Sub Tanh "
     "Transpose Unsqueeze Where"
 ).split()
 # op -> kind: each such node (with a secret input) is a segment of its own, so its link statistics are measured.
@@ -373,13 +373,14 @@ def _apply(node: Any, a: dict[str, Any], env: dict[str, Any]) -> list[Any]:
         return [total / counts]
     if op == "GlobalAveragePool":
         return [jnp.mean(x[0], axis=tuple(range(2, len(x[0].shape))), keepdims=True)]
-    if op == "ReduceMean":
+    if op in ("ReduceMean", "ReduceSum"):  # axes: an attribute (ReduceMean < 18) or an input
         axes = a.get("axes")
         if len(x) > 1 and x[1] is not None:
             axes = static(x[1], "axes").tolist()
         if axes is None and a.get("noop_with_empty_axes", 0):
             return [x[0]]
-        return [jnp.mean(x[0], axis=None if axes is None else tuple(axes), keepdims=bool(a.get("keepdims", 1)))]
+        reduce = jnp.mean if op == "ReduceMean" else jnp.sum
+        return [reduce(x[0], axis=None if axes is None else tuple(axes), keepdims=bool(a.get("keepdims", 1)))]
     if op == "Flatten":
         axis = a.get("axis", 1) % max(1, len(x[0].shape))
         return [jnp.reshape(x[0], (int(np.prod(x[0].shape[:axis])), -1))]
