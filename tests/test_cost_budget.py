@@ -45,7 +45,7 @@ def setup() -> tuple[nn.Module, torch.Tensor, torch.utils.data.Dataset]:
         ({"rounds": 0}, "a Cost's rounds must be a positive number, got 0"),
         ({"bytes": 1e6, "protocol": "nope"}, "unknown protocol 'nope'; choose one of:"),
         ({"seconds": 1.0, "network": "fast"}, "network must be lan, wan or MBPS,RTT_MS"),
-        ({"seconds": 1.0, "penalty": "l2"}, "Cost penalty must be one of ('group', 'drop'), got 'l2'"),
+        ({"seconds": 1.0, "penalty": "l2"}, "Cost penalty must be one of ('group', 'drop', 'sites'), got 'l2'"),
     ],
 )
 def test_cost_errors_are_one_line(kwargs, message):

@@ -124,7 +124,7 @@ def train_gates(
     store = Checkpoint(checkpoint)
     state = _resume_state(store, resume, "gates")
     plan = bind(budget, gm)
-    if not gate_parameters(gm) or not all(w.requires_grad for w in gate_parameters(gm)):
+    if not any(w.requires_grad for w in gate_parameters(gm)):  # some may be closed by the plan (Cost "sites")
         raise SnlFxError("the gates of this model are binarized and frozen: train_gates needs the soft gates of "
                          "snl_fx.prepare (after binarize, fine-tune with snl_fx.finetune)")
     if state is not None and not plan.matches(state.get("budget")):
