@@ -191,9 +191,9 @@ class Cost:
     ``penalty`` is the gate phase's formulation: ``"group"`` (each gate priced by its marginal
     cost plus a group term per site for the rounds it costs while anything in it is kept),
     ``"drop"`` (each gate priced by its site's average cost per ReLU, no group term; whole sites
-    go only in the selection before binarization) or ``"sites"`` (the sites are chosen first, on
-    validation data, among selections that include layer culling's; the gates then train with the
-    count's penalty inside the kept sites only: :meth:`CostPlan.choose_sites`). See BENCHMARKS.md,
+    go only in the selection before binarization) or ``"sites"`` (a selection chosen first, on
+    validation data, among whole-site selections that include layer culling's; every epoch then
+    fine-tunes: :meth:`CostPlan.choose_sites`). See BENCHMARKS.md,
     "Cost budgets".
     """
 
@@ -408,8 +408,7 @@ class CostPlan(Plan):
                 raise SnlFxError("Cost(penalty='sites') chooses its sites on validation data before the gate phase: "
                                  "call plan.before_gates(gm, val_data, config, x) first (linearize does)")
             ungated = self.total - sum(self.gated.values())
-            whole = ungated + sum(self.gated[n] for n in self.open_sites)
-            return dataclasses.replace(count_objective(gm, ungated + self.open_relus(self.open_sites)), start=whole)
+            return count_objective(gm, ungated + self.open_relus(self.open_sites))
         gates = passes.gates(gm)
         weight = passes.element_weights(gm)
         start = self.value(self.gated) - self.base
@@ -539,9 +538,12 @@ class CostPlan(Plan):
 
         Measures every site's criticality on ``data`` (:func:`snl_fx.select.site_criticality`),
         builds :meth:`site_candidates` (layer culling's answer among them) and keeps the sites of
-        the one of least validation loss (:func:`snl_fx.select.best_selection`). The other sites'
-        gates are set to 0 and frozen; the gate phase then trains the count's penalty inside the
-        kept sites, down to :meth:`open_relus`, and :meth:`select` fills only them.
+        the one of least validation loss (:func:`snl_fx.select.best_selection`). The gates are set
+        to that selection, the other sites' gates frozen at 0: it already meets the gate phase's
+        objective (the count's, inside the kept sites, down to :meth:`open_relus`), so the gate
+        phase has nothing to remove and its epochs go to the fine-tune; :meth:`select` keeps it.
+        (Training the gates inside the kept sites from 1 was measured: within one epoch they fell
+        far below the ReLUs the sites may keep and the weights with them; BENCHMARKS.md.)
 
         Args:
             gm: the prepared model, before the gate phase.
@@ -568,10 +570,10 @@ class CostPlan(Plan):
         chosen = candidates[best]
         gates = passes.gates(gm)
         self.open_sites = [n for n in gates if bool(chosen[n].any())]
-        with torch.no_grad():
+        with torch.no_grad():  # the gates start at the chosen selection; the other sites' gates closed for good
             for n, g in gates.items():
+                g.weight.copy_(chosen[n].to(g.weight))
                 if n not in self.open_sites:
-                    g.weight.zero_()
                     g.weight.requires_grad_(False)
         self.site_choice = {"open_sites": self.open_sites, "criticality": criticality, "losses": losses, "best": best,
                             "relus": self.open_relus(self.open_sites)}
