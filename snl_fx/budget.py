@@ -104,8 +104,8 @@ class Plan(abc.ABC):
         """Swap kept and removed ReLUs while the loss falls (``TrainConfig.refine``), where the plan allows it."""
         warnings.warn(f"refine=True is not applied under a {type(self.budget).__name__} budget", stacklevel=4)
 
-    def before_gates(self, gm: GraphModule, data: Any, config: Any, example_input: Any) -> None:
-        """Decisions the plan takes on validation ``data`` before the gate phase (none by default)."""
+    def before_gates(self, gm: GraphModule, data: Any, val_data: Any, config: Any, example_input: Any) -> None:
+        """Decisions the plan takes on the training and validation data before the gate phase (none by default)."""
 
     def finish(self, lowered: GraphModule, example_input: Any) -> tuple[GraphModule, dict[str, Any] | None]:
         """Last step on the lowered model: returns it (changed or not) and the result's ``cost``."""
@@ -495,13 +495,15 @@ class CostPlan(Plan):
         whole = sum(self.gated[n] for n in open_sites)
         return whole if self.per_relu <= 0 else min(whole, math.floor(left / self.per_relu + 1e-9))
 
-    def before_gates(self, gm: GraphModule, data: Any, config: Any, example_input: Any) -> None:
-        """``penalty="sites"``: :meth:`choose_sites` on validation ``data`` (scores of the example batch
-        order the elements); the other formulations choose nothing before the gate phase."""
+    def before_gates(self, gm: GraphModule, data: Any, val_data: Any, config: Any, example_input: Any) -> None:
+        """``penalty="sites"``: :meth:`choose_sites` on ``val_data`` (``data`` without it), BatchNorm
+        calibrated on ``data``, the example batch's scores ordering the elements; the other
+        formulations choose nothing before the gate phase."""
         if self.budget.penalty == "sites" and data is not None:
             from snl_fx.select import linearization_scores
 
-            self.choose_sites(gm, data, config, linearization_scores(gm, example_input))
+            self.choose_sites(gm, val_data if val_data is not None else data, config,
+                              linearization_scores(gm, example_input), calibrate=data)
 
     def site_candidates(self, gm: GraphModule, criticality: dict[str, dict[str, float]],
                         scores: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -533,12 +535,14 @@ class CostPlan(Plan):
                         out.append(masks)
         return out
 
-    def choose_sites(self, gm: GraphModule, data: Any, config: Any, scores: dict[str, torch.Tensor]) -> list[str]:
+    def choose_sites(self, gm: GraphModule, data: Any, config: Any, scores: dict[str, torch.Tensor],
+                     calibrate: Any = None) -> list[str]:
         """Choose the sites the gates may keep, before the gate phase, and close the others.
 
         Measures every site's criticality on ``data`` (:func:`snl_fx.select.site_criticality`),
-        builds :meth:`site_candidates` (layer culling's answer among them) and keeps the sites of
-        the one of least validation loss (:func:`snl_fx.select.best_selection`). The gates are set
+        builds :meth:`site_candidates` (layer culling's answer among them) and keeps the one of
+        least validation loss (:func:`snl_fx.select.best_selection`, BatchNorm statistics estimated
+        again under each candidate on ``calibrate`` when given). The gates are set
         to that selection, the other sites' gates frozen at 0: it already meets the gate phase's
         objective (the count's, inside the kept sites, down to :meth:`open_relus`), so the gate
         phase has nothing to remove and its epochs go to the fine-tune; :meth:`select` keeps it.
@@ -550,6 +554,7 @@ class CostPlan(Plan):
             data: validation (input, label) pairs.
             config: a :class:`snl_fx.TrainConfig` (device, batch size).
             scores: site -> tensor of the gate's shape (:func:`snl_fx.linearization_scores`).
+            calibrate: training (input, label) pairs for the BatchNorm statistics; None: as they are.
 
         Returns:
             The kept sites, in graph order (also ``open_sites``; ``site_choice`` says how).
@@ -566,7 +571,7 @@ class CostPlan(Plan):
         if not candidates:
             raise SnlFxError(f"the budget {self.budget.limit:g} {self.budget.unit} cannot be met: the model costs "
                              f"{self.base:g} without any gated ReLU")
-        best, losses = best_selection(gm, data, candidates, config)
+        best, losses = best_selection(gm, data, candidates, config, calibrate=calibrate)
         chosen = candidates[best]
         gates = passes.gates(gm)
         self.open_sites = [n for n in gates if bool(chosen[n].any())]

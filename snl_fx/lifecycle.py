@@ -196,7 +196,7 @@ def _train(gm: GraphModule, plan: Plan, teacher: nn.Module, data: Any, val_data:
                          "use another output dir or drop --resume")
     if state is None or state["phase"] == "gates":
         # decisions before the gates (a Cost of penalty "sites" chooses its sites); redone on a resume, deterministic
-        plan.before_gates(gm, val_data if val_data is not None else data, cfg, _to(example_input, cfg.resolved_device()))
+        plan.before_gates(gm, data, val_data, cfg, _to(example_input, cfg.resolved_device()))
         history = train_gates(gm, data, plan, cfg, teacher=teacher, val_data=val_data, checkpoint=out_dir, resume=resume)
         # gates at 0 tie: among them, keep the ReLUs whose removal changes the activations most
         final = plan.select(gm, tie_break=_scores(gm, example_input, cfg.resolved_device()))

@@ -4,6 +4,7 @@ measured site criticality and the choice among candidate selections on validatio
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import numbers
 from collections.abc import Iterator, Sequence
@@ -354,24 +355,53 @@ def selection_masks(gm: GraphModule, budget: int, scores: dict[str, torch.Tensor
 
 
 def best_selection(gm: GraphModule, data: Dataset | DataLoader, candidates: Sequence[dict[str, torch.Tensor]],
-                   config: TrainConfig | None = None) -> tuple[int, list[float]]:
-    """Of candidate selections, the one of least validation loss with ``gm``'s weights as they are.
+                   config: TrainConfig | None = None, *, calibrate: Dataset | DataLoader | None = None,
+                   batches: int = 8) -> tuple[int, list[float]]:
+    """Of candidate selections, the one of least validation loss with ``gm``'s weights.
+
+    Removing whole sites shifts the activations that BatchNorm normalizes; with ``calibrate``
+    each candidate is measured on a copy of ``gm`` whose BatchNorm statistics were estimated
+    again under it (``batches`` batches of ``calibrate`` in train mode, no gradient, the same
+    batches for every candidate), so that the loss compares the selections, not stale statistics.
 
     Args:
-        gm: a prepared model (gates restored after each measurement).
+        gm: a prepared model (never changed).
         data: validation (input, label) pairs.
         candidates: each site -> a 0/1 tensor of its gate's shape (e.g. from :func:`selection_masks`).
-        config: as for :func:`validation_loss`.
+        config: as for :func:`validation_loss` (``seed`` also draws the calibration batches).
+        calibrate: training (input, label) pairs for the BatchNorm statistics; None: as they are.
+        batches: calibration batches (default 8).
 
     Returns:
         ``(index of the best, the validation loss of every candidate)``; ties go to the first.
 
     Example:
-        >>> i, losses = best_selection(gm, val_set, [masks_a, masks_b])
+        >>> i, losses = best_selection(gm, val_set, [masks_a, masks_b], calibrate=train_set)
     """
+    cfg = config or TrainConfig()
+    drawn = []
+    if calibrate is not None:
+        for x, _ in make_loader(calibrate, cfg, shuffle=True, epoch_seed=cfg.seed * 1_000_003 + 40_009):
+            drawn.append(to_device(x, cfg.resolved_device()))
+            if len(drawn) == batches:
+                break
     losses = []
     for masks in candidates:
-        with _gates_as(gm, masks):
-            losses.append(validation_loss(gm, data, config)[0])
+        if not drawn:
+            with _gates_as(gm, masks):
+                losses.append(validation_loss(gm, data, cfg)[0])
+            continue
+        trial = copy.deepcopy(gm)
+        with torch.no_grad():
+            for n, g in passes.gates(trial).items():
+                g.weight.copy_(masks[n].to(g.weight))
+            norms = [m for m in trial.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average over the calibration batches
+            trial.train()
+            for x in drawn:
+                run(trial, x)
+        losses.append(validation_loss(trial, data, cfg)[0])
     best = min(range(len(losses)), key=lambda i: (losses[i] if not math.isnan(losses[i]) else math.inf, i))
     return best, losses

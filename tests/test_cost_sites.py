@@ -54,6 +54,8 @@ def test_candidates_hold_the_whole_site_answer_and_the_choice_takes_it():
         assert plan.value({n: int(m.sum()) for n, m in c.items()}) <= plan.budget.limit + 1e-9
     best, losses = best_selection(gm, data, candidates)
     assert kept[best] == {"relu": SITE, "relu_1": 0} and len(losses) == len(candidates)
+    calibrated, _ = best_selection(gm, data, candidates, calibrate=data)  # on copies: gm stays as it is
+    assert kept[calibrated] == {"relu": SITE, "relu_1": 0}
     assert all(bool(g.weight.eq(1).all()) for g in passes.gates(gm).values())  # gates restored
 
 
