@@ -440,6 +440,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     panels = [(lambda r: r.get("m_wan_s", r["wan_s"]), "CrypTen, WAN (100 Mbit/s, 40 ms): s per image"),
               (lambda r: r.get("m_lan_s", r["lan_s"]), "CrypTen, LAN (1 Gbit/s, 0.5 ms): s per image")]
     families = {"snl-count": ("count-only SNL (5/10%)", "o"), "cost-sites": ("cost-aware SNL, sites first", "s"),
+                "cost-sites-raw": ("sites first, BatchNorm not re-estimated", "P"),
                 "cost-group": ("cost-aware SNL, group term", "D"), "cost-drop": ("cost-aware SNL, drop", "v"),
                 "culling": ("layer culling (same Cost)", "^")}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
