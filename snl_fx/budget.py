@@ -406,7 +406,7 @@ class CostPlan(Plan):
         if self.budget.penalty == "sites":
             if self.open_sites is None:
                 raise SnlFxError("Cost(penalty='sites') chooses its sites on validation data before the gate phase: "
-                                 "call plan.before_gates(gm, val_data, config, x) first (linearize does)")
+                                 "call plan.before_gates(gm, data, val_data, config, x) first (linearize does)")
             ungated = self.total - sum(self.gated.values())
             return count_objective(gm, ungated + self.open_relus(self.open_sites))
         gates = passes.gates(gm)
