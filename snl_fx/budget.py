@@ -181,7 +181,7 @@ class Cost:
         seconds, bytes, rounds: exactly one of them, a positive number.
         protocol: one of :func:`snl_fx.cost.protocols` (default ``"crypten"``).
         network: ``"lan"``, ``"wan"`` (default), ``"MBPS,RTT_MS"`` or a :class:`snl_fx.cost.Network`.
-        penalty: the gate phase's formulation, ``"group"`` (default) or ``"drop"`` (below).
+        penalty: the formulation, ``"sites"`` (default), ``"group"`` or ``"drop"`` (below).
 
     Example:
         >>> result = snl_fx.linearize(model, x, snl_fx.Cost(seconds=1.0, protocol="crypten", network="wan"), data)
@@ -202,7 +202,7 @@ class Cost:
     rounds: float | None = None
     protocol: str = "crypten"
     network: str | Network = "wan"
-    penalty: str = "group"
+    penalty: str = "sites"
 
     def __post_init__(self) -> None:
         given = [u for u in UNITS if getattr(self, u) is not None]
@@ -405,8 +405,8 @@ class CostPlan(Plan):
         """
         if self.budget.penalty == "sites":
             if self.open_sites is None:
-                raise SnlFxError("Cost(penalty='sites') chooses its sites on validation data before the gate phase: "
-                                 "call plan.before_gates(gm, data, val_data, config, x) first (linearize does)")
+                raise SnlFxError("Cost(penalty='sites') chooses its sites on data before the gate phase: "
+                                 "call plan.before_gates(gm, data, val_data, config, x) first (train_gates does)")
             ungated = self.total - sum(self.gated.values())
             return count_objective(gm, ungated + self.open_relus(self.open_sites))
         gates = passes.gates(gm)
@@ -497,11 +497,16 @@ class CostPlan(Plan):
 
     def before_gates(self, gm: GraphModule, data: Any, val_data: Any, config: Any, example_input: Any) -> None:
         """``penalty="sites"``: :meth:`choose_sites` on ``val_data`` (``data`` without it), BatchNorm
-        calibrated on ``data``, the example batch's scores ordering the elements; the other
-        formulations choose nothing before the gate phase."""
-        if self.budget.penalty == "sites" and data is not None:
+        calibrated on ``data``, the example batch's scores (``example_input``, a tuple of the
+        forward's inputs; None: the first batch of ``data``) ordering the elements; once per plan.
+        The other formulations choose nothing before the gate phase."""
+        if self.budget.penalty == "sites" and data is not None and self.open_sites is None:
             from snl_fx.select import linearization_scores
+            from snl_fx.train.loop import make_loader, to_device
 
+            if example_input is None:  # the first batch of the data, as it comes
+                x = next(iter(make_loader(data, config, shuffle=False)))[0]
+                example_input = (to_device(x, config.resolved_device()),)
             self.choose_sites(gm, val_data if val_data is not None else data, config,
                               linearization_scores(gm, example_input), calibrate=data)
 

@@ -118,7 +118,7 @@ def _gates_after_penalty(network: str) -> dict[str, int]:
     """Projected gradient on the cost penalty minus a per-element utility (a stand-in for the loss)."""
     model, x, _ = setup()
     gm = snl_fx.prepare(model, x)
-    objective = snl_fx.plan_cost(Cost(seconds=1.0, network=network), model, x, gm).objective(gm)
+    objective = snl_fx.plan_cost(Cost(seconds=1.0, network=network, penalty="group"), model, x, gm).objective(gm)
     gen = torch.Generator().manual_seed(0)
     gates = passes.gates(gm)
     # site relu keeps little value, relu_1 much: elements worth 0.2 and 2 ReLU equivalents on average

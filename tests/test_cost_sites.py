@@ -80,8 +80,16 @@ def test_selection_masks_leave_the_model_as_it_was():
     assert all(g.weight.requires_grad and bool(g.weight.eq(1).all()) for g in passes.gates(gm).values())
 
 
-def test_sites_objective_needs_the_choice_first():
+def test_sites_objective_needs_the_choice_first_and_train_gates_makes_it():
     model, x, data = _setup()
     gm = snl_fx.prepare(model, x)
-    with pytest.raises(SnlFxError, match="chooses its sites on validation data before the gate phase"):
-        snl_fx.train_gates(gm, data, _one_site_cost(model, x), snl_fx.TrainConfig(epochs=1, progress=False))
+    plan = _one_site_cost(model, x).plan(gm)
+    with pytest.raises(SnlFxError, match="chooses its sites on data before the gate phase"):
+        plan.objective(gm)
+    records = snl_fx.train_gates(gm, data, plan, snl_fx.TrainConfig(epochs=1, batch_size=16, progress=False))
+    assert records == [] and plan.open_sites == ["relu"]  # the chosen selection meets the objective already
+    assert snl_fx.binarize(gm, plan) == SITE and snl_fx.site_relu_counts(gm) == {"relu": SITE, "relu_1": 0}
+
+
+def test_sites_is_the_default_formulation():
+    assert Cost(seconds=1.0).penalty == "sites"

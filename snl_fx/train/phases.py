@@ -130,6 +130,7 @@ def train_gates(
     if state is not None and not plan.matches(state.get("budget")):
         raise SnlFxError(f"the checkpoint in {store.path} is for budget {state.get('budget')}, not {plan.key}: "
                          "use another folder or drop resume")
+    plan.before_gates(gm, data, val_data, cfg, None)  # a choice some plans make first (Cost "sites"), once per plan
     obj = objective or plan.objective(gm)
     steps_per_epoch = len(make_loader(data, cfg, shuffle=True, epoch_seed=0, shard=True))
     lambda0 = cfg.lambda0 if cfg.lambda0 is not None else starting_lambda(gm, teacher, data, cfg)
