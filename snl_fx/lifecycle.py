@@ -195,7 +195,8 @@ def _train(gm: GraphModule, plan: Plan, teacher: nn.Module, data: Any, val_data:
         raise SnlFxError(f"the checkpoint in {out_dir} is for budget {state.get('budget')}, not {plan.key}: "
                          "use another output dir or drop --resume")
     if state is None or state["phase"] == "gates":
-        # decisions before the gates (a Cost of penalty "sites" chooses its sites); redone on a resume, deterministic
+        # decisions before the gates (a Cost of penalty "sites" chooses its sites), here with the example batch's
+        # scores (train_gates would take the first batch of the data); redone on a resume, deterministic
         plan.before_gates(gm, data, val_data, cfg, _to(example_input, cfg.resolved_device()))
         history = train_gates(gm, data, plan, cfg, teacher=teacher, val_data=val_data, checkpoint=out_dir, resume=resume)
         # gates at 0 tie: among them, keep the ReLUs whose removal changes the activations most
