@@ -93,3 +93,18 @@ def test_sites_objective_needs_the_choice_first_and_train_gates_makes_it():
 
 def test_sites_is_the_default_formulation():
     assert Cost(seconds=1.0).penalty == "sites"
+
+
+def test_resume_of_a_sites_run_is_bit_exact(tmp_path):
+    from test_snl import _interrupt_after_checkpoints
+
+    model, x, data = _setup()
+    opts = dict(val_data=data, epochs=2, finetune_epochs=1, batch_size=16, progress=False)
+    budget = _one_site_cost(model, x)
+    straight = snl_fx.linearize(model, x, budget, data, out_dir=tmp_path / "a", **opts)
+    with pytest.raises(KeyboardInterrupt):  # after the first of 3 fine-tune epochs (2 of them moved)
+        _interrupt_after_checkpoints(1, lambda: snl_fx.linearize(model, x, budget, data, out_dir=tmp_path / "b", **opts))
+    resumed = snl_fx.linearize(model, x, budget, data, out_dir=tmp_path / "b", resume=True, **opts)
+    for (k, a), b in zip(straight.gated.state_dict().items(), resumed.gated.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [h["moved_epochs"] for h in resumed.history] == [2, 2, 2]
