@@ -1,44 +1,38 @@
-"""Cost-aware SNL vs count-only SNL, layer culling and the original, under CrypTen and SPU CHEETAH.
+"""Cost-aware SNL vs count-only SNL and layer culling, under CrypTen, over several training seeds.
 
 small_resnet / Fashion-MNIST: one pretrained model, one data split (``--subset`` training images,
 10% of them held out for validation; the full 10,000-image test set) and the same number of
 training epochs for every method; each fine-tune keeps its best epoch on the validation split.
-Test accuracy against the predicted CrypTen latency (``snl_fx.pi_cost``) at WAN and LAN, the
+Test accuracy against the predicted CrypTen latency (``snl_fx.pi_cost``) at WAN and LAN and the
 measured one (``snl_fx.pi_bench`` on the ``pi`` export: measured bytes, rounds and local seconds;
-latency = local seconds + the network model) and the measured SPU CHEETAH cost. Rows (a curve
-per method):
+latency = local seconds + the network model; ``--measure spu-cheetah`` adds SPU CHEETAH). Rows,
+one per method, level and seed (``--seeds``: ``TrainConfig.seed``; the pretrained model is shared):
 
 * ``original``;
-* ``snl-count@F``: count-only SNL to a fraction F of the ReLUs (``--fractions``). The predicted WAN
-  latency L of ``snl-count@5%`` sets the cost levels of the others: ``Cost(seconds=L / S)`` for
-  each speedup S of ``--speedups``;
-* ``cost-group@S`` / ``cost-drop@S``: SNL with that Cost (the two gate-phase formulations), merged
-  with ``CostPlan.merge``; ``cost-*-unmerged@S`` is the same model before merging;
-* ``culling@S``: DeepReDuce-style whole layers, most critical first (``pareto.stage_culling_scores``),
-  selected to the same Cost by ``CostPlan.select``, fine-tuned for gate + fine-tune epochs;
-* ``cost-group-linearize@1.5x``: ``snl_fx.linearize`` with the Cost as it is (its gate phase
-  stops when the gates reach the Cost; the epochs left are not used).
+* ``snl-count@F/sN``: ``snl_fx.linearize`` to a fraction F of the ReLUs (``--fractions``). The
+  predicted WAN latency L of ``snl-count@5%`` (first seed) sets the cost levels of the others:
+  ``Cost(seconds=L / S)`` for each speedup S of ``--speedups``;
+* ``cost-P@Sx/sN``: ``snl_fx.linearize`` with that Cost and ``penalty=P`` (``--penalties``: ``sites``
+  chooses the sites first on validation, ``group`` / ``drop`` the gate-phase formulations); merged;
+* ``culling@Sx/sN``: DeepReDuce-style whole layers, most critical first (``pareto.stage_culling_scores``),
+  selected to the same Cost by ``CostPlan.select``, fine-tuned for gate + fine-tune epochs.
 
-Same epochs for every method: the SNL rows run the public phases (prepare, train_gates, binarize
-or ``CostPlan.select``, finetune, convert) and the fine-tune gets the gate epochs the gate phase
-did not need (it stops once the gates meet the budget), so every method trains gate + fine-tune
-epochs in all (counting a gate phase's last, partial epoch as a whole one).
+Same epochs for every method: ``linearize`` gives the fine-tune the gate epochs a gate phase left
+when it met its budget early (``moved_epochs``), so every method trains gate + fine-tune epochs.
 
-Resumable: every finished row, and every measurement of it, is written to
-``<out>/results.json`` at once and skipped on a rerun; the ``pi`` exports are kept under
-``--work`` (default ``runs/cost-aware``) for the measurements. ``--deadline HH:MM`` (UTC) starts
-no task that would end after it (judged by the longest task of its kind so far in this process).
-``--remeasure crypten --runs 5`` measures every row again (median of 5 inferences). ``--table`` prints the Markdown tables of ``results.json``; ``--plot``
-redraws ``accuracy_vs_latency.png``.
+Resumable: every finished row, and every measurement of it, is written to ``<out>/results.json``
+at once and skipped on a rerun; the ``pi`` exports are kept under ``--work``. ``--deadline HH:MM``
+(UTC) starts no task that would end after it. ``--table`` prints the Markdown tables of
+``results.json`` (mean and standard deviation per method and level, then every row); ``--plot``
+redraws ``accuracy_vs_latency.png`` (means, error bars one standard deviation).
 
-cifar_resnet18 (random weights, cost only): bytes and rounds of count-only (one-shot scores) at
-15K and 50K ReLUs, and of cost-aware (same scores) and culling selections to a Cost whose part
-above the linear layers' cost is the count-only one's / 1.5 (the linear layers alone cost more
-than count-only / 1.5 on a WAN).
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/cost_aware.py --subset 5000 --pretrain-epochs 6 --epochs 4 \
+        --finetune-epochs 3 --seeds 0,1,2 --penalties sites,group --measure crypten --runs 3 --no-cifar
 
-    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/cost_aware.py --subset 10000 --pretrain-epochs 6 --epochs 6 \\
-        --finetune-epochs 4 --measure crypten,spu-cheetah --out benchmarks/results/cost-aware
-    python benchmarks/cost_aware.py --quick --measure crypten --out runs/cost-aware-quick   # ~10 min smoke run
+The ``cifar_resnet18`` cost-only rows (random weights, no training; ``--no-cifar`` skips them):
+bytes and rounds of count-only (one-shot scores) at 15K and 50K ReLUs, and of cost-aware (same
+scores) and culling selections to a Cost whose part above the linear layers' cost is the
+count-only one's / 1.5.
 """
 
 from __future__ import annotations
@@ -146,7 +140,7 @@ class Bench:
         (self.work / "onnx").mkdir(parents=True, exist_ok=True)
 
     def target(self, results: Results, speedup: float, penalty: str = "group") -> snl_fx.Cost:
-        ref = results.rows["snl-count@5%"]["wan_s"]
+        ref = results.rows[row_key("snl-count@5%", self.args.seeds[0])]["wan_s"]  # every seed: the first seed's level
         return snl_fx.Cost(seconds=ref / speedup, penalty=penalty)
 
     def finish(self, key: str, m: torch.nn.Module, val_acc: float | None, seconds: float, **extra: Any) -> dict[str, Any]:
@@ -156,28 +150,24 @@ class Bench:
                **costs(m, self.x), "train_s": seconds, **extra}
         return row
 
-    def snl(self, budget: int | float | snl_fx.Cost) -> tuple[torch.nn.Module, torch.nn.Module | None, dict[str, Any]]:
-        """SNL through the public phases; the fine-tune gets the gate epochs the gate phase left.
+    def snl(self, budget: int | float | snl_fx.Cost, seed: int) -> tuple[torch.nn.Module, float | None, dict[str, Any]]:
+        """``snl_fx.linearize`` as it is (the fine-tune gets the gate epochs the gate phase left).
 
-        Returns the lowered (merged, for a Cost) model, the unmerged one (Cost only) and facts.
+        Returns the lowered (merged, for a Cost) model, its validation accuracy and facts.
         """
-        cfg, model, x = self.cfg, self.model, self.x
-        gm = snl_fx.prepare(model, x)
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        plan = snl_fx.budget.bind(budget, gm)
-        gates = snl_fx.train_gates(gm, self.fit, plan, cfg, teacher=teacher, val_data=self.val)
-        soft = {"gate_relus": gates[-1]["relu_count"] if gates else None, "gate_epochs": len(gates)}
-        plan.select(gm, tie_break=snl_fx.select.linearization_scores(gm, x))
-        epochs = cfg.finetune_epochs + (cfg.epochs - len(gates) if self.args.equal_epochs else 0)
-        tuned = snl_fx.finetune(gm, teacher, self.fit, replace(cfg, finetune_epochs=epochs), val_data=self.val)
-        lowered = snl_fx.convert(gm.eval()).eval()
-        facts = {**soft, "finetune_epochs": epochs, "best_epoch": _best_epoch(tuned),
-                 "sites": {n: int(v) for n, v in snl_fx.train.site_relu_counts(gm).items()}}
-        unmerged = copy.deepcopy(lowered)
-        final, cost = plan.finish(lowered, x)  # a Cost: linear ops merged where cheaper, cost checked
-        if cost is None:
-            return final, None, facts
-        return final, unmerged, {**facts, "merged_ops": cost["merged_ops"], "cost_budget_wan_s": cost["budget"]["limit"]}
+        cfg = replace(self.cfg, seed=seed)
+        r = snl_fx.linearize(self.model, self.x, budget, self.fit, val_data=self.val, config=cfg)
+        gates = [h for h in r.history if h["phase"] == "gates"]
+        tuned = [h for h in r.history if h["phase"] == "finetune"]
+        facts = {"gate_relus": gates[-1]["relu_count"] if gates else None, "gate_epochs": len(gates),
+                 "gate_val_acc": [h["val_acc"] for h in gates], "finetune_epochs": len(tuned),
+                 "moved_epochs": tuned[0]["moved_epochs"] if tuned else 0, "best_epoch": _best_epoch(tuned),
+                 "sites": {n: s["after"] for n, s in r.sites.items()}}
+        if r.cost is not None:
+            facts.update(merged_ops=r.cost["merged_ops"], cost_budget_wan_s=r.cost["budget"]["limit"])
+            if "site_choice" in r.cost:  # penalty "sites": the sites chosen before the gate phase, and how
+                facts["site_choice"] = r.cost["site_choice"]
+        return r.model, r.accuracy_after, facts
 
     # one task per row; each returns the rows it made
 
@@ -185,33 +175,21 @@ class Bench:
         row = self.finish("original", self.model, snl_fx.train.evaluate(self.model, self.val, self.cfg), 0.0)
         return {"original": row}
 
-    def count(self, results: Results, fraction: float) -> dict[str, dict[str, Any]]:
-        key = f"snl-count@{fraction:.0%}"
+    def count(self, results: Results, fraction: float, seed: int) -> dict[str, dict[str, Any]]:
+        key = row_key(f"snl-count@{fraction:.0%}", seed)
         start = time.perf_counter()
-        m, _, facts = self.snl(fraction)
-        return {key: self.finish(key, m, snl_fx.train.evaluate(m, self.val, self.cfg), time.perf_counter() - start, **facts)}
+        m, val_acc, facts = self.snl(fraction, seed)
+        return {key: self.finish(key, m, val_acc, time.perf_counter() - start, seed=seed, **facts)}
 
-    def cost(self, results: Results, penalty: str, speedup: float) -> dict[str, dict[str, Any]]:
-        key = f"cost-{penalty}@{speedup:g}x"
+    def cost(self, results: Results, penalty: str, speedup: float, seed: int) -> dict[str, dict[str, Any]]:
+        key = row_key(f"cost-{penalty}@{speedup:g}x", seed)
         start = time.perf_counter()
-        m, unmerged, facts = self.snl(self.target(results, speedup, penalty))
-        seconds = time.perf_counter() - start
-        row = self.finish(key, m, snl_fx.train.evaluate(m, self.val, self.cfg), seconds, **facts)
-        key2 = f"cost-{penalty}-unmerged@{speedup:g}x"
-        return {key: row, key2: self.finish(key2, unmerged, None, 0.0)}
+        m, val_acc, facts = self.snl(self.target(results, speedup, penalty), seed)
+        return {key: self.finish(key, m, val_acc, time.perf_counter() - start, seed=seed, **facts)}
 
-    def linearize(self, results: Results, speedup: float) -> dict[str, dict[str, Any]]:
-        key = f"cost-group-linearize@{speedup:g}x"
-        start = time.perf_counter()
-        r = snl_fx.linearize(self.model, self.x, self.target(results, speedup), self.fit, val_data=self.val, config=self.cfg)
-        gates = [h for h in r.history if h["phase"] == "gates"]
-        facts = {"gate_epochs": len(gates), "finetune_epochs": self.cfg.finetune_epochs, "merged_ops": r.cost["merged_ops"],
-                 "sites": {n: s["after"] for n, s in r.sites.items()}, "cost_budget_wan_s": r.cost["budget"]["limit"]}
-        return {key: self.finish(key, r.model, r.accuracy_after, time.perf_counter() - start, **facts)}
-
-    def culling(self, results: Results, speedup: float) -> dict[str, dict[str, Any]]:
-        key = f"culling@{speedup:g}x"
-        cfg, target = self.cfg, self.target(results, speedup)
+    def culling(self, results: Results, speedup: float, seed: int) -> dict[str, dict[str, Any]]:
+        key = row_key(f"culling@{speedup:g}x", seed)
+        cfg, target = replace(self.cfg, seed=seed), self.target(results, speedup)
         start = time.perf_counter()
         gm = snl_fx.prepare(self.model, self.x)
         plan = target.plan(gm)
@@ -222,7 +200,17 @@ class Bench:
         culled = snl_fx.convert(gm.eval()).eval()
         facts = {"finetune_epochs": cfg.epochs + cfg.finetune_epochs, "best_epoch": _best_epoch(tuned),
                  "sites": {n: int(v) for n, v in snl_fx.train.site_relu_counts(gm).items()}, "cost_budget_wan_s": target.limit}
-        return {key: self.finish(key, culled, snl_fx.train.evaluate(culled, self.val, cfg), time.perf_counter() - start, **facts)}
+        return {key: self.finish(key, culled, snl_fx.train.evaluate(culled, self.val, cfg), time.perf_counter() - start,
+                                 seed=seed, **facts)}
+
+
+def row_key(base: str, seed: int) -> str:
+    """``snl-count@5%/s0``: a row per method, level and seed."""
+    return f"{base}/s{seed}"
+
+
+def base_key(key: str) -> str:
+    return key.split("/")[0]
 
 
 def _best_epoch(records: list[dict[str, Any]]) -> int:
@@ -270,24 +258,20 @@ def cifar_rows(speedup: float) -> list[dict[str, Any]]:
 
 
 def tasks(args: argparse.Namespace) -> list[tuple[str, str, tuple[Any, ...]]]:
-    """(row key, Bench method, arguments), most important first: the 1.5x comparison, then a second
-    point of every curve (the lowest fraction, the highest speedup), then the rest."""
-    main = [("original", "original", ()), ("snl-count@5%", "count", (0.05,)),
-            (f"cost-group@{MAIN:g}x", "cost", ("group", MAIN)), (f"culling@{MAIN:g}x", "culling", (MAIN,))]
-    fractions = sorted(f for f in args.fractions if f != 0.05)
-    speedups = sorted((s for s in args.speedups if s != MAIN), reverse=True)
-    curve = []
-    for i in range(max(len(fractions), len(speedups))):
-        if i < len(fractions):
-            curve.append((f"snl-count@{fractions[i]:.0%}", "count", (fractions[i],)))
-        if i < len(speedups):
-            curve += [(f"cost-group@{speedups[i]:g}x", "cost", ("group", speedups[i])),
-                      (f"culling@{speedups[i]:g}x", "culling", (speedups[i],))]
-        if i == 0:
-            curve.append((f"cost-drop@{MAIN:g}x", "cost", ("drop", MAIN)))
-    extra = [(f"cost-group-linearize@{MAIN:g}x", "linearize", (MAIN,))] if args.linearize_row else []
-    extra += [(f"cost-drop@{s:g}x", "cost", ("drop", s)) for s in speedups if args.drop_curve]
-    return main + curve + extra
+    """(row key, Bench method, arguments): ``original``, then every row of the first seed, then every
+    row of the next seed, ...; within a seed count-only 5% first (it sets the cost levels), then the
+    first penalty's cost rows and culling level by level, the other fractions, the other penalties.
+    ``--only`` keeps some kinds of rows (count, cost, culling)."""
+    todo = [("original", "original", ())]
+    first, *others = args.penalties
+    for seed in args.seeds:
+        rows = [("snl-count@5%", "count", (0.05, seed))]
+        for s in args.speedups:
+            rows += [(f"cost-{first}@{s:g}x", "cost", (first, s, seed)), (f"culling@{s:g}x", "culling", (s, seed))]
+        rows += [(f"snl-count@{f:.0%}", "count", (f, seed)) for f in args.fractions if f != 0.05]
+        rows += [(f"cost-{p}@{s:g}x", "cost", (p, s, seed)) for p in others for s in args.speedups]
+        todo += [(row_key(k, seed), m, a) for k, m, a in rows if not args.only or m in args.only]
+    return todo
 
 
 def past(deadline: str | None, needs: float = 0.0) -> bool:
@@ -302,7 +286,7 @@ def past(deadline: str | None, needs: float = 0.0) -> bool:
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    keys = ("subset", "pretrain_epochs", "epochs", "finetune_epochs", "fractions", "speedups", "equal_epochs")
+    keys = ("subset", "pretrain_epochs", "epochs", "finetune_epochs")
     results = Results(out / "results.json", {k: getattr(args, k) for k in keys})
     results.save()
     if args.cifar and "cifar_resnet18" not in results.data:
@@ -354,8 +338,7 @@ def run(args: argparse.Namespace) -> None:
             log.info("row %s done in %.0f s", key, time.perf_counter() - start)
         # CrypTen (1 s) right after every row; CHEETAH (about a minute) right after the main rows, the rest at the end
         if "crypten" in backends:
-            for k in (key, key.replace("@", "-unmerged@")):
-                measure_row(k, "crypten")
+            measure_row(key, "crypten")
         if "spu-cheetah" in backends and i < 4:
             measure_row(key, "spu-cheetah")
     if "spu-cheetah" in backends:
@@ -364,7 +347,7 @@ def run(args: argparse.Namespace) -> None:
     results.data["not_run"] = skipped
     results.save()
     plot(results.data, out / "accuracy_vs_latency.png")
-    print(table(results.data))
+    print(summary(results.data) + "\n\n" + table(results.data))
 
 
 # ---------------------------------------------------------------- table and plot
@@ -408,43 +391,83 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    m = sum(values) / len(values)
+    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+
+
+def groups(data: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Rows by method and level (``snl-count@5%``), over seeds, in the order of the file."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key, r in data.get("small_resnet", {}).items():
+        out.setdefault(base_key(key), []).append(r)
+    return out
+
+
+def _span(rows: list[dict[str, Any]], key: str) -> str:
+    """``5,632`` or ``4,900-5,632``: the range of ``key`` over the rows."""
+    lo, hi = min(r[key] for r in rows), max(r[key] for r in rows)
+    return f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
+
+
+def summary(data: dict[str, Any]) -> str:
+    """Markdown: one line per method and level, mean and standard deviation over the seeds."""
+    lines = ["| method | seeds | test % mean ± sd | test % per seed | val % mean | ReLUs | ReLU layers | CrypTen WAN s: "
+             "pred / meas | gate + ft epochs (moved) |", "|---|---|---|---|---|---|---|---|---|"]
+    for key, rs in groups(data).items():
+        m, sd = mean_sd([r["test_acc"] for r in rs])
+        vals = [r["val_acc"] for r in rs if r.get("val_acc") is not None]
+        meas = [r["m_wan_s"] for r in rs if r.get("m_wan_s") is not None]
+        epochs = ", ".join(f"{r.get('gate_epochs', 0)}+{r.get('finetune_epochs', 0)}"
+                           + (f" ({r['moved_epochs']})" if r.get("moved_epochs") else "") for r in rs)
+        lines.append(f"| {key} | {len(rs)} | {m:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") + " | "
+                     + " / ".join(f"{r['test_acc']:.2f}" for r in rs) + " | "
+                     + (f"{mean_sd(vals)[0]:.1f}" if vals else "-") + f" | {_span(rs, 'relus')} | {_span(rs, 'relu_layers')} | "
+                     + f"{mean_sd([r['wan_s'] for r in rs])[0]:.2f} / " + (f"{mean_sd(meas)[0]:.2f}" if meas else "-")
+                     + f" | {epochs} |")
+    return "\n".join(lines)
+
+
 def plot(data: dict[str, Any], path: Path) -> None:
-    """Test accuracy against CrypTen WAN and LAN latency (measured where measured, else predicted)
-    and against CHEETAH's WAN time on the wire (measured bytes and rounds; its local seconds are
-    in the table)."""
+    """Test accuracy (mean over seeds, error bar one standard deviation) against CrypTen WAN and LAN
+    latency (measured where measured, else predicted; mean over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = data.get("small_resnet", {})
     panels = [(lambda r: r.get("m_wan_s", r["wan_s"]), "CrypTen, WAN (100 Mbit/s, 40 ms): s per image"),
-              (lambda r: r.get("m_lan_s", r["lan_s"]), "CrypTen, LAN (1 Gbit/s, 0.5 ms): s per image"),
-              (lambda r: _wire(r, "cheetah", "wan"), "SPU CHEETAH, WAN: s on the wire per image")]
-    families = {"snl-count": ("count-only SNL (2/5/10%)", "o", "-"), "cost-group": ("cost-aware SNL, group", "s", "-"),
-                "cost-drop": ("cost-aware SNL, drop", "D", "-"), "culling": ("layer culling (same Cost)", "^", "-"),
-                "cost-group-linearize": ("linearize(Cost), gate epochs left unused", "x", "none")}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+              (lambda r: r.get("m_lan_s", r["lan_s"]), "CrypTen, LAN (1 Gbit/s, 0.5 ms): s per image")]
+    families = {"snl-count": ("count-only SNL (5/10%)", "o"), "cost-sites": ("cost-aware SNL, sites first", "s"),
+                "cost-sites-raw": ("sites first, BatchNorm not re-estimated", "P"),
+                "cost-group": ("cost-aware SNL, group term", "D"), "cost-drop": ("cost-aware SNL, drop", "v"),
+                "culling": ("layer culling (same Cost)", "^")}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for ax, (xof, title) in zip(axes, panels):
-        for fam, (label, marker, line) in families.items():
-            pts = sorted((xof(r), r["test_acc"]) for k, r in rows.items() if _family(k) == fam and xof(r) is not None)
+        for fam, (label, marker) in families.items():
+            pts = []
+            for key, rs in groups(data).items():
+                if _family(key) == fam:
+                    m, sd = mean_sd([r["test_acc"] for r in rs])
+                    pts.append((mean_sd([xof(r) for r in rs])[0], m, sd or 0.0, f"{key.split('@')[1]} (n={len(rs)})"))
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=line, label=label)
-                for k, r in rows.items():
-                    if _family(k) == fam and xof(r) is not None:
-                        ax.annotate(k.split("@")[1], (xof(r), r["test_acc"]), fontsize=7, xytext=(3, 3),
-                                    textcoords="offset points")
-        orig = rows.get("original")
-        if orig is not None and xof(orig) is not None:
+                pts.sort()
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
+                            capsize=3, label=label)
+                for p in pts:
+                    ax.annotate(p[3], (p[0], p[1]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        orig = data.get("small_resnet", {}).get("original")
+        if orig is not None:
             ax.scatter([xof(orig)], [orig["test_acc"]], marker="*", s=140, color="black", label="original", zorder=5)
         ax.set_xlabel(title)
-        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylabel("test accuracy (%), mean ± sd over seeds")
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     args = data.get("args", {})
     fig.suptitle(f"small_resnet / Fashion-MNIST ({args.get('subset')} training images, {args.get('epochs')} gate + "
                  f"{args.get('finetune_epochs')} fine-tune epochs; CrypTen latency = measured local s + measured bytes "
-                 "and rounds on the network model)", fontsize=10)
+                 "and rounds on the network model)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -457,22 +480,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pretrain-epochs", type=int, default=8)
     p.add_argument("--epochs", type=int, default=6, help="gate epochs (culling: fine-tune epochs + these)")
     p.add_argument("--finetune-epochs", type=int, default=4)
-    p.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=[0.02, 0.05, 0.10],
+    p.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=[0.05, 0.10],
                    help="count-only SNL budgets (fractions of the ReLUs); 0.05 sets the cost levels")
-    p.add_argument("--speedups", type=lambda s: [float(v) for v in s.split(",")], default=[1.25, 1.5, 2.0],
+    p.add_argument("--speedups", type=lambda s: [float(v) for v in s.split(",")], default=[1.5, 2.0],
                    help="cost levels: count-only 5%%'s predicted WAN latency / these")
-    p.add_argument("--drop-curve", action="store_true", help="also the drop formulation at every cost level")
-    p.add_argument("--no-linearize-row", dest="linearize_row", action="store_false",
-                   help="skip the row of linearize(Cost) as it is")
-    p.add_argument("--no-equal-epochs", dest="equal_epochs", action="store_false",
-                   help="do not give the fine-tune the gate epochs the gate phase left")
+    p.add_argument("--penalties", type=lambda s: s.split(","), default=["sites"],
+                   help="cost-aware SNL rows: Cost(penalty=...) formulations, comma-separated (sites, group, drop)")
+    p.add_argument("--seeds", type=lambda s: [int(v) for v in s.split(",")], default=[0],
+                   help="training seeds (TrainConfig.seed) per row; one pretrained model for all")
+    p.add_argument("--only", type=lambda s: s.split(","), default=None,
+                   help="run only these kinds of rows: count, cost, culling (comma-separated)")
     p.add_argument("--measure", default="", help="comma-separated: crypten, spu-cheetah")
     p.add_argument("--runs", type=int, default=1, help="inferences per measurement (the median is kept)")
     p.add_argument("--cheetah-runs", type=int, default=1, help="--runs of the CHEETAH measurements (about a minute each)")
     p.add_argument("--remeasure", default="", help="comma-separated backends to measure again on every row")
     p.add_argument("--no-cifar", dest="cifar", action="store_false", help="skip the cifar_resnet18 cost rows")
     p.add_argument("--deadline", default=None, help="HH:MM UTC: start no task after it")
-    p.add_argument("--out", default="benchmarks/results/cost-aware")
+    p.add_argument("--out", default="benchmarks/results/cost-aware-seeds")
     p.add_argument("--work", default="runs/cost-aware", help="pi exports for the measurements")
     p.add_argument("--table", action="store_true", help="print the tables of <out>/results.json and exit")
     p.add_argument("--plot", action="store_true", help="redraw <out>/accuracy_vs_latency.png and exit")
@@ -485,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
         data = json.loads((Path(args.out) / "results.json").read_text())
         if args.plot:
             plot(data, Path(args.out) / "accuracy_vs_latency.png")
-        print(table(data))
+        print(summary(data) + "\n\n" + table(data))
         return
     torch.set_num_threads(1)
     run(args)

@@ -52,7 +52,7 @@ __all__ = ["Budget", "Cost", "CostPlan", "CountPlan", "Families", "FamilyCostPla
 log = logging.getLogger("snl_fx")
 
 UNITS = ("seconds", "bytes", "rounds")
-PENALTIES = ("group", "drop")
+PENALTIES = ("group", "drop", "sites")
 _RELU_FORMS = "a ReLU count (an integer such as 15000), a fraction in (0, 1) such as 0.05, or a percentage such as 5%"
 _COST_FORMS = ("a latency (1.5s, 800ms), bytes (200MB, 1.5GB, 500kB, 1000000B), bits (800Mb, 1Gb, 64kb) "
                "or rounds (150rounds)")
@@ -110,6 +110,9 @@ class Plan(abc.ABC):
     def refine(self, gm: GraphModule, data: Any, config: Any, teacher: nn.Module | None) -> None:
         """Swap kept and removed ReLUs while the loss falls (``TrainConfig.refine``), where the plan allows it."""
         warnings.warn(f"refine=True is not applied under a {type(self.budget).__name__} budget", stacklevel=4)
+
+    def before_gates(self, gm: GraphModule, data: Any, val_data: Any, config: Any, example_input: Any) -> None:
+        """Decisions the plan takes on the training and validation data before the gate phase (none by default)."""
 
     def finish(self, lowered: GraphModule, example_input: Any) -> tuple[GraphModule, dict[str, Any] | None]:
         """Last step on the lowered model: returns it (changed or not) and the result's ``cost``."""
@@ -194,7 +197,7 @@ class Cost:
         seconds, bytes, rounds: exactly one of them, a positive number.
         protocol: one of :func:`snl_fx.cost.protocols` (default ``"crypten"``).
         network: ``"lan"``, ``"wan"`` (default), ``"MBPS,RTT_MS"`` or a :class:`snl_fx.cost.Network`.
-        penalty: the gate phase's formulation, ``"group"`` (default) or ``"drop"`` (below).
+        penalty: the formulation, ``"sites"`` (default), ``"group"`` or ``"drop"`` (below).
         families: the nonlinearity families the selection trades (default ReLUs alone); e.g.
             ``("gelu", "softmax")`` trades a GELU token against a softmax row by what each costs
             under ``protocol`` (:class:`FamilyCostPlan`).
@@ -205,9 +208,12 @@ class Cost:
         True
 
     ``penalty`` is the gate phase's formulation: ``"group"`` (each gate priced by its marginal
-    cost plus a group term per site for the rounds it costs while anything in it is kept) or
+    cost plus a group term per site for the rounds it costs while anything in it is kept),
     ``"drop"`` (each gate priced by its site's average cost per ReLU, no group term; whole sites
-    go only in the selection before binarization). See BENCHMARKS.md, "Cost budgets".
+    go only in the selection before binarization) or ``"sites"`` (a selection chosen first, on
+    validation data, among whole-site selections that include layer culling's; every epoch then
+    fine-tunes: :meth:`CostPlan.choose_sites`). See BENCHMARKS.md,
+    "Cost budgets".
     """
 
     seconds: float | None = None
@@ -215,7 +221,7 @@ class Cost:
     rounds: float | None = None
     protocol: str = "crypten"
     network: str | Network = "wan"
-    penalty: str = "group"
+    penalty: str = "sites"
     families: tuple[str, ...] = ("relu",)
 
     def __post_init__(self) -> None:
@@ -494,6 +500,8 @@ class CostPlan(Plan):
         self.granularity = granularity
         self.gated_sites = list(gated)
         self.ceiling = self.relu_ceiling()
+        self.open_sites: list[str] | None = None  # penalty "sites": the sites chosen before the gate phase
+        self.site_choice: dict[str, Any] | None = None  # and how they were chosen (stated in the result's cost)
 
     def value(self, kept: dict[str, int]) -> float:
         """Predicted cost, in the budget's unit, with ``kept`` ReLUs at the gated sites."""
@@ -528,6 +536,12 @@ class CostPlan(Plan):
         equivalents (the cost divided by the full model's cost per ReLU), so that the penalty and
         lambda have the scale of the count mode.
         """
+        if self.budget.penalty == "sites":
+            if self.open_sites is None:
+                raise SnlFxError("Cost(penalty='sites') chooses its sites on data before the gate phase: "
+                                 "call plan.before_gates(gm, data, val_data, config, x) first (train_gates does)")
+            ungated = self.total - sum(self.gated.values())
+            return count_objective(gm, ungated + self.open_relus(self.open_sites))
         gates = passes.gates(gm)
         weight = passes.element_weights(gm)
         start = self.value(self.gated) - self.base
@@ -562,6 +576,7 @@ class CostPlan(Plan):
         Greedy: while dropping one whole site (all its ReLUs) keeps more gate mass within the
         budget (the freed per-site cost buys elements elsewhere), drop the one that keeps the most;
         then :func:`snl_fx.binarize` fills the open sites by gate value (``scores`` if given).
+        Sites chosen before the gate phase (:meth:`choose_sites`) stay the open sites as they are.
         """
         gates = passes.gates(gm)
         names = list(gates)
@@ -583,9 +598,9 @@ class CostPlan(Plan):
             return (-math.inf, -math.inf) if f is None else (f[0], f[1])
 
         site_mass = {n: float(values[n].sum()) * sizes[n] for n in names}
-        open_ = list(names)
+        open_ = list(names) if self.open_sites is None else list(self.open_sites)
         best = fill(open_)
-        while open_:  # over budget: drop the site of least mass; else only while a drop keeps more
+        while open_ and self.open_sites is None:  # over budget: drop the site of least mass; else only while a drop keeps more
             f, n = max(((fill([m for m in open_ if m != n]), n) for n in open_),
                        key=lambda t: (rank(t[0]), -site_mass[t[1]]))
             if best is not None and rank(f) <= rank(best):
@@ -604,10 +619,117 @@ class CostPlan(Plan):
             raise InternalError("the cost selection kept ReLUs over the budget")
         return final
 
+    def open_relus(self, open_sites: list[str]) -> int | None:
+        """The most ReLUs the gated sites ``open_sites`` may keep together within the budget (None:
+        their per-site costs alone are over it)."""
+        left = self.room - self.per_site * len(open_sites)
+        if left < 0:
+            return None
+        whole = sum(self.gated[n] for n in open_sites)
+        return whole if self.per_relu <= 0 else min(whole, math.floor(left / self.per_relu + 1e-9))
+
+    def before_gates(self, gm: GraphModule, data: Any, val_data: Any, config: Any, example_input: Any) -> None:
+        """``penalty="sites"``: :meth:`choose_sites` on ``val_data`` (``data`` without it), BatchNorm
+        calibrated on ``data``, the example batch's scores (``example_input``, a tuple of the
+        forward's inputs; None: the first batch of ``data``) ordering the elements; once per plan.
+        The other formulations choose nothing before the gate phase."""
+        if self.budget.penalty == "sites" and data is not None and self.open_sites is None:
+            from snl_fx.select import linearization_scores
+            from snl_fx.train.loop import make_loader, to_device
+
+            if example_input is None:  # the first batch of the data, as it comes
+                x = next(iter(make_loader(data, config, shuffle=False)))[0]
+                example_input = (to_device(x, config.resolved_device()),)
+            self.choose_sites(gm, val_data if val_data is not None else data, config,
+                              linearization_scores(gm, example_input), calibrate=data)
+
+    def site_candidates(self, gm: GraphModule, criticality: dict[str, dict[str, float]],
+                        scores: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Whole-site selections within the budget: for each ranking of the sites by measured
+        criticality (loss increase, accuracy drop) and each k, the k most critical sites, filled
+        (a) whole, most critical first, the rest of the ReLUs to the k-th (layer culling's answer)
+        and (b) by ``scores`` across the k sites. Each is site -> 0/1 tensor; duplicates dropped."""
+        from snl_fx.select import selection_masks
+
+        gates = passes.gates(gm)
+        names = list(gates)
+        ungated = self.total - sum(self.gated.values())
+        out: list[dict[str, torch.Tensor]] = []
+        for key in ("loss", "accuracy"):
+            order = sorted(names, key=lambda n: -criticality[n][key])  # stable: ties keep graph order
+            for k in range(1, len(order) + 1):
+                open_, relus = order[:k], self.open_relus(order[:k])
+                if relus is None:
+                    break
+                closed = {n: torch.full_like(gates[n].weight, -math.inf) for n in names if n not in open_}
+                tiers = {n: torch.full_like(gates[n].weight, float(k - i)) for i, n in enumerate(open_)}
+                fills = [selection_masks(gm, relus + ungated, {**tiers, **closed}, tie_break=scores)]
+                fills.append(selection_masks(gm, relus + ungated, {**{n: scores[n] for n in open_}, **closed}))
+                for masks in fills:
+                    kept = {n: int(masks[n].sum()) * self.gated[n] // masks[n].numel() for n in names}
+                    if self.value(kept) > self.budget.limit + 1e-9 or any(kept[n] for n in closed):
+                        continue
+                    if not any(all(torch.equal(masks[n], o[n]) for n in names) for o in out):
+                        out.append(masks)
+        return out
+
+    def choose_sites(self, gm: GraphModule, data: Any, config: Any, scores: dict[str, torch.Tensor],
+                     calibrate: Any = None) -> list[str]:
+        """Choose the sites the gates may keep, before the gate phase, and close the others.
+
+        Measures every site's criticality on ``data`` (:func:`snl_fx.select.site_criticality`),
+        builds :meth:`site_candidates` (layer culling's answer among them) and keeps the one of
+        least validation loss (:func:`snl_fx.select.best_selection`, BatchNorm statistics estimated
+        again under each candidate on ``calibrate`` when given). The gates are set
+        to that selection, the other sites' gates frozen at 0: it already meets the gate phase's
+        objective (the count's, inside the kept sites, down to :meth:`open_relus`), so the gate
+        phase has nothing to remove and its epochs go to the fine-tune; :meth:`select` keeps it.
+        (Training the gates inside the kept sites from 1 was measured: within one epoch they fell
+        far below the ReLUs the sites may keep and the weights with them; BENCHMARKS.md.)
+
+        Args:
+            gm: the prepared model, before the gate phase.
+            data: validation (input, label) pairs.
+            config: a :class:`snl_fx.TrainConfig` (device, batch size).
+            scores: site -> tensor of the gate's shape (:func:`snl_fx.linearization_scores`).
+            calibrate: training (input, label) pairs for the BatchNorm statistics; None: as they are.
+
+        Returns:
+            The kept sites, in graph order (also ``open_sites``; ``site_choice`` says how).
+
+        Example:
+            >>> plan = snl_fx.Cost(seconds=1.6, penalty="sites").plan(gm)
+            >>> plan.choose_sites(gm, val_set, snl_fx.TrainConfig(), snl_fx.linearization_scores(gm, x))
+            ['layer1.0.relu1']
+        """
+        from snl_fx.select import best_selection, site_criticality
+
+        criticality = site_criticality(gm, data, config)
+        candidates = self.site_candidates(gm, criticality, scores)
+        if not candidates:
+            raise SnlFxError(f"the budget {self.budget.limit:g} {self.budget.unit} cannot be met: the model costs "
+                             f"{self.base:g} without any gated ReLU")
+        best, losses = best_selection(gm, data, candidates, config, calibrate=calibrate)
+        chosen = candidates[best]
+        gates = passes.gates(gm)
+        self.open_sites = [n for n in gates if bool(chosen[n].any())]
+        with torch.no_grad():  # the gates start at the chosen selection; the other sites' gates closed for good
+            for n, g in gates.items():
+                g.weight.copy_(chosen[n].to(g.weight))
+                if n not in self.open_sites:
+                    g.weight.requires_grad_(False)
+        self.site_choice = {"open_sites": self.open_sites, "criticality": criticality, "losses": losses, "best": best,
+                            "relus": self.open_relus(self.open_sites)}
+        log.info("sites chosen before the gate phase: %s (validation loss %.4g, best of %d candidates)",
+                 self.open_sites, losses[best], len(candidates))
+        return self.open_sites
+
     def finish(self, lowered: GraphModule, example_input: Any) -> tuple[GraphModule, dict[str, Any]]:
         """Merge linear ops where cheaper (:meth:`merge`), then check and state the cost."""
         lowered, merged = self.merge(lowered, example_input)
         cost = cost_summary(self.budget, self.pi_cost(), self.budget.predict(lowered, example_input), merged)
+        if self.site_choice is not None:
+            cost["site_choice"] = self.site_choice
         if not cost["met"]:
             raise InternalError(f"the model costs {cost['after'][self.budget.unit]:g} {self.budget.unit}, "
                                 f"over the budget {self.budget.limit:g}")

@@ -38,7 +38,7 @@ from snl_fx.select import linearization_scores
 from snl_fx.train import distributed
 from snl_fx.train.config import TrainConfig
 from snl_fx.train.loop import Checkpoint, evaluate, split_train_val
-from snl_fx.train.phases import EpochRecord, finetune, train_gates
+from snl_fx.train.phases import EpochRecord, finetune, moved_epochs, train_gates
 
 log = logging.getLogger("snl_fx")
 
@@ -203,7 +203,8 @@ def linearize(
 def _train(gm: GraphModule, plan: Plan, teacher: nn.Module, data: Any, val_data: Any, example_input: Any,
            cfg: TrainConfig, out_dir: Any, resume: bool) -> tuple[int, list[EpochRecord]]:
     """The gate phase, the plan's selection, the fine-tune (each resumed from ``out_dir`` when asked);
-    returns the final ReLUs per sample and the history."""
+    returns the final ReLUs per sample and the history. The fine-tune gets ``finetune_epochs`` plus
+    the gate epochs the gate phase did not need (``moved_epochs`` of its records)."""
     state = Checkpoint(out_dir).load() if resume else None
     if resume and state is None and distributed.is_main():
         log.info("no checkpoint in %s: starting from scratch", out_dir)
@@ -211,6 +212,9 @@ def _train(gm: GraphModule, plan: Plan, teacher: nn.Module, data: Any, val_data:
         raise SnlFxError(f"the checkpoint in {out_dir} is for budget {state.get('budget')}, not {plan.key}: "
                          "use another output dir or drop --resume")
     if state is None or state["phase"] == "gates":
+        # decisions before the gates (a Cost of penalty "sites" chooses its sites), here with the example batch's
+        # scores (train_gates would take the first batch of the data); redone on a resume, deterministic
+        plan.before_gates(gm, data, val_data, cfg, _to(example_input, cfg.resolved_device()))
         history = train_gates(gm, data, plan, cfg, teacher=teacher, val_data=val_data, checkpoint=out_dir, resume=resume)
         # gates at 0 tie: among them, keep the ReLUs whose removal changes the activations most
         final = plan.select(gm, tie_break=_scores(gm, example_input, cfg.resolved_device()))
@@ -219,8 +223,9 @@ def _train(gm: GraphModule, plan: Plan, teacher: nn.Module, data: Any, val_data:
     else:
         history, final = [r for r in state["history"] if r["phase"] == "gates"], state["relu_count"]
         freeze_gates(gm)  # binarized in the checkpoint
+    # the gate epochs a gate phase left (it met the budget early) go to the fine-tune, stated in its records
     history += finetune(gm, teacher, data, cfg, val_data=val_data, checkpoint=out_dir, resume=resume,
-                        budget=plan.key, history=history)
+                        budget=plan.key, history=history, moved_epochs=moved_epochs(cfg, history))
     return final, history
 
 

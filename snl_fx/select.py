@@ -1,8 +1,13 @@
-"""Selection: which ReLUs a binarized model keeps (binarize, training-free scores, swap refinement)."""
+"""Selection: which ReLUs a binarized model keeps (binarize, training-free scores, swap refinement,
+measured site criticality and the choice among candidate selections on validation)."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import math
 import numbers
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -14,9 +19,10 @@ from snl_fx import passes
 from snl_fx.errors import SnlFxError
 from snl_fx.gated import gate_parameters, ungated_relus
 from snl_fx.train.config import TrainConfig
-from snl_fx.train.loop import batch_loss, make_loader, to_device
+from snl_fx.train.loop import batch_loss, logits, make_loader, run, to_device
 
-__all__ = ["binarize", "linearization_scores", "refine_selection"]
+__all__ = ["best_selection", "binarize", "linearization_scores", "refine_selection", "selection_masks",
+           "site_criticality", "validation_loss"]
 
 
 def binarize(
@@ -251,3 +257,159 @@ def _flip(weights: list[torch.Tensor], flat_indices: list[int]) -> None:
         flat[idx] = 1 - flat[idx]
         for w, part in zip(weights, flat.split([w.numel() for w in weights])):
             w.copy_(part.view_as(w))
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, data: Dataset | DataLoader, config: TrainConfig | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and top-1 accuracy (%) of ``model`` on ``data``, in eval mode (mode restored).
+
+    Args:
+        model: a classifier on ``config``'s device.
+        data: a Dataset or DataLoader of (input, label) pairs.
+        config: ``device``, ``batch_size`` and ``num_workers`` are read (default ``TrainConfig()``).
+
+    Returns:
+        ``(loss, accuracy)``.
+
+    Example:
+        >>> loss, acc = snl_fx.select.validation_loss(gm, val_set)
+    """
+    cfg = config or TrainConfig()
+    device = cfg.resolved_device()
+    was_training = model.training
+    model.eval()
+    total = correct = seen = 0.0
+    try:
+        for x, y in make_loader(data, cfg, shuffle=False):
+            out, y = logits(run(model, to_device(x, device))), y.to(device)
+            total += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            correct += float((out.argmax(1) == y).sum())
+            seen += len(y)
+    finally:
+        model.train(was_training)
+    return total / max(seen, 1), 100.0 * correct / max(seen, 1)
+
+
+@contextlib.contextmanager
+def _gates_as(gm: GraphModule, values: dict[str, torch.Tensor | float]) -> Iterator[None]:
+    """Gate values set for the duration (site -> a tensor of the gate's shape, or a number); restored after."""
+    gate_modules = passes.gates(gm)
+    saved = {n: gate_modules[n].weight.detach().clone() for n in values}
+    try:
+        with torch.no_grad():
+            for n, v in values.items():
+                w = gate_modules[n].weight
+                w.copy_(v.to(w) if isinstance(v, torch.Tensor) else torch.full_like(w, float(v)))
+        yield
+    finally:
+        with torch.no_grad():
+            for n, w in saved.items():
+                gate_modules[n].weight.copy_(w)
+
+
+def site_criticality(gm: GraphModule, data: Dataset | DataLoader,
+                     config: TrainConfig | None = None) -> dict[str, dict[str, float]]:
+    """Measured criticality of every gated site: what linearizing it alone (its gates at 0) costs
+    on ``data``, as DeepReDuce-style layer culling measures it.
+
+    Args:
+        gm: a prepared model; its gates are as they are for the other sites, and restored after.
+        data: validation (input, label) pairs.
+        config: as for :func:`validation_loss`.
+
+    Returns:
+        Site -> ``{"loss": increase of the mean cross-entropy, "accuracy": drop of top-1 accuracy
+        in points}``, in graph order.
+
+    Example:
+        >>> crit = snl_fx.select.site_criticality(gm, val_set)
+        >>> max(crit, key=lambda n: crit[n]["loss"])  # the site the model needs most
+    """
+    base_loss, base_acc = validation_loss(gm, data, config)
+    out = {}
+    for name in passes.gates(gm):
+        with _gates_as(gm, {name: 0.0}):
+            loss, acc = validation_loss(gm, data, config)
+        out[name] = {"loss": loss - base_loss, "accuracy": base_acc - acc}
+    return out
+
+
+def selection_masks(gm: GraphModule, budget: int, scores: dict[str, torch.Tensor],
+                    tie_break: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The 0/1 gates :func:`binarize` would set for ``budget`` and ``scores``, without changing ``gm``.
+
+    Args:
+        gm, budget, scores, tie_break: as for :func:`binarize` (a site scored ``-inf`` keeps
+            nothing unless the budget needs it).
+
+    Returns:
+        Site -> a 0/1 tensor of its gate's shape.
+
+    Example:
+        >>> masks = selection_masks(gm, 2000, snl_fx.linearization_scores(gm, x))
+        >>> sum(int(m.sum()) for m in masks.values())  # pixel gates, no ungated site
+        2000
+    """
+    gate_modules = passes.gates(gm)
+    saved = {n: (g.weight.detach().clone(), g.weight.requires_grad) for n, g in gate_modules.items()}
+    try:
+        binarize(gm, budget, scores, tie_break)
+        return {n: g.weight.detach().clone() for n, g in gate_modules.items()}
+    finally:
+        with torch.no_grad():
+            for n, (w, grad) in saved.items():
+                gate_modules[n].weight.copy_(w)
+                gate_modules[n].weight.requires_grad_(grad)
+
+
+def best_selection(gm: GraphModule, data: Dataset | DataLoader, candidates: Sequence[dict[str, torch.Tensor]],
+                   config: TrainConfig | None = None, *, calibrate: Dataset | DataLoader | None = None,
+                   batches: int = 8) -> tuple[int, list[float]]:
+    """Of candidate selections, the one of least validation loss with ``gm``'s weights.
+
+    Removing whole sites shifts the activations that BatchNorm normalizes; with ``calibrate``
+    each candidate is measured on a copy of ``gm`` whose BatchNorm statistics were estimated
+    again under it (``batches`` batches of ``calibrate`` in train mode, no gradient, the same
+    batches for every candidate), so that the loss compares the selections, not stale statistics.
+
+    Args:
+        gm: a prepared model (never changed).
+        data: validation (input, label) pairs.
+        candidates: each site -> a 0/1 tensor of its gate's shape (e.g. from :func:`selection_masks`).
+        config: as for :func:`validation_loss` (``seed`` also draws the calibration batches).
+        calibrate: training (input, label) pairs for the BatchNorm statistics; None: as they are.
+        batches: calibration batches (default 8).
+
+    Returns:
+        ``(index of the best, the validation loss of every candidate)``; ties go to the first.
+
+    Example:
+        >>> i, losses = best_selection(gm, val_set, [masks_a, masks_b], calibrate=train_set)
+    """
+    cfg = config or TrainConfig()
+    drawn = []
+    if calibrate is not None:
+        for x, _ in make_loader(calibrate, cfg, shuffle=True, epoch_seed=cfg.seed * 1_000_003 + 40_009):
+            drawn.append(to_device(x, cfg.resolved_device()))
+            if len(drawn) == batches:
+                break
+    losses = []
+    for masks in candidates:
+        if not drawn:
+            with _gates_as(gm, masks):
+                losses.append(validation_loss(gm, data, cfg)[0])
+            continue
+        trial = copy.deepcopy(gm)
+        with torch.no_grad():
+            for n, g in passes.gates(trial).items():
+                g.weight.copy_(masks[n].to(g.weight))
+            norms = [m for m in trial.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average over the calibration batches
+            trial.train()
+            for x in drawn:
+                run(trial, x)
+        losses.append(validation_loss(trial, data, cfg)[0])
+    best = min(range(len(losses)), key=lambda i: (losses[i] if not math.isnan(losses[i]) else math.inf, i))
+    return best, losses

@@ -45,7 +45,7 @@ def setup() -> tuple[nn.Module, torch.Tensor, torch.utils.data.Dataset]:
         ({"rounds": 0}, "a Cost's rounds must be a positive number, got 0"),
         ({"bytes": 1e6, "protocol": "nope"}, "unknown protocol 'nope'; choose one of:"),
         ({"seconds": 1.0, "network": "fast"}, "network must be lan, wan or MBPS,RTT_MS"),
-        ({"seconds": 1.0, "penalty": "l2"}, "Cost penalty must be one of ('group', 'drop'), got 'l2'"),
+        ({"seconds": 1.0, "penalty": "l2"}, "Cost penalty must be one of ('group', 'drop', 'sites'), got 'l2'"),
     ],
 )
 def test_cost_errors_are_one_line(kwargs, message):
@@ -118,7 +118,7 @@ def _gates_after_penalty(network: str) -> dict[str, int]:
     """Projected gradient on the cost penalty minus a per-element utility (a stand-in for the loss)."""
     model, x, _ = setup()
     gm = snl_fx.prepare(model, x)
-    objective = snl_fx.plan_cost(Cost(seconds=1.0, network=network), model, x, gm).objective(gm)
+    objective = snl_fx.plan_cost(Cost(seconds=1.0, network=network, penalty="group"), model, x, gm).objective(gm)
     gen = torch.Generator().manual_seed(0)
     gates = passes.gates(gm)
     # site relu keeps little value, relu_1 much: elements worth 0.2 and 2 ReLU equivalents on average

@@ -39,7 +39,7 @@ from snl_fx.train.loop import (
 )
 from snl_fx.train.schedule import LambdaSchedule, gate_lr, starting_lambda
 
-__all__ = ["EpochRecord", "finetune", "train_gates"]
+__all__ = ["EpochRecord", "finetune", "moved_epochs", "train_gates"]
 
 
 EpochRecord = TypedDict(  # functional form: "lambda" is a keyword
@@ -54,6 +54,7 @@ EpochRecord = TypedDict(  # functional form: "lambda" is a keyword
         "val_acc": float | None,
         "seconds": float,
         "path": list[tuple[int, int, float]],  # gates: (step, count, lambda), about 20 per epoch
+        "moved_epochs": int,  # finetune: gate epochs the gate phase left unused, added to this fine-tune
     },
     total=False,
 )
@@ -71,6 +72,8 @@ EpochRecord.__doc__ = """One epoch of a phase, as kept in ``LinearizeResult.hist
         val_acc: top-1 accuracy in percent on the validation data; None without it.
         seconds: wall time of the epoch's training steps.
         path: gates only: ``(step, count, lambda)`` about 20 times per epoch.
+        moved_epochs: finetune only: the gate epochs the gate phase left unused (it met the budget
+            early) that this fine-tune got on top of ``finetune_epochs`` (see :func:`finetune`).
 
     Example:
         >>> history = snl_fx.train_gates(gm, train_set, 2000)
@@ -121,12 +124,13 @@ def train_gates(
     store = Checkpoint(checkpoint)
     state = _resume_state(store, resume, "gates")
     plan = bind(budget, gm)
-    if not gate_parameters(gm) or not all(w.requires_grad for w in gate_parameters(gm)):
+    if not any(w.requires_grad for w in gate_parameters(gm)):  # some may be closed by the plan (Cost "sites")
         raise SnlFxError("the gates of this model are binarized and frozen: train_gates needs the soft gates of "
                          "snl_fx.prepare (after binarize, fine-tune with snl_fx.finetune)")
     if state is not None and not plan.matches(state.get("budget")):
         raise SnlFxError(f"the checkpoint in {store.path} is for budget {state.get('budget')}, not {plan.key}: "
                          "use another folder or drop resume")
+    plan.before_gates(gm, data, val_data, cfg, None)  # a choice some plans make first (Cost "sites"), once per plan
     obj = objective or plan.objective(gm)
     steps_per_epoch = len(make_loader(data, cfg, shuffle=True, epoch_seed=0, shard=True))
     lambda0 = cfg.lambda0 if cfg.lambda0 is not None else starting_lambda(gm, teacher, data, cfg)
@@ -199,11 +203,12 @@ def finetune(
     resume: bool = False,
     budget: Any = None,
     history: Sequence[EpochRecord] = (),
+    moved_epochs: int = 0,
 ) -> list[EpochRecord]:
     """Fine-tune the weights of a binarized model with KD from ``teacher``; keep the best epoch.
 
     SGD (``config.finetune_lr``, momentum, weight decay; cosine decay over
-    ``config.finetune_epochs`` unless ``finetune_schedule="constant"``). After the last epoch
+    ``config.finetune_epochs + moved_epochs`` unless ``finetune_schedule="constant"``). After the last epoch
     ``gm`` holds the weights of the epoch with the best ``val_data`` accuracy (the last epoch
     without ``val_data``).
 
@@ -213,6 +218,10 @@ def finetune(
         data, val_data, config, checkpoint, resume: as for :func:`train_gates`.
         budget, history: recorded in the checkpoints (the run's budget, e.g. a plan's ``key``, and
             earlier records), so that a resumed run can refuse another budget and report the whole run.
+        moved_epochs: epochs on top of ``config.finetune_epochs``: :func:`snl_fx.linearize` gives
+            the fine-tune the gate epochs a gate phase left when it met the budget early
+            (:func:`moved_epochs`). Recorded in every record and checkpoint; a resume with
+            another number is refused.
 
     Returns:
         One :class:`EpochRecord` per fine-tune epoch (those of the checkpoint first, when resuming).
@@ -222,14 +231,20 @@ def finetune(
         >>> snl_fx.finetune(gm, model, train_set, snl_fx.TrainConfig(finetune_epochs=8), val_data=val_set)
     """
     cfg = config or TrainConfig()
+    if moved_epochs < 0:
+        raise SnlFxError(f"moved_epochs must be >= 0, got {moved_epochs}")
+    epochs = cfg.finetune_epochs + moved_epochs
     store = Checkpoint(checkpoint)
     state = _resume_state(store, resume, "finetune")
+    if state is not None and state.get("moved_epochs", 0) != moved_epochs:
+        raise SnlFxError(f"the checkpoint in {store.path} is for a fine-tune with {state.get('moved_epochs', 0)} moved "
+                         f"epochs, not {moved_epochs}: use another folder or drop resume")
     params = [p for p in gm.parameters() if p.requires_grad]
     if not params:
         warnings.warn("the model has no trainable weights (all frozen): fine-tune skipped", stacklevel=4)
         return []
     optimizer = torch.optim.SGD(params, lr=cfg.finetune_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(e, cfg.finetune_epochs, cfg.finetune_schedule))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: _lr_factor(e, epochs, cfg.finetune_schedule))
     records: list[EpochRecord] = []
     start = 0
     best_acc = distributed.on_rank0(lambda: evaluate(gm, val_data, cfg))
@@ -242,24 +257,42 @@ def finetune(
         records = [r for r in state["history"] if r["phase"] == "finetune"]
     final = relu_count_gated(gm)  # after a resumed state is loaded: the binarized count, never the fresh gates'
     with distributed.data_parallel(gm, cfg.resolved_device(), cfg.sync_bn) as net:
-        for epoch in range(start + 1, cfg.finetune_epochs + 1):
+        for epoch in range(start + 1, epochs + 1):
             loader = make_loader(data, cfg, shuffle=True, epoch_seed=seed_epoch(cfg, "finetune", epoch), shard=True)
-            stats = timed(lambda: train_epoch(net, teacher, loader, optimizer, cfg, desc=f"finetune {epoch}/{cfg.finetune_epochs}"))
+            stats = timed(lambda: train_epoch(net, teacher, loader, optimizer, cfg, desc=f"finetune {epoch}/{epochs}"))
             scheduler.step()
             distributed.broadcast_state(gm)
             acc = distributed.on_rank0(lambda: evaluate(gm, val_data, cfg))
             record: EpochRecord = {"phase": "finetune", "epoch": epoch, "relu_count": final, "lambda": None,
-                                   **distributed.mean_over_ranks(stats), "val_acc": acc}
+                                   **distributed.mean_over_ranks(stats), "val_acc": acc, "moved_epochs": moved_epochs}
             records.append(record)
             announce(epoch_line(record), cfg)
             if acc is None or best_acc is None or acc >= best_acc:
                 best_acc, best_state = acc, copy.deepcopy(gm.state_dict())
-            store.save({"phase": "finetune", "epoch": epoch, "relu_count": final, "budget": budget,
+            store.save({"phase": "finetune", "epoch": epoch, "relu_count": final, "budget": budget, "moved_epochs": moved_epochs,
                         "granularity": passes.get_meta(gm).granularity, "model": gm.state_dict(),
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "best_acc": best_acc,
                         "best_model": best_state, "history": [*history, *records]})
     gm.load_state_dict(best_state)
     return records
+
+
+def moved_epochs(config: TrainConfig, gate_records: Sequence[EpochRecord]) -> int:
+    """Gate epochs a gate phase left unused: ``config.epochs`` less the gate epochs it ran (its
+    last, partial epoch counted whole); what :func:`snl_fx.linearize` adds to the fine-tune.
+
+    Args:
+        config: the run's settings (``epochs``: the gate phase's length).
+        gate_records: the gate phase's records (from :func:`train_gates`; other phases ignored).
+
+    Returns:
+        The number of epochs, 0 when the gate phase ran all its epochs.
+
+    Example:
+        >>> records = snl_fx.train_gates(gm, train_set, 2000, cfg)
+        >>> snl_fx.finetune(gm, model, train_set, cfg, moved_epochs=moved_epochs(cfg, records))
+    """
+    return max(0, config.epochs - sum(1 for r in gate_records if r.get("phase") == "gates"))
 
 
 def _resume_state(store: Checkpoint, resume: bool, phase: str) -> dict[str, Any] | None:

@@ -150,7 +150,8 @@ class LambdaSchedule:
 def gradient_scale(gm: GraphModule, loss: torch.Tensor) -> float:
     """Median of ``|d loss / d c|`` over the gate elements that have a gradient: a starting lambda at
     which the least useful gates begin to fall (1e-5 when no gate has one)."""
-    grads = torch.autograd.grad(loss, gate_parameters(gm), allow_unused=True)
+    trainable = [w for w in gate_parameters(gm) if w.requires_grad]  # a plan may have closed some (Cost "sites")
+    grads = torch.autograd.grad(loss, trainable, allow_unused=True)
     flat = torch.cat([g.detach().abs().flatten() for g in grads if g is not None] or [torch.zeros(0)])
     flat = flat[flat > 0]
     return float(flat.median()) if flat.numel() else 1e-5
