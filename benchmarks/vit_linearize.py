@@ -110,9 +110,11 @@ METHODS = {
                                                     "kappa": 1.1}),
     "MPCViT-style 50% heads (scaled attention)": ("snl", {"budget": {"softmax": 0.5}, "units": {"softmax": "head"},
                                                            "replacements": {"softmax": "scaled"}}),
-    "snl_fx Cost 1/2 CHEETAH bytes": ("snl", {"cost_share": 1 / 2}),
-    "snl_fx Cost 1/2.5 CHEETAH bytes": ("snl", {"cost_share": 1 / 2.5}),
-    "snl_fx Cost 1/2 CHEETAH bytes, relu-softmax": ("snl", {"cost_share": 1 / 2, "replacements": {"softmax": "relu"}}),
+    **{f"snl_fx Cost {label} CHEETAH bytes ({'sites first' if penalty == 'sites' else 'gate penalty'})":
+       ("snl", {"cost_share": share, "penalty": penalty})
+       for penalty in ("group", "sites") for label, share in (("0.7", 0.7), ("1/2", 0.5), ("1/2.5", 0.4), ("0.35", 0.35))},
+    "snl_fx Cost 1/2 CHEETAH bytes, relu-softmax (gate penalty)": ("snl", {"cost_share": 1 / 2, "penalty": "group",
+                                                                          "replacements": {"softmax": "relu"}}),
 }
 
 
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace) -> None:
             budget = spec.get("budget")
             if "cost_share" in spec:
                 budget = snl_fx.Cost(bytes=full.bytes * spec["cost_share"], protocol=args.protocol,
-                                     families=("gelu", "softmax"))
+                                     families=("gelu", "softmax"), penalty=spec["penalty"])
             cfg = snl_fx.TrainConfig(epochs=args.gate_epochs, finetune_epochs=args.finetune_epochs, seed=args.seed,
                                      batch_size=128, progress=False,
                                      **{k: spec[k] for k in ("schedule", "kappa") if k in spec})

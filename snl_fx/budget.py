@@ -972,6 +972,55 @@ class FamilyCostPlan(Plan):
         kept = self._greedy(order)
         return sum(k * self.size[n] for n, k in kept.items())
 
+    chosen: dict[str, torch.Tensor] | None = None  # penalty "sites": the selection chosen before the gate phase
+    site_choice: dict[str, Any] | None = None  # and how it was chosen (stated in the result's cost)
+
+    def before_gates(self, gm: GraphModule, data: Any, val_data: Any, config: Any, example_input: Any) -> None:
+        """``penalty="sites"`` (the default): choose the selection on validation data before the gate
+        phase, as :meth:`CostPlan.choose_sites` does for ReLUs. Each site's criticality is measured
+        (the validation loss with it cut, :func:`snl_fx.select.site_criticality`); the candidates
+        keep the ``k`` most critical sites whole (for every ``k``, layer culling's answers among
+        them) and fill what the budget leaves by the example batch's scores; the candidate of
+        least validation loss is set in the gates. It meets the budget, so the gate phase has
+        nothing to do and its epochs go to the fine-tune; :meth:`select` keeps it."""
+        if self.budget.penalty != "sites" or data is None or self.chosen is not None:
+            return
+        from snl_fx.select import best_selection, linearization_scores, site_criticality
+        from snl_fx.train.loop import make_loader, to_device
+
+        if example_input is None:
+            x = next(iter(make_loader(data, config, shuffle=False)))[0]
+            example_input = (to_device(x, config.resolved_device()),)
+        val = val_data if val_data is not None else data
+        scores = {n: s.detach().float().flatten().cpu() for n, s in linearization_scores(gm, example_input).items()}
+        criticality = {n: c for n, c in site_criticality(gm, val, config, family=None).items() if n in self.gates}
+        by_score = [(n, int(i)) for n in self.gates for i in torch.argsort(-scores[n], stable=True)]
+        by_score.sort(key=lambda u: -float(scores[u[0]][u[1]]))
+        candidates, seen = [], set()
+        for key in ("loss", "accuracy"):
+            ranked = sorted(self.gates, key=lambda n: -criticality[n][key])
+            for k in range(len(ranked) + 1):
+                whole = [(n, int(i)) for n in ranked[:k] for i in torch.argsort(-scores[n], stable=True)]
+                self._greedy(whole + [u for u in by_score if u[0] not in ranked[:k]])
+                masks = {n: self._mask(n) for n in self.gates}
+                signature = tuple(tuple(m.flatten().tolist()) for m in masks.values())
+                if signature not in seen:
+                    seen.add(signature)
+                    candidates.append(masks)
+        best, losses = best_selection(gm, val, candidates, config)
+        self.chosen = candidates[best]
+        self.site_choice = {"candidates": len(candidates), "loss": losses[best], "criticality": criticality}
+        with torch.no_grad():
+            for n, g in passes.gates(gm, None).items():
+                if n in self.chosen:
+                    g.weight.copy_(self.chosen[n].to(g.weight))
+
+    def _mask(self, name: str) -> torch.Tensor:
+        """The 0/1 gate of site ``name`` from the last :meth:`_greedy`."""
+        mask = torch.zeros(self.units[name])
+        mask[self._chosen[name]] = 1.0
+        return mask.view_as(self.gates[name].weight.detach().cpu())
+
     def objective(self, gm: GraphModule) -> GateObjective:
         """Each unit priced by what cutting it saves (``per_unit``, at least 0), plus a group term per
         site for what cutting all of it saves besides (its fixed cost: SPU CHEETAH's layers cost
@@ -1012,6 +1061,9 @@ class FamilyCostPlan(Plan):
             t = tie_break[n].detach().float().flatten().cpu() if tie_break is not None else torch.zeros_like(v)
             entries += [(-float(v[i]), -float(t[i]), position, i, n) for i in range(v.numel())]
         order = [(n, i) for *_, i, n in sorted(entries)]
+        if self.chosen is not None:  # chosen before the gate phase (penalty "sites"): kept as it is
+            order = [(n, int(i)) for n in gates for i in self.chosen[n].flatten().nonzero().flatten()]
+            values = {n: self.chosen[n].flatten().float() for n in gates}
 
         def fill(open_: set[str]) -> tuple[float, dict[str, int]]:
             kept = self._greedy([(n, i) for n, i in order if n in open_])
@@ -1020,7 +1072,7 @@ class FamilyCostPlan(Plan):
         # a site's fixed cost may buy more kept mass elsewhere: drop whole sites while that keeps more
         open_ = set(gates)
         best, kept = fill(open_)
-        while open_:
+        while open_ and self.chosen is None:
             mass, site = max((fill(open_ - {n})[0], n) for n in open_)
             if mass <= best:
                 break
@@ -1040,6 +1092,8 @@ class FamilyCostPlan(Plan):
     def finish(self, lowered: GraphModule, example_input: Any) -> tuple[GraphModule, dict[str, Any]]:
         """State the cost of ``lowered`` as :func:`snl_fx.pi_cost` predicts it; raise if over the budget."""
         cost = cost_summary(self.budget, _price(self.report, self.budget), self.budget.predict(lowered, example_input))
+        if self.site_choice is not None:
+            cost["site_choice"] = self.site_choice
         if not cost["met"]:
             raise InternalError(f"the model costs {cost['after'][self.budget.unit]:g} {self.budget.unit}, "
                                 f"over the budget {self.budget.limit:g}")

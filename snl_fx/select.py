@@ -293,7 +293,7 @@ def validation_loss(model: nn.Module, data: Dataset | DataLoader, config: TrainC
 @contextlib.contextmanager
 def _gates_as(gm: GraphModule, values: dict[str, torch.Tensor | float]) -> Iterator[None]:
     """Gate values set for the duration (site -> a tensor of the gate's shape, or a number); restored after."""
-    gate_modules = passes.gates(gm)
+    gate_modules = passes.gates(gm, None)
     saved = {n: gate_modules[n].weight.detach().clone() for n in values}
     try:
         with torch.no_grad():
@@ -308,7 +308,7 @@ def _gates_as(gm: GraphModule, values: dict[str, torch.Tensor | float]) -> Itera
 
 
 def site_criticality(gm: GraphModule, data: Dataset | DataLoader,
-                     config: TrainConfig | None = None) -> dict[str, dict[str, float]]:
+                     config: TrainConfig | None = None, family: str | None = "relu") -> dict[str, dict[str, float]]:
     """Measured criticality of every gated site: what linearizing it alone (its gates at 0) costs
     on ``data``, as DeepReDuce-style layer culling measures it.
 
@@ -316,6 +316,8 @@ def site_criticality(gm: GraphModule, data: Dataset | DataLoader,
         gm: a prepared model; its gates are as they are for the other sites, and restored after.
         data: validation (input, label) pairs.
         config: as for :func:`validation_loss`.
+        family: whose sites (default the ReLU sites; None: every gated site, a cut site computing
+            its family's replacement).
 
     Returns:
         Site -> ``{"loss": increase of the mean cross-entropy, "accuracy": drop of top-1 accuracy
@@ -327,7 +329,7 @@ def site_criticality(gm: GraphModule, data: Dataset | DataLoader,
     """
     base_loss, base_acc = validation_loss(gm, data, config)
     out = {}
-    for name in passes.gates(gm):
+    for name in passes.gates(gm, family):
         with _gates_as(gm, {name: 0.0}):
             loss, acc = validation_loss(gm, data, config)
         out[name] = {"loss": loss - base_loss, "accuracy": base_acc - acc}
@@ -401,8 +403,9 @@ def best_selection(gm: GraphModule, data: Dataset | DataLoader, candidates: Sequ
             continue
         trial = copy.deepcopy(gm)
         with torch.no_grad():
-            for n, g in passes.gates(trial).items():
-                g.weight.copy_(masks[n].to(g.weight))
+            for n, g in passes.gates(trial, None).items():
+                if n in masks:
+                    g.weight.copy_(masks[n].to(g.weight))
             norms = [m for m in trial.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
             for m in norms:
                 m.reset_running_stats()
