@@ -295,3 +295,21 @@ def test_a_per_family_run_resumes_to_the_same_model(tmp_path) -> None:
     assert straight.counts == resumed.counts
     with pytest.raises(SnlFxError, match="checkpoint"):  # another family budget may not resume it
         snl_fx.linearize(model, x, {"gelu": 0.5, "softmax": 0.5}, data, out_dir=tmp_path / "b", resume=True, **opts)
+
+
+@pytest.mark.parametrize("penalty", ["sites", "group"])
+def test_a_trained_cost_over_families_meets_its_budget(penalty: str) -> None:
+    x = _x(8)
+    head = nn.Sequential(_model(), nn.Flatten(1), nn.Linear(TOKENS * DIM, 3)).eval()
+    data = torch.utils.data.TensorDataset(torch.randn(64, TOKENS, 4), torch.randint(0, 3, (64,)))
+    families = ("gelu", "softmax")
+    plan = snl_fx.budget.FamilyCostPlan(snl_fx.Cost(bytes=1e12, protocol="spu-semi2k", families=families),
+                                        prepare(head, x, families=families))
+    limit = (plan.value(plan.none_kept()) + plan.value(plan.all_kept())) / 2
+    budget = snl_fx.Cost(bytes=limit, protocol="spu-semi2k", families=families, penalty=penalty)
+    result = snl_fx.linearize(head, x, budget, data, epochs=2, finetune_epochs=1, batch_size=16, progress=False)
+    assert result.cost["met"] and snl_fx.pi_cost(result.model, x[:1], protocol="spu-semi2k").bytes <= limit * (1 + 1e-9)
+    finetune = [h for h in result.history if h["phase"] == "finetune"]
+    if penalty == "sites":  # chosen on validation first: every gate epoch goes to the fine-tune
+        assert result.cost["site_choice"]["candidates"] >= 1
+        assert len(finetune) == 3 and all(h["moved_epochs"] == 2 for h in finetune)
