@@ -727,13 +727,8 @@ class CostPlan(Plan):
     def finish(self, lowered: GraphModule, example_input: Any) -> tuple[GraphModule, dict[str, Any]]:
         """Merge linear ops where cheaper (:meth:`merge`), then check and state the cost."""
         lowered, merged = self.merge(lowered, example_input)
-        cost = cost_summary(self.budget, self.pi_cost(), self.budget.predict(lowered, example_input), merged)
-        if self.site_choice is not None:
-            cost["site_choice"] = self.site_choice
-        if not cost["met"]:
-            raise InternalError(f"the model costs {cost['after'][self.budget.unit]:g} {self.budget.unit}, "
-                                f"over the budget {self.budget.limit:g}")
-        return lowered, cost
+        return lowered, _stated_cost(self.budget, self.pi_cost(), self.budget.predict(lowered, example_input),
+                                     self.site_choice, merged)
 
     def unchanged_cost(self) -> dict[str, Any]:
         return cost_summary(self.budget, self.pi_cost(), self.pi_cost())
@@ -808,6 +803,18 @@ def _refuse_unpriced(full: PiCost, budget: Cost) -> None:
 
 def _price(report: ReluReport, budget: Cost) -> PiCost:
     return cost_from_report(report, cost_table(budget.protocol), parse_network(budget.network))
+
+
+def _stated_cost(budget: Cost, before: PiCost, after: PiCost, site_choice: dict[str, Any] | None,
+                 merged: int = 0) -> dict[str, Any]:
+    """The result's ``cost`` (:func:`cost_summary`, with how the sites were chosen); InternalError
+    when ``after`` is over the budget: the plan's selection met it, so the prices disagree."""
+    cost = cost_summary(budget, before, after, merged)
+    if site_choice is not None:
+        cost["site_choice"] = site_choice
+    if not cost["met"]:
+        raise InternalError(f"the model costs {cost['after'][budget.unit]:g} {budget.unit}, over the budget {budget.limit:g}")
+    return cost
 
 
 def cost_summary(budget: Cost, before: PiCost, after: PiCost, merged: int = 0) -> dict[str, Any]:
@@ -1091,13 +1098,8 @@ class FamilyCostPlan(Plan):
 
     def finish(self, lowered: GraphModule, example_input: Any) -> tuple[GraphModule, dict[str, Any]]:
         """State the cost of ``lowered`` as :func:`snl_fx.pi_cost` predicts it; raise if over the budget."""
-        cost = cost_summary(self.budget, _price(self.report, self.budget), self.budget.predict(lowered, example_input))
-        if self.site_choice is not None:
-            cost["site_choice"] = self.site_choice
-        if not cost["met"]:
-            raise InternalError(f"the model costs {cost['after'][self.budget.unit]:g} {self.budget.unit}, "
-                                f"over the budget {self.budget.limit:g}")
-        return lowered, cost
+        return lowered, _stated_cost(self.budget, _price(self.report, self.budget),
+                                     self.budget.predict(lowered, example_input), self.site_choice)
 
     def unchanged_cost(self) -> dict[str, Any]:
         full = _price(self.report, self.budget)
