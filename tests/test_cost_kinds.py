@@ -135,16 +135,20 @@ def test_softmax_broadcast_is_a_setting_with_both_prices(protocol):
     assert any("with SPU's denominator option" in n for n in option.notes)
 
 
-@needs_spu
-def test_measured_kinds_match_prediction_semi2k(tmp_path):
+def _measured_and_predicted(tmp_path, protocol: str, runs: int) -> tuple[dict, dict]:
+    """The Block exported (profile pi), run under ``protocol``: measured and predicted per kind."""
     torch.manual_seed(0)
     x = torch.randn(1, TOKENS, D)
     path = tmp_path / "block.onnx"
     snl_fx.export_onnx(Block(D).eval(), x, path, profile="pi")
-    cost = snl_fx.pi_cost(path, protocol="spu-semi2k")
+    cost = snl_fx.pi_cost(path, protocol=protocol)
     assert cost.complete, cost.lower_bound()
-    measured = snl_fx.pi_bench(path, runs=1, input=x, backend="spu-semi2k").kinds
-    predicted = cost.by_kind()
+    return snl_fx.pi_bench(path, runs=runs, input=x, backend=protocol).kinds, cost.by_kind()
+
+
+@needs_spu
+def test_measured_kinds_match_prediction_semi2k(tmp_path):
+    measured, predicted = _measured_and_predicted(tmp_path, "spu-semi2k", runs=1)
     for kind in EXPECTED:
         assert measured[kind]["bytes"] == pytest.approx(predicted[kind]["bytes"], rel=0.05), kind
         assert measured[kind]["rounds"] == predicted[kind]["rounds"], kind
@@ -223,16 +227,9 @@ def test_gelu_scalings_are_part_of_the_gelu(tmp_path):
 def test_measured_kinds_within_the_stated_bound_cheetah(tmp_path):
     """CHEETAH per kind: rounds within the calibration's stated bound, bytes within one Beaver-triple
     refill (both read from the constants' summary) on a graph of small layers."""
-    torch.manual_seed(0)
-    x = torch.randn(1, TOKENS, D)
-    path = tmp_path / "block.onnx"
-    snl_fx.export_onnx(Block(D).eval(), x, path, profile="pi")
-    cost = snl_fx.pi_cost(path, protocol="spu-cheetah")
-    assert cost.complete, cost.lower_bound()
     summary = load_constants()["spu-cheetah"]["kinds"]["summary"]
     refill = max(summary["beaver_refill_bytes"].values())
-    measured = snl_fx.pi_bench(path, runs=2, input=x, backend="spu-cheetah").kinds
-    predicted = cost.by_kind()
+    measured, predicted = _measured_and_predicted(tmp_path, "spu-cheetah", runs=2)
     for kind in EXPECTED:
         assert abs(measured[kind]["bytes"] - predicted[kind]["bytes"]) <= refill, kind
         assert abs(measured[kind]["rounds"] - predicted[kind]["rounds"]) <= summary["max_rounds_error"], kind
