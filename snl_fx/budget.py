@@ -987,7 +987,8 @@ class FamilyCostPlan(Plan):
         phase, as :meth:`CostPlan.choose_sites` does for ReLUs. Each site's criticality is measured
         (the validation loss with it cut, :func:`snl_fx.select.site_criticality`); the candidates
         keep the ``k`` most critical sites whole (for every ``k``, layer culling's answers among
-        them) and fill what the budget leaves by the example batch's scores; the candidate of
+        them; with several families also in an order that takes one family's sites last, so a
+        whole family can go) and fill what the budget leaves by the example batch's scores; the candidate of
         least validation loss is set in the gates. It meets the budget, so the gate phase has
         nothing to do and its epochs go to the fine-tune; :meth:`select` keeps it."""
         if self.budget.penalty != "sites" or data is None or self.chosen is not None:
@@ -1004,8 +1005,12 @@ class FamilyCostPlan(Plan):
         by_score = [(n, int(i)) for n in self.gates for i in torch.argsort(-scores[n], stable=True)]
         by_score.sort(key=lambda u: -float(scores[u[0]][u[1]]))
         candidates, seen = [], set()
-        for key in ("loss", "accuracy"):
-            ranked = sorted(self.gates, key=lambda n: -criticality[n][key])
+        rankings = [sorted(self.gates, key=lambda n: -criticality[n][key]) for key in ("loss", "accuracy")]
+        families = dict.fromkeys(self.sites[n].family for n in self.gates)
+        for family in families if len(families) > 1 else ():  # a whole family cut first (every softmax, say)
+            rankings.append([n for n in rankings[0] if self.sites[n].family != family]
+                            + [n for n in rankings[0] if self.sites[n].family == family])
+        for ranked in rankings:
             for k in range(len(ranked) + 1):
                 whole = [(n, int(i)) for n in ranked[:k] for i in torch.argsort(-scores[n], stable=True)]
                 self._greedy(whole + [u for u in by_score if u[0] not in ranked[:k]])
