@@ -272,10 +272,9 @@ def _check_fits(model: object, example: object, args: argparse.Namespace) -> Non
 def _pi_bench(args: argparse.Namespace) -> int:
     from .pi import pi_bench
 
-    if args.softmax_broadcast and args.backend == "crypten":
-        raise SnlFxError("--softmax-broadcast is an SPU option: add --backend spu-semi2k or spu-cheetah")
-    r = pi_bench(args.model, runs=args.runs, seed=args.seed, backend=args.backend,
-                 softmax_broadcast=True if args.softmax_broadcast else None)
+    if args.softmax_broadcast is not None and args.backend == "crypten":
+        raise SnlFxError("--softmax-broadcast is an SPU option (as is --no-softmax-broadcast): add --backend spu-semi2k or spu-cheetah")
+    r = pi_bench(args.model, runs=args.runs, seed=args.seed, backend=args.backend, softmax_broadcast=args.softmax_broadcast)
     if args.json:
         print(json.dumps(r.to_dict()))
         return 0
@@ -382,8 +381,9 @@ def snl_fx_main(argv: Sequence[str] | None = None) -> int:
                      help="CrypTen 2PC (default), or SPU's CHEETAH / SEMI2K (in .venv-spu)")
     pib.add_argument("--runs", type=int, default=3, help="timed inferences; the median is reported")
     pib.add_argument("--seed", type=int, default=0, help="seed of the random client input")
-    pib.add_argument("--softmax-broadcast", action="store_true",
-                     help="SPU: compile softmax with enable_optimize_denominator_with_broadcast (one reciprocal per row)")
+    pib.add_argument("--softmax-broadcast", action=argparse.BooleanOptionalAction, default=None,
+                     help="SPU: compile softmax with enable_optimize_denominator_with_broadcast (one reciprocal per "
+                          "row; the default); --no-softmax-broadcast runs SPU's plain softmax")
     pib.add_argument("--json", action="store_true", help="one JSON object: max_abs_error, bytes, rounds, seconds, relus, ...")
     pib.add_argument("--debug", action="store_true", help="show tracebacks and warnings")
     sub.add_parser("count", help="same as relu-count (takes all its arguments)", add_help=False)

@@ -237,9 +237,11 @@ class Checkpoint:
 def epoch_line(record: dict[str, Any]) -> str:
     """One human-readable line for an epoch's history record."""
     parts = [f"{record['phase']} epoch {record['epoch']}"]
-    for key, fmt in (("relu_count", "ReLUs {:,}"), ("lambda", "lambda {:.3g}"), ("loss", "loss {:.4f}"),
+    counts = record.get("counts") or {}
+    parts += [f"{family} {n:,}" for family, n in counts.items()]
+    for key, fmt in (("relu_count", "ReLUs {:,}") if not counts else ("", ""), ("lambda", "lambda {:.3g}"), ("loss", "loss {:.4f}"),
                      ("val_acc", "val acc {:.2f}%"), ("seconds", "{:.1f}s")):
-        value = record.get(key)
+        value = record.get(key) if key else None
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
             parts.append(fmt.format(value))
     return ", ".join(parts)

@@ -55,6 +55,7 @@ EpochRecord = TypedDict(  # functional form: "lambda" is a keyword
         "seconds": float,
         "path": list[tuple[int, int, float]],  # gates: (step, count, lambda), about 20 per epoch
         "moved_epochs": int,  # finetune: gate epochs the gate phase left unused, added to this fine-tune
+        "counts": dict[str, int],  # when families other than ReLU are gated: family -> elements kept
     },
     total=False,
 )
@@ -72,6 +73,8 @@ EpochRecord.__doc__ = """One epoch of a phase, as kept in ``LinearizeResult.hist
         val_acc: top-1 accuracy in percent on the validation data; None without it.
         seconds: wall time of the epoch's training steps.
         path: gates only: ``(step, count, lambda)`` about 20 times per epoch.
+        counts: when families other than ReLU are gated: family -> elements kept
+            (``c > eps``), e.g. ``{"gelu": 2176, "softmax": 1156}``.
         moved_epochs: finetune only: the gate epochs the gate phase left unused (it met the budget
             early) that this fine-tune got on top of ``finetune_epochs`` (see :func:`finetune`).
 
@@ -175,7 +178,7 @@ def train_gates(
             count = distributed.from_rank0(obj.hard(cfg.eps))
             schedule.step(count, epoch)
             record: EpochRecord = {"phase": "gates", "epoch": epoch, "relu_count": relu_count_gated(gm, cfg.eps), "lambda": lam,
-                                   **distributed.mean_over_ranks(stats),
+                                   **_family_counts(gm, cfg.eps), **distributed.mean_over_ranks(stats),
                                    "val_acc": distributed.on_rank0(lambda: evaluate(gm, val_data, cfg)), "path": list(path)}
             records.append(record)
             announce(epoch_line(record), cfg)
@@ -190,6 +193,14 @@ def train_gates(
             stacklevel=4,  # user -> linearize -> _train -> train_gates
         )
     return records
+
+
+def _family_counts(gm: GraphModule, eps: float) -> dict[str, dict[str, int]]:
+    """``{"counts": family -> elements kept}`` when other families than ReLU are gated, else nothing."""
+    families = dict.fromkeys(passes.get_meta(gm).site(n).family for n in passes.get_meta(gm).gates)
+    if set(families) <= {"relu"}:
+        return {}
+    return {"counts": {f: relu_count_gated(gm, eps, f) for f in families}}
 
 
 def finetune(
@@ -264,7 +275,8 @@ def finetune(
             distributed.broadcast_state(gm)
             acc = distributed.on_rank0(lambda: evaluate(gm, val_data, cfg))
             record: EpochRecord = {"phase": "finetune", "epoch": epoch, "relu_count": final, "lambda": None,
-                                   **distributed.mean_over_ranks(stats), "val_acc": acc, "moved_epochs": moved_epochs}
+                                   **_family_counts(gm, passes.COUNT_EPS), **distributed.mean_over_ranks(stats),
+                                   "val_acc": acc, "moved_epochs": moved_epochs}
             records.append(record)
             announce(epoch_line(record), cfg)
             if acc is None or best_acc is None or acc >= best_acc:
