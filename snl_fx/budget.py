@@ -81,6 +81,10 @@ class Plan(abc.ABC):
         """The nonlinearity families this plan gates (``prepare``'s ``families``)."""
         return self.budget.families
 
+    def family_budgets(self) -> dict[str, int | None]:
+        """Each family's most elements per sample (None where a Cost trades several families)."""
+        return {f: self.ceiling if len(self.families) == 1 else None for f in self.families}
+
     gated_sites: list[str]  # the sites with a gate (all but the skipped ones), in graph order
 
     @property
@@ -344,6 +348,9 @@ class FamilyPlan(Plan):
     def objective(self, gm: GraphModule) -> GateObjective:
         objectives = {f: p.objective(gm) for f, p in self.plans.items()}
         return next(iter(objectives.values())) if len(objectives) == 1 else joint_objective(objectives)
+
+    def family_budgets(self) -> dict[str, int | None]:
+        return {f: p.ceiling for f, p in self.plans.items()}
 
     def select(self, gm: GraphModule, scores: dict[str, torch.Tensor] | None = None,
                tie_break: dict[str, torch.Tensor] | None = None) -> int:

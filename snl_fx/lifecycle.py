@@ -176,7 +176,7 @@ def linearize(
         unchanged = passes.trace(model, example_input, concrete_args=concrete_args, leaf_modules=leaf_modules)
         sites = {n: {"before": c, "after": c} for n, c in before.items()}
         return LinearizeResult(unchanged, None, total_relus(gm), total_relus(gm), plan.ceiling, granularity,
-                               "unchanged", sites, cost=plan.unchanged_cost(), counts=_counts(gm, plan, gm))
+                               "unchanged", sites, cost=plan.unchanged_cost(), counts=_counts(gm, plan))
     if data is not None and val_data is None and isinstance(data, Dataset):
         data, val_data = split_train_val(data, 0.1, seed=cfg.seed)
     teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False)
@@ -197,7 +197,7 @@ def linearize(
     lowered, cost = plan.finish(lowered, _to(example_input, device))
     accuracy_after = distributed.on_rank0(lambda: evaluate(lowered, val_data, cfg))
     return LinearizeResult(lowered, gm, expected_counts(gm).get("relu", 0), total_relus(gm), plan.ceiling, granularity,
-                           method, sites, history, accuracy_before, accuracy_after, cost, _counts(gm, plan, gm))
+                           method, sites, history, accuracy_before, accuracy_after, cost, _counts(gm, plan))
 
 
 def _train(gm: GraphModule, plan: Plan, teacher: nn.Module, data: Any, val_data: Any, example_input: Any,
@@ -254,11 +254,12 @@ def _site_counts(gm: GraphModule, eps: float | None = passes.COUNT_EPS) -> dict[
     return {s.name: counts[s.family][s.name] for s in passes.get_meta(gm).sites}
 
 
-def _counts(gm: GraphModule, plan: Plan, binarized: GraphModule) -> dict[str, dict[str, int]]:
-    """Per gated family: elements per sample before, after (as the inspector finds them) and the budget."""
-    ceilings = getattr(plan, "plans", {f: plan for f in plan.families} if len(plan.families) == 1 else {})
-    after = expected_counts(binarized) if passes.gates(binarized, None) and _binary(binarized) else {}
-    return {f: {"before": total_relus(gm, f), "after": after.get(f, total_relus(gm, f)), "budget": ceilings[f].ceiling if f in ceilings else None}
+def _counts(gm: GraphModule, plan: Plan) -> dict[str, dict[str, int | None]]:
+    """Per gated family: elements per sample before, after (as the inspector will find them in the
+    lowered model; before binarizing: all) and the plan's budget for it."""
+    after = expected_counts(gm) if _binary(gm) else {}
+    budgets = plan.family_budgets()
+    return {f: {"before": total_relus(gm, f), "after": after.get(f, total_relus(gm, f)), "budget": budgets[f]}
             for f in plan.families}
 
 
