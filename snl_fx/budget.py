@@ -95,8 +95,12 @@ class Plan(abc.ABC):
                 "gated": self.gated_sites}
 
     def matches(self, saved: Any) -> bool:
-        """Whether a checkpoint's recorded key (``saved``) is this plan's: a resume may go on."""
-        return saved == self.key
+        """Whether a checkpoint's recorded key (``saved``) is this plan's: a resume may go on. A key
+        written before keys named the gated sites matches when all the rest is equal."""
+        key = self.key
+        if isinstance(saved, dict) and "gated" not in saved:
+            key = {k: v for k, v in key.items() if k != "gated"}
+        return saved == key
 
     @abc.abstractmethod
     def objective(self, gm: GraphModule) -> GateObjective:

@@ -116,3 +116,14 @@ def test_binarize_with_negative_room_is_a_one_line_error():
         snl_fx.binarize(gm, SITE - 1)
     message = str(err.value)
     assert "\n" not in message and str(SITE) in message and str(SITE - 1) in message, message
+
+
+def test_a_checkpoint_key_from_before_gated_sites_were_recorded_still_matches():
+    """Checkpoints written before keys named the gated sites (runs/demo of an earlier version) resume."""
+    from snl_fx.budget import bind
+
+    model, x, _ = setup()
+    plan = bind(40, snl_fx.prepare(model, x))
+    older = {k: v for k, v in plan.key.items() if k != "gated"}
+    assert plan.matches(plan.key) and plan.matches(older)
+    assert not plan.matches({**older, "relus": 41}) and not plan.matches({**plan.key, "gated": ["relu"]})
