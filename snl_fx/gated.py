@@ -324,6 +324,16 @@ def total_relus(gm: GraphModule, family: str = "relu") -> int:
     return relu_count_gated(gm, None, family)
 
 
+def gates_binary(gm: GraphModule) -> bool:
+    """Whether every gate of ``gm`` (every family) is exactly 0 or 1, as after :func:`snl_fx.binarize`.
+
+    Example:
+        >>> snl_fx.gated.gates_binary(snl_fx.prepare(model, x))  # fresh gates: all 1
+        True
+    """
+    return all(bool(((w == 0) | (w == 1)).all()) for w in gate_parameters(gm))
+
+
 def freeze_gates(gm: GraphModule) -> None:
     """Stop gradients to the gates (after :func:`binarize`, or after loading binary gates).
 
@@ -412,6 +422,7 @@ __all__ = [
     "convert",
     "expected_counts",
     "freeze_gates",
+    "gates_binary",
     "gate_parameters",
     "gates",
     "lasso_penalty",

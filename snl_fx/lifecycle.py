@@ -26,7 +26,7 @@ from snl_fx.gated import (
     convert,
     expected_counts,
     freeze_gates,
-    gate_parameters,
+    gates_binary,
     max_abs_diff,
     prepare,
     relu_count_gated,
@@ -257,14 +257,10 @@ def _site_counts(gm: GraphModule, eps: float | None = passes.COUNT_EPS) -> dict[
 def _counts(gm: GraphModule, plan: Plan) -> dict[str, dict[str, int | None]]:
     """Per gated family: elements per sample before, after (as the inspector will find them in the
     lowered model; before binarizing: all) and the plan's budget for it."""
-    after = expected_counts(gm) if _binary(gm) else {}
+    after = expected_counts(gm) if gates_binary(gm) else {}
     budgets = plan.family_budgets()
     return {f: {"before": total_relus(gm, f), "after": after.get(f, total_relus(gm, f)), "budget": budgets[f]}
             for f in plan.families}
-
-
-def _binary(gm: GraphModule) -> bool:
-    return all(bool(((w == 0) | (w == 1)).all()) for w in gate_parameters(gm))
 
 
 def _verify(gm: GraphModule, lowered: nn.Module, example_input: Any, final: int, device: torch.device) -> None:

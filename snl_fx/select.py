@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from snl_fx import passes
 from snl_fx.errors import SnlFxError
-from snl_fx.gated import gate_parameters, ungated_relus
+from snl_fx.gated import gate_parameters, gates_binary, ungated_relus
 from snl_fx.train.config import TrainConfig
 from snl_fx.train.loop import batch_loss, logits, make_loader, run, to_device
 
@@ -188,7 +188,7 @@ def refine_selection(
     device = cfg.resolved_device()
     gate_modules = passes.gates(gm)
     weights = gate_parameters(gm)
-    if any(not bool(((w == 0) | (w == 1)).all()) for w in weights):
+    if not gates_binary(gm):
         raise SnlFxError("refine_selection needs binary gates: call snl_fx.binarize first")
     loader = make_loader(data, cfg, shuffle=True, epoch_seed=cfg.seed * 1_000_003 + 30_013)
     drawn = []

@@ -16,7 +16,7 @@ from torch.fx import GraphModule, Node
 from torch.utils._pytree import tree_leaves
 
 from .errors import PassError
-from .families import FAMILIES, NonlinearGate, check_choice, family_of, unit_shape
+from .families import NonlinearGate, check_choice, family_of, unit_shape
 from .meta import Site, get_meta
 
 GATES_PREFIX = "snl_gates"
